@@ -1,0 +1,1 @@
+"""ldm_pipeline: latent diffusion text-to-image on Hugging Face Diffusers."""
