@@ -1,1 +1,21 @@
-"""ldm_pipeline: latent diffusion text-to-image on Hugging Face Diffusers."""
+"""ldm_pipeline: latent diffusion text-to-image training and generation on Hugging Face Diffusers.
+
+    from ldm_pipeline import load_pipeline, generate
+    pipe = load_pipeline("outputs/shapes/pipeline")
+    images = generate(pipe, ["a red circle in the top left"], seeds=[0])
+"""
+
+from .config import Config, ConfigError, load_config
+from .pipeline import generate, load_pipeline, read_png_metadata, save_images
+
+__all__ = ["Config", "ConfigError", "generate", "load_config", "load_pipeline", "read_png_metadata",
+           "save_images", "train"]
+
+
+def train(config, dry_run: bool = False):
+    """Train from a `Config` (or a YAML path) in this process; returns the pipeline directory."""
+    from .train import train as run
+
+    if not isinstance(config, Config):
+        config = load_config(config)
+    return run(config, dry_run=dry_run)

@@ -1,0 +1,157 @@
+"""`ldm-pipeline` command line: generate, evaluate, make-shapes, train.
+
+`generate` also runs under `accelerate launch -m ldm_pipeline.cli generate ...`: prompts are split
+across processes and every image is written once, by the main process, identical at any process
+count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"error: --prompts-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give at least one --prompt TEXT or a --prompts-file with one prompt per line")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from .pipeline import generate, load_pipeline, save_images, save_progress_gif
+
+    if args.num_images < 1:
+        raise SystemExit("error: --num-images must be at least 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; give a directory for the images")
+    state = PartialState()
+    pipe = load_pipeline(args.model, device=args.device or state.device, scheduler=args.scheduler)
+    # Image k of a prompt uses seed + k, whichever process makes it.
+    jobs = [(prompt, args.seed + k) for prompt in _prompts(args) for k in range(args.num_images)]
+    with state.split_between_processes(list(enumerate(jobs))) as mine:
+        made = []
+        if mine:
+            result = generate(pipe, [p for _, (p, _) in mine], seeds=[s for _, (_, s) in mine],
+                              num_inference_steps=args.steps, guidance_scale=args.guidance,
+                              batch_size=args.batch_size, negative_prompt=args.negative_prompt,
+                              return_progress=args.save_progress, show_progress=state.is_main_process)
+            images, progress = result if args.save_progress else (result, [None] * len(mine))
+            made = [(i, image, frames) for (i, _), image, frames in zip(mine, images, progress)]
+    made = sorted(gather_object(made), key=lambda item: item[0])
+    if state.is_main_process:
+        paths = save_images([image for _, image, _ in made], out)
+        for path, (_, _, frames) in zip(paths, made):
+            if frames:
+                save_progress_gif(frames, path.with_suffix(".gif"))
+        extra = " (+ a denoising GIF each)" if args.save_progress else ""
+        print(f"wrote {len(paths)} images{extra} to {out}: {paths[0].name} .. {paths[-1].name}")
+    state.wait_for_everyone()
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_model
+
+    report = evaluate_model(args.model, seeds_per_prompt=args.seeds_per_prompt, num_inference_steps=args.steps,
+                            guidance_scale=args.guidance, batch_size=args.batch_size,
+                            psnr_images=args.psnr_images, device=args.device)
+    out = Path(args.out or Path(args.model).parent / "evaluation.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    summary = {k: report[k] for k in ("color_accuracy", "shape_accuracy", "position_accuracy", "all_accuracy",
+                                       "vae_psnr_db")}
+    print(json.dumps(summary, indent=2))
+    print(f"wrote the full report to {out}")
+    return 0
+
+
+def cmd_make_shapes(args) -> int:
+    from .shapes import make_shapes
+
+    path = make_shapes(args.out, args.num_images, args.resolution, args.seed, args.holdout or ())
+    print(f"wrote {args.num_images} images and metadata.jsonl to {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import main as train_main
+
+    argv = ["--config", args.config] + [f"--set={item}" for item in args.overrides]
+    return train_main(argv + (["--dry-run"] if args.dry_run else []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm-pipeline", description="Latent diffusion text-to-image: train, "
+                                     "generate and evaluate.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate PNGs (with prompt/seed/settings metadata) from a model")
+    gen.add_argument("--model", required=True, help="pipeline directory (e.g. outputs/shapes/pipeline) or hub id")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="a text file with one prompt per line")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--scheduler", choices=["dpmsolver++", "ddim", "euler", "ddpm"], default=None)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best available)")
+    gen.add_argument("--save-progress", action="store_true",
+                     help="also write a GIF of the decoded latents at every denoising step")
+    gen.add_argument("--out", default="generated", help="output directory (existing images are kept)")
+    gen.set_defaults(run=cmd_generate)
+
+    ev = commands.add_parser("evaluate", help="score a shapes model: color / shape / position accuracy, VAE PSNR")
+    ev.add_argument("--model", required=True, help="pipeline directory of a model trained on shapes")
+    ev.add_argument("--seeds-per-prompt", type=int, default=2, help="images per each of the 90 prompts")
+    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--batch-size", type=int, default=30)
+    ev.add_argument("--psnr-images", type=int, default=256, help="held-out images for the VAE PSNR")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--out", default=None, help="JSON report path (default: next to the model)")
+    ev.set_defaults(run=cmd_evaluate)
+
+    shapes = commands.add_parser("make-shapes", help="write the synthetic shapes image folder")
+    shapes.add_argument("--out", required=True)
+    shapes.add_argument("--num-images", type=int, default=6000)
+    shapes.add_argument("--resolution", type=int, default=64)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--holdout", action="append", metavar="CAPTION",
+                        help='a caption never drawn, e.g. "a red circle in the top left" (repeatable)')
+    shapes.set_defaults(run=cmd_make_shapes)
+
+    tr = commands.add_parser("train", help="train in this process (for several, use accelerate launch train.py)")
+    tr.add_argument("--config", required=True)
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tr.add_argument("--dry-run", action="store_true")
+    tr.set_defaults(run=cmd_train)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

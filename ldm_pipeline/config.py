@@ -1,0 +1,302 @@
+"""Typed run configuration: YAML -> dataclasses, `--set a.b=c` overrides, validation.
+
+Keys for the UNet stage follow diffusers' `examples/text_to_image/train_text_to_image.py` flags
+(`train_batch_size`, `learning_rate`, `snr_gamma`, ...) so users of that script feel at home.
+Defaults live here and nowhere else; YAML files hold only what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix; the message names the key."""
+
+
+@dataclass
+class ShapesDataConfig:
+    """Generate the synthetic shapes dataset into `data.train_data_dir` when it is absent."""
+
+    num_images: int = 6000
+    seed: int = 0
+    holdout: list[str] = field(default_factory=list)  # captions never drawn (generalization tests)
+
+
+@dataclass
+class DataConfig:
+    train_data_dir: str | None = None  # image folder (metadata.jsonl captions or class subfolders)
+    dataset_name: str | None = None  # hub dataset id or local dataset script, loaded the same way
+    dataset_config_name: str | None = None
+    image_column: str = "image"
+    caption_column: str | None = "text"  # null: unconditional (every prompt empty)
+    caption_template: str = "a photo of a {label}"  # class subfolders -> captions
+    caption_dropout: float = 0.1  # empty prompt this often, so classifier-free guidance works
+    center_crop: bool = True  # false: random crop
+    random_flip: bool = False  # off by default: a flip changes "left" into "right" in captions
+    max_train_samples: int | None = None
+    on_bad_image: Literal["error", "skip"] = "error"
+    make_shapes: ShapesDataConfig | None = None
+    cache_latents: bool = False  # encode the data once with the frozen VAE (and text encoder)
+    latent_cache_dir: str | None = None  # default: <output_dir>/latent_cache
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Each component is a preset name (see models.py), a local directory, or a hub id.
+
+    Unset components come from `pretrained_model_name_or_path` (a diffusers pipeline directory
+    or hub id) when it is given, else from the `tiny` preset; the tokenizer then defaults to one
+    built from the training captions.
+    """
+
+    pretrained_model_name_or_path: str | None = None
+    unet: str | None = None
+    vae: str | None = None
+    text_encoder: str | None = None
+    tokenizer: str | None = None  # "captions": built offline from the training captions
+    unet_kwargs: dict = field(default_factory=dict)  # overrides on top of a preset
+    vae_kwargs: dict = field(default_factory=dict)
+    text_encoder_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class VAETrainingConfig:
+    """The `vae` stage: AutoencoderKL trained on reconstruction + KL."""
+
+    train_batch_size: int = 32
+    max_train_steps: int = 1000
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 50
+    kl_weight: float = 1e-6
+    max_grad_norm: float = 1.0
+    checkpointing_steps: int = 0  # 0: only the finished VAE is saved
+    scaling_samples: int = 512  # images encoded to measure the latent scaling factor
+    psnr_samples: int = 256  # held-out images for the reported reconstruction PSNR
+
+
+@dataclass
+class SamplingConfig:
+    """Default generation settings, used for validation and saved with the pipeline."""
+
+    scheduler: Literal["dpmsolver++", "ddim", "euler", "ddpm"] = "dpmsolver++"
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # one grid row per seed
+    validation_steps: int = 500  # 0 disables mid-run validation; a final grid is always made
+    num_heldout: int = 64  # held-out examples for the validation loss (not trained on)
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = False
+    seed: int = 0
+    resolution: int = 64
+    stages: list[Literal["vae", "unet"]] = field(default_factory=lambda: ["unet"])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae_training: VAETrainingConfig = field(default_factory=VAETrainingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # UNet stage, named as in diffusers' train_text_to_image.py
+    train_batch_size: int = 16  # per process
+    max_train_steps: int = 1000  # optimizer steps, at any process count
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is the paper's
+    noise_offset: float = 0.0  # offset noise (Guttenberg 2023); ~0.05 lets images get darker
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    train_text_encoder: bool = False
+    text_encoder_learning_rate: float | None = None  # default: learning_rate
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
+    max_consecutive_bad_steps: int = 5  # non-finite losses in a row before training stops
+    logging_steps: int = 10
+    report_to: str | None = None  # an Accelerate tracker ("tensorboard", "wandb"); metrics.jsonl always
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, key: str):
+    """Check `value` against the annotation `tp`, converting only where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not one of {tp}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_convert(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string; accept it as the number it spells
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in hints]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!r}; valid keys here: {', '.join(names)}"
+        )
+    return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `--set dotted.key=value`; the value is parsed as YAML (`1e-4`, `[a, b]`, `null`)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value, e.g. --set seed=1")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), **values) -> Config:
+    """Load a YAML config (or none: all defaults), apply `--set` overrides and keyword values."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; see train_configs/ for examples")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    data.update(values)
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+def config_from_dict(data: dict) -> Config:
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Reject impossible values before any work starts; each message names the key."""
+    c, d = config, config.data
+    _require(c.resolution > 0 and c.resolution % 8 == 0,
+             f"resolution: {c.resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
+    _require(len(c.stages) > 0 and len(set(c.stages)) == len(c.stages),
+             f"stages: {c.stages} must list 'vae' and/or 'unet' once each")
+    _require(c.stages == sorted(c.stages, key=["vae", "unet"].index),
+             f"stages: {c.stages}: the vae stage must come before the unet stage")
+    for key in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "logging_steps",
+                "max_consecutive_bad_steps"):
+        _require(getattr(c, key) >= 1, f"{key}: {getattr(c, key)} must be at least 1")
+    for key in ("train_batch_size", "max_train_steps"):
+        _require(getattr(c.vae_training, key) >= 1, f"vae_training.{key} must be at least 1")
+    _require(c.learning_rate > 0, f"learning_rate: {c.learning_rate} must be positive")
+    _require(c.lr_warmup_steps >= 0, "lr_warmup_steps must be >= 0")
+    _require(c.checkpointing_steps >= 0, "checkpointing_steps must be >= 0 (0 disables)")
+    _require(c.checkpoints_total_limit is None or c.checkpoints_total_limit >= 1,
+             "checkpoints_total_limit must be at least 1 (or null for no limit)")
+    _require(0.0 <= d.caption_dropout < 1.0, f"data.caption_dropout: {d.caption_dropout} must be in [0, 1)")
+    _require(c.snr_gamma is None or c.snr_gamma > 0, "snr_gamma must be positive (or null to disable)")
+    _require(0.0 <= c.ema_decay < 1.0, "ema_decay must be in [0, 1)")
+    _require(c.noise_offset >= 0, "noise_offset must be >= 0")
+    _require(c.sampling.num_inference_steps >= 1, "sampling.num_inference_steps must be at least 1")
+    _require(c.validation.num_heldout >= 0, "validation.num_heldout must be >= 0")
+    _require(c.validation.validation_steps >= 0, "validation.validation_steps must be >= 0 (0 disables)")
+    _require(bool(d.train_data_dir) != bool(d.dataset_name),
+             "data: set exactly one of data.train_data_dir (an image folder) or data.dataset_name")
+    if d.train_data_dir and d.make_shapes is None:
+        path = Path(d.train_data_dir)
+        _require(path.is_dir(),
+                 f"data.train_data_dir: {path} does not exist or is not a directory; point it at an "
+                 "image folder, or add data.make_shapes to generate the synthetic shapes there")
+    if d.make_shapes is not None:
+        _require(d.train_data_dir is not None, "data.make_shapes needs data.train_data_dir to write into")
+        _require(d.make_shapes.num_images >= 1, "data.make_shapes.num_images must be at least 1")
+    _require(not d.cache_latents or d.center_crop,
+             "data.cache_latents stores one crop per image; set data.center_crop: true or turn "
+             "data.cache_latents off")
+    _require("{label}" in d.caption_template,
+             f"data.caption_template: {d.caption_template!r} must contain {{label}}")
+    output = Path(c.output_dir)
+    _require(not output.exists() or output.is_dir(),
+             f"output_dir: {output} is a file; choose a directory path for the run's outputs")

@@ -1,0 +1,224 @@
+"""Component size presets (one registry) and builders for VAE, UNet, text encoder, tokenizer.
+
+A component comes from a preset name, a local directory, or a hub id. Directories and hub ids go
+through the same `from_pretrained` call, so what we test with local directories is what runs for
+hub ids. Weights are read as safetensors only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .config import ConfigError, ModelConfig
+
+_CROSS_DOWN, _DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
+_CROSS_UP, _UP = "CrossAttnUpBlock2D", "UpBlock2D"
+
+# diffusers' `attention_head_dim` is the number of heads for UNet2DConditionModel (a historical
+# naming quirk kept for checkpoint compatibility), so the values below count heads.
+UNET_PRESETS = {
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=2,
+                 norm_num_groups=8, down_block_types=(_CROSS_DOWN, _DOWN), up_block_types=(_UP, _CROSS_UP)),
+    "small": dict(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=4,
+                  norm_num_groups=16, down_block_types=(_CROSS_DOWN, _CROSS_DOWN),
+                  up_block_types=(_CROSS_UP, _CROSS_UP)),
+    "base": dict(block_out_channels=(128, 256, 512), layers_per_block=2, attention_head_dim=8,
+                 down_block_types=(_CROSS_DOWN, _CROSS_DOWN, _DOWN), up_block_types=(_UP, _CROSS_UP, _CROSS_UP)),
+    # Stable Diffusion 1.x: 859.5M parameters.
+    "sd15": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+                 down_block_types=(_CROSS_DOWN,) * 3 + (_DOWN,), up_block_types=(_UP,) + (_CROSS_UP,) * 3),
+}
+
+# Four blocks: three downsamplings, the factor 8 of Stable Diffusion's autoencoder.
+VAE_PRESETS = {
+    "tiny": dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4),
+    "small": dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8),
+    "base": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32),
+    # Stable Diffusion 1.x: 83.7M parameters.
+    "sd15": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+}
+
+# vocab_size / max_position_embeddings of None are taken from the tokenizer.
+TEXT_ENCODER_PRESETS = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+    "base": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8),
+    # CLIP ViT-L/14's text tower, as used by Stable Diffusion 1.x: 123.1M parameters.
+    "sd15": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768),
+}
+
+PRESETS = {"unet": UNET_PRESETS, "vae": VAE_PRESETS, "text_encoder": TEXT_ENCODER_PRESETS}
+CAPTIONS_TOKENIZER = "captions"
+
+
+@dataclass
+class Source:
+    """Where one component comes from: a preset, or `from_pretrained(path, subfolder=...)`."""
+
+    preset: str | None = None
+    path: str | None = None
+    subfolder: str | None = None
+
+    def describe(self) -> str:
+        if self.preset:
+            return f"preset {self.preset!r}"
+        return self.path + (f" (subfolder {self.subfolder})" if self.subfolder else "")
+
+
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def resolve_source(model: ModelConfig, component: str) -> Source:
+    value = getattr(model, component)
+    if value is None and model.pretrained_model_name_or_path:
+        return _checked_path(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path", component)
+    if value is None:
+        value = CAPTIONS_TOKENIZER if component == "tokenizer" else "tiny"
+    if value in PRESETS.get(component, {}) or (component == "tokenizer" and value == CAPTIONS_TOKENIZER):
+        return Source(preset=value)
+    return _checked_path(value, f"model.{component}", None)
+
+
+def _checked_path(value: str, key: str, subfolder: str | None) -> Source:
+    """A local directory, or something shaped like a hub id (tried online by from_pretrained)."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{key}: {value} is a file; give a model directory")
+        if subfolder and not (path / subfolder).is_dir():
+            raise ConfigError(f"{key}: {value} has no {subfolder}/ folder; is it a diffusers pipeline directory?")
+        return Source(path=str(path), subfolder=subfolder)
+    if value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
+        presets = sorted(PRESETS.get(key.split(".")[-1], {}))
+        hint = f"a preset ({', '.join(presets)}), " if presets else ""
+        raise ConfigError(f"{key}: {value} does not exist; give {hint}an existing directory or a hub id")
+    return Source(path=value, subfolder=subfolder)
+
+
+def _from_pretrained(cls, source: Source, key: str, **kwargs):
+    try:
+        return cls.from_pretrained(source.path, subfolder=source.subfolder, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"{key}: could not load {source.describe()} with {cls.__name__}.from_pretrained: {error}. "
+            "Check the directory holds a saved model (or that the hub is reachable for a hub id)."
+        ) from error
+
+
+def _preset(component: str, name: str, overrides: dict) -> dict:
+    kwargs = dict(PRESETS[component][name])
+    kwargs.update(overrides)
+    return kwargs
+
+
+def load_tokenizer(model: ModelConfig, captions: Callable[[], list[str]]) -> CLIPTokenizer:
+    """The configured tokenizer, or one built from the training captions (offline default)."""
+    source = resolve_source(model, "tokenizer")
+    if source.preset == CAPTIONS_TOKENIZER:
+        from .tokenizer import build_tokenizer
+
+        return build_tokenizer(captions())
+    return _from_pretrained(CLIPTokenizer, source, "model.tokenizer")
+
+
+def build_text_encoder(model: ModelConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    source = resolve_source(model, "text_encoder")
+    if source.path:
+        encoder = _from_pretrained(CLIPTextModel, source, "model.text_encoder", use_safetensors=True)
+    else:
+        kwargs = _preset("text_encoder", source.preset, model.text_encoder_kwargs)
+        kwargs.setdefault("vocab_size", len(tokenizer))
+        kwargs.setdefault("max_position_embeddings", tokenizer.model_max_length)
+        config = CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **kwargs,
+        )
+        encoder = CLIPTextModel(config)
+    if encoder.config.vocab_size < len(tokenizer):
+        raise ConfigError(f"model.text_encoder has {encoder.config.vocab_size} token embeddings but the "
+                          f"tokenizer has {len(tokenizer)} tokens; use a matching tokenizer")
+    if encoder.config.max_position_embeddings < tokenizer.model_max_length:
+        raise ConfigError(f"model.text_encoder handles {encoder.config.max_position_embeddings} tokens but "
+                          f"the tokenizer pads to {tokenizer.model_max_length}; use a matching tokenizer")
+    return encoder
+
+
+def build_vae(model: ModelConfig) -> AutoencoderKL:
+    source = resolve_source(model, "vae")
+    if source.path:
+        return _from_pretrained(AutoencoderKL, source, "model.vae", use_safetensors=True)
+    kwargs = _preset("vae", source.preset, model.vae_kwargs)
+    blocks = len(kwargs["block_out_channels"])
+    kwargs.setdefault("down_block_types", ("DownEncoderBlock2D",) * blocks)
+    kwargs.setdefault("up_block_types", ("UpDecoderBlock2D",) * blocks)
+    kwargs.setdefault("latent_channels", 4)
+    return AutoencoderKL(**kwargs)
+
+
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def build_unet(model: ModelConfig, resolution: int, vae: AutoencoderKL, text_encoder: CLIPTextModel):
+    source = resolve_source(model, "unet")
+    if source.path:
+        unet = _from_pretrained(UNet2DConditionModel, source, "model.unet", use_safetensors=True)
+    else:
+        kwargs = _preset("unet", source.preset, model.unet_kwargs)
+        kwargs.setdefault("sample_size", resolution // vae_scale_factor(vae))
+        kwargs.setdefault("in_channels", vae.config.latent_channels)
+        kwargs.setdefault("out_channels", vae.config.latent_channels)
+        kwargs.setdefault("cross_attention_dim", text_encoder.config.hidden_size)
+        unet = UNet2DConditionModel(**kwargs)
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise ConfigError(f"model.unet attends to {unet.config.cross_attention_dim}-dim text features but the "
+                          f"text encoder gives {text_encoder.config.hidden_size}; use matching components")
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise ConfigError(f"model.unet takes {unet.config.in_channels} channels but the VAE makes "
+                          f"{vae.config.latent_channels}-channel latents; use matching components")
+    return unet
+
+
+def build_noise_scheduler(model: ModelConfig, prediction_type: str) -> DDPMScheduler:
+    """The pretrained pipeline's noise schedule, else Stable Diffusion's (scaled linear, 1000 steps)."""
+    if model.pretrained_model_name_or_path:
+        source = _checked_path(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path", "scheduler")
+        base = _from_pretrained(DDPMScheduler, source, "model.pretrained_model_name_or_path")
+        return DDPMScheduler.from_config(base.config, prediction_type=prediction_type)
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, prediction_type=prediction_type, clip_sample=False,
+                         steps_offset=1, set_alpha_to_one=False)
+
+
+SAMPLERS = {
+    # DPM-Solver++(2M): good images in 15-25 steps (Lu et al. 2022).
+    "dpmsolver++": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
+    "ddim": lambda config: DDIMScheduler.from_config(config),
+    "euler": lambda config: EulerDiscreteScheduler.from_config(config),
+    "ddpm": lambda config: DDPMScheduler.from_config(config),
+}
+
+
+def make_sampler(name: str, scheduler_config):
+    if name not in SAMPLERS:
+        raise ConfigError(f"sampling.scheduler: {name!r} is not one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name](scheduler_config)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

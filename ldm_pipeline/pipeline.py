@@ -1,0 +1,221 @@
+"""The saved pipeline directory, `load_pipeline`, and `generate` (batching, seeds, PNG metadata).
+
+A trained model is a standard diffusers `StableDiffusionPipeline` directory; we add one small
+file, `ldm_pipeline.json`, with the sampling defaults the model was validated with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
+
+from .config import ConfigError, SamplingConfig
+from .models import make_sampler
+from .tokenizer import save_tokenizer
+
+DEFAULTS_FILE = "ldm_pipeline.json"
+FALLBACK_DEFAULTS = {"scheduler": "dpmsolver++", "num_inference_steps": 25, "guidance_scale": 7.5}
+
+
+def replace_directory(partial: Path, final: Path) -> None:
+    """Move a completely written `partial` directory to `final`, never leaving `final` half-written:
+    an old `final` is renamed aside first and removed only once the new one is in place."""
+    old = final.with_name(final.name + f".old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pipeline(directory, *, vae, text_encoder, tokenizer, unet, noise_scheduler, sampling: SamplingConfig,
+                  extra: dict | None = None) -> Path:
+    """Write a plain `StableDiffusionPipeline` directory (safetensors, no safety checker) atomically.
+
+    Its scheduler is the sampler from `sampling`, configured from the training noise schedule, so
+    plain `StableDiffusionPipeline.from_pretrained` users get the fast sampler too.
+    """
+    directory = Path(directory)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=make_sampler(sampling.scheduler, noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    partial = directory.with_name(directory.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(partial, safe_serialization=True)
+    save_tokenizer(tokenizer, partial / "tokenizer")  # adds vocab.json + merges.txt for older transformers
+    defaults = {"scheduler": sampling.scheduler, "num_inference_steps": sampling.num_inference_steps,
+                "guidance_scale": sampling.guidance_scale, **(extra or {})}
+    (partial / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    replace_directory(partial, directory)
+    return directory
+
+
+def best_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def best_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def load_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, scheduler: str | None = None):
+    """A ready `StableDiffusionPipeline`: best device and dtype, our fast sampler.
+
+    `pipe.generation_defaults` holds the steps / guidance / scheduler the model was trained to be
+    sampled with; `generate` and the CLI use them, and `pipe(prompt, **pipe.generation_defaults)`
+    does the same by hand.
+    """
+    path = Path(path_or_id).expanduser()
+    if not path.exists() and str(path_or_id).startswith((".", "/", "~")):
+        raise ConfigError(f"model {path_or_id} does not exist; give a trained pipeline directory "
+                          "(e.g. outputs/shapes/pipeline) or a hub id")
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise ConfigError(f"model {path_or_id} is not a diffusers pipeline directory (no model_index.json); "
+                          "give <output_dir>/pipeline of a finished training run")
+    device = torch.device(device) if device is not None else best_device()
+    dtype = dtype or best_dtype(device)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(path_or_id), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+            use_safetensors=True)
+    except OSError as error:
+        raise ConfigError(f"could not load model {path_or_id}: {error}") from error
+    defaults = dict(FALLBACK_DEFAULTS)
+    if (path / DEFAULTS_FILE).is_file():
+        defaults.update(json.loads((path / DEFAULTS_FILE).read_text()))
+    defaults["scheduler"] = scheduler or defaults["scheduler"]
+    pipe.scheduler = make_sampler(defaults["scheduler"], pipe.scheduler.config)
+    pipe.generation_defaults = {k: defaults[k] for k in ("num_inference_steps", "guidance_scale")}
+    pipe.scheduler_name = defaults["scheduler"]
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class GeneratedImage(Image.Image):
+    """A PIL image whose PNG files carry its generation settings (`image.info["parameters"]`)."""
+
+    def save(self, fp, format=None, **params):
+        if "pnginfo" not in params:
+            info = PngImagePlugin.PngInfo()
+            for key, value in self.info.get("parameters", {}).items():
+                info.add_text(key, str(value))
+            params["pnginfo"] = info
+        super().save(fp, format, **params)
+
+
+def _as_generated(image: Image.Image, parameters: dict) -> GeneratedImage:
+    image.__class__ = GeneratedImage  # same object, PNG-metadata-aware save()
+    image.info["parameters"] = parameters
+    return image
+
+
+def _seed_list(seeds, count: int) -> list[int]:
+    if seeds is None:
+        return list(range(count))
+    if isinstance(seeds, int):
+        return [seeds + i for i in range(count)]
+    seeds = list(seeds)
+    if len(seeds) != count:
+        raise ValueError(f"seeds: got {len(seeds)} seeds for {count} prompts; give one per prompt or one int")
+    return seeds
+
+
+def generate(pipe, prompts, seeds=None, num_inference_steps: int | None = None,
+             guidance_scale: float | None = None, batch_size: int = 8, negative_prompt: str | None = None,
+             return_progress: bool = False, show_progress: bool = True):
+    """Generate one image per prompt, each from its own seed, so an image depends only on
+    (prompt, seed, settings), never on batching or on which process made it.
+
+    `seeds`: None (0, 1, ...), an int (seed, seed + 1, ...) or one per prompt. With
+    `return_progress`, also returns for each image the list of decoded intermediate images.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = _seed_list(seeds, len(prompts))
+    defaults = getattr(pipe, "generation_defaults", FALLBACK_DEFAULTS)
+    steps = num_inference_steps or defaults["num_inference_steps"]
+    guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    scheduler_name = getattr(pipe, "scheduler_name", type(pipe.scheduler).__name__)
+    images, progress = [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not show_progress or None,
+                      leave=False):
+        batch_prompts, batch_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
+        steps_latents = []
+
+        def keep_latents(pipeline, step, timestep, tensors):
+            steps_latents.append(tensors["latents"].detach().clone())
+            return tensors
+
+        output = pipe(
+            batch_prompts, num_inference_steps=steps, guidance_scale=guidance,
+            negative_prompt=[negative_prompt] * len(batch_prompts) if negative_prompt else None,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch_seeds],
+            callback_on_step_end=keep_latents if return_progress else None,
+        )
+        for i, (image, prompt, seed) in enumerate(zip(output.images, batch_prompts, batch_seeds)):
+            images.append(_as_generated(image, {
+                "prompt": prompt, "seed": seed, "num_inference_steps": steps, "guidance_scale": guidance,
+                "scheduler": scheduler_name, "negative_prompt": negative_prompt or ""}))
+            if return_progress:
+                progress.append([decode_latents(pipe, latents[i:i + 1])[0] for latents in steps_latents])
+    return (images, progress) if return_progress else images
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents) -> list[Image.Image]:
+    """Decode (B, 4, h, w) scaled latents to PIL images, as the pipeline does at its last step."""
+    pixels = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
+def save_images(images, out_dir, prefix: str = "") -> list[Path]:
+    """Numbered PNGs (continuing after files already there: nothing is overwritten)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = len(list(out_dir.glob(f"{prefix}*.png")))
+    paths = []
+    for offset, image in enumerate(images):
+        number = start + offset
+        while (path := out_dir / f"{prefix}{number:05d}.png").exists():
+            number += 1
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def read_png_metadata(path) -> dict:
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+def image_grid(images, rows: int) -> Image.Image:
+    """Tile equally sized images into `rows` rows."""
+    cols = -(-len(images) // rows)
+    width, height = images[0].size
+    grid = Image.new("RGB", (cols * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * width, (i // cols) * height))
+    return grid
+
+
+def save_progress_gif(frames, path, duration_ms: int = 120) -> Path:
+    """An animated GIF of the decoded latents, one frame per denoising step (last frame held)."""
+    path = Path(path)
+    frames = list(frames) + [frames[-1]] * 5
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    return path

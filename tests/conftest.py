@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny image folders in every accepted layout and a tiny seeded config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from ldm_pipeline.config import config_from_dict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(2)
+
+COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220)}
+
+
+def draw_square(color, left: bool, size: int = 32) -> Image.Image:
+    """A filled square on white, in the left or right half: easy, caption-dependent content."""
+    image = Image.new("RGB", (size, size), "white")
+    x0 = size // 8 if left else size // 2 + size // 8
+    ImageDraw.Draw(image).rectangle([x0, size // 4, x0 + size // 4, size // 2 + size // 8], fill=color)
+    return image
+
+
+def write_caption_folder(root: Path, count: int = 16, size: int = 32) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "metadata.jsonl", "w") as handle:
+        for i in range(count):
+            name, left = list(COLORS)[i % 2], (i // 2) % 2 == 0
+            draw_square(COLORS[name], left, size).save(root / f"{i:03d}.png")
+            caption = f"a {name} square on the {'left' if left else 'right'}"
+            handle.write(json.dumps({"file_name": f"{i:03d}.png", "text": caption}) + "\n")
+    return root
+
+
+def write_class_folder(root: Path, count: int = 8, size: int = 32) -> Path:
+    for name, color in COLORS.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            draw_square(color, i % 2 == 0, size).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def write_flat_folder(root: Path, count: int = 16, size: int = 32) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        draw_square(list(COLORS.values())[i % 2], i % 3 == 0, size).save(root / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def caption_folder(tmp_path) -> Path:
+    return write_caption_folder(tmp_path / "captioned")
+
+
+@pytest.fixture
+def class_folder(tmp_path) -> Path:
+    return write_class_folder(tmp_path / "classes")
+
+
+@pytest.fixture
+def flat_folder(tmp_path) -> Path:
+    return write_flat_folder(tmp_path / "flat")
+
+
+def tiny_config_dict(output_dir: Path, data_dir: Path, **overrides) -> dict:
+    """The smallest run that exercises every part: 32 px images, 4x4 latents, widths of 8-64."""
+    config = {
+        "output_dir": str(output_dir),
+        "resolution": 32,
+        "seed": 0,
+        "model": {"unet": "tiny", "vae": "tiny", "text_encoder": "tiny"},
+        "data": {"train_data_dir": str(data_dir)},
+        "train_batch_size": 4,
+        "max_train_steps": 4,
+        "learning_rate": 1e-3,
+        "checkpointing_steps": 0,
+        "logging_steps": 1,
+        "validation": {"prompts": ["a red square on the left"], "seeds": [0], "validation_steps": 0,
+                       "num_heldout": 2},
+        "sampling": {"num_inference_steps": 2},
+        "vae_training": {"train_batch_size": 4, "max_train_steps": 2, "scaling_samples": 8, "psnr_samples": 2},
+    }
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config
+
+
+def tiny_config(output_dir: Path, data_dir: Path, **overrides):
+    """`tiny_config(out, data, max_train_steps=8, data__cache_latents=True)`: `__` nests keys."""
+    return config_from_dict(tiny_config_dict(output_dir, data_dir, **overrides))
