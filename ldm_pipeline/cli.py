@@ -27,9 +27,8 @@ def _prompts(args) -> list[str]:
 
 def cmd_generate(args) -> int:
     from accelerate import PartialState
-    from accelerate.utils import gather_object
 
-    from .pipeline import generate, load_pipeline, save_images, save_progress_gif
+    from .pipeline import generate_across_processes, load_pipeline, save_images, save_progress_gif
 
     if args.num_images < 1:
         raise SystemExit("error: --num-images must be at least 1")
@@ -40,19 +39,14 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(args.model, device=args.device or state.device, scheduler=args.scheduler)
     # Image k of a prompt uses seed + k, whichever process makes it.
     jobs = [(prompt, args.seed + k) for prompt in _prompts(args) for k in range(args.num_images)]
-    with state.split_between_processes(list(enumerate(jobs))) as mine:
-        made = []
-        if mine:
-            result = generate(pipe, [p for _, (p, _) in mine], seeds=[s for _, (_, s) in mine],
-                              num_inference_steps=args.steps, guidance_scale=args.guidance,
-                              batch_size=args.batch_size, negative_prompt=args.negative_prompt,
-                              return_progress=args.save_progress, show_progress=state.is_main_process)
-            images, progress = result if args.save_progress else (result, [None] * len(mine))
-            made = [(i, image, frames) for (i, _), image, frames in zip(mine, images, progress)]
-    made = sorted(gather_object(made), key=lambda item: item[0])
+    result = generate_across_processes(
+        state, pipe, [p for p, _ in jobs], [s for _, s in jobs], num_inference_steps=args.steps,
+        guidance_scale=args.guidance, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
+        return_progress=args.save_progress, show_progress=state.is_main_process)
+    images, progress = result if args.save_progress else (result, [None] * len(result))
     if state.is_main_process:
-        paths = save_images([image for _, image, _ in made], out)
-        for path, (_, _, frames) in zip(paths, made):
+        paths = save_images(images, out)
+        for path, frames in zip(paths, progress):
             if frames:
                 save_progress_gif(frames, path.with_suffix(".gif"))
         extra = " (+ a denoising GIF each)" if args.save_progress else ""

@@ -200,7 +200,7 @@ def _build(cls, data: dict, prefix: str = ""):
     unknown = [k for k in data if k not in hints]
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}; valid keys here: {', '.join(names)}"
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(names)}"
         )
     return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in data.items()})
 

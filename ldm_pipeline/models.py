@@ -112,7 +112,9 @@ def _checked_path(value: str, key: str, subfolder: str | None) -> Source:
 
 def _from_pretrained(cls, source: Source, key: str, **kwargs):
     try:
-        return cls.from_pretrained(source.path, subfolder=source.subfolder, **kwargs)
+        if source.subfolder:  # transformers rejects subfolder=None
+            kwargs["subfolder"] = source.subfolder
+        return cls.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as error:
         raise ConfigError(
             f"{key}: could not load {source.describe()} with {cls.__name__}.from_pretrained: {error}. "
@@ -202,7 +204,7 @@ def build_noise_scheduler(model: ModelConfig, prediction_type: str) -> DDPMSched
         return DDPMScheduler.from_config(base.config, prediction_type=prediction_type)
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                          beta_end=0.012, prediction_type=prediction_type, clip_sample=False,
-                         steps_offset=1, set_alpha_to_one=False)
+                         steps_offset=1)
 
 
 SAMPLERS = {

@@ -157,8 +157,8 @@ def generate(pipe, prompts, seeds=None, num_inference_steps: int | None = None,
         batch_prompts, batch_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
         steps_latents = []
 
-        def keep_latents(pipeline, step, timestep, tensors):
-            steps_latents.append(tensors["latents"].detach().clone())
+        def keep_latents(pipeline, step, timestep, tensors, store=steps_latents):
+            store.append(tensors["latents"].detach().clone())
             return tensors
 
         output = pipe(
@@ -174,6 +174,25 @@ def generate(pipe, prompts, seeds=None, num_inference_steps: int | None = None,
             if return_progress:
                 progress.append([decode_latents(pipe, latents[i:i + 1])[0] for latents in steps_latents])
     return (images, progress) if return_progress else images
+
+
+def generate_across_processes(state, pipe, prompts, seeds, **kwargs):
+    """`generate` with the (prompt, seed) pairs split across processes (an Accelerate `PartialState`
+    or `Accelerator`). Every process must call it; every process gets all images, in prompt order,
+    the same at any process count. With `return_progress`, returns (images, progress) likewise."""
+    from accelerate.utils import gather_object
+
+    with_progress = kwargs.get("return_progress", False)
+    jobs = list(enumerate(zip(prompts, seeds)))
+    with state.split_between_processes(jobs) as mine:
+        made = []
+        if mine:
+            result = generate(pipe, [p for _, (p, _) in mine], seeds=[s for _, (_, s) in mine], **kwargs)
+            images, progress = result if with_progress else (result, [None] * len(mine))
+            made = [(i, image, frames) for (i, _), image, frames in zip(mine, images, progress)]
+    made = sorted(gather_object(made), key=lambda item: item[0])
+    images = [image for _, image, _ in made]
+    return (images, [frames for _, _, frames in made]) if with_progress else images
 
 
 @torch.no_grad()

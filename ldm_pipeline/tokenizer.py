@@ -80,7 +80,8 @@ def build_tokenizer(
     if min_frequency < 1 or max_words < 0:
         raise ValueError(f"Need min_frequency >= 1 and max_words >= 0; got {min_frequency=} and {max_words=}.")
     if model_max_length is not None and model_max_length < 3:
-        raise ValueError(f"model_max_length={model_max_length} leaves no room for a word between bos and eos; use >= 3.")
+        raise ValueError(f"model_max_length={model_max_length} leaves no room for a word between bos and eos; "
+                         "use >= 3.")
 
     symbols = list(bytes_to_unicode().values())
     vocab = {token: i for i, token in enumerate(symbols + [s + END_OF_WORD for s in symbols])}

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import shutil
 import sys
 import time
@@ -25,101 +23,37 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from .config import Config, ConfigError, load_config, to_dict, to_yaml
+from .checkpoints import (
+    check_checkpoint_config,
+    checkpoint_steps,
+    find_resume_checkpoint,
+    prepare_output_dir,
+    save_checkpoint,
+)
+from .config import Config, ConfigError, load_config, to_yaml
 from .losses import diffusion_loss, diffusion_target, vae_loss
-from .models import (build_noise_scheduler, build_text_encoder, build_unet, build_vae, count_parameters,
-                     load_tokenizer, make_sampler, vae_scale_factor)
-from .pipeline import generate, image_grid, replace_directory, save_pipeline
+from .models import (
+    build_noise_scheduler,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    count_parameters,
+    load_tokenizer,
+    make_sampler,
+    vae_scale_factor,
+)
+from .pipeline import generate_across_processes, image_grid, replace_directory, save_pipeline
 
 
 class TrainingError(RuntimeError):
     """Training had to stop; the message says why and what was kept."""
-
-
-# --- output directory and checkpoints --------------------------------------------------------------
-
-
-def prepare_output_dir(accelerator: Accelerator, config: Config) -> None:
-    """Refuse to mix runs: an existing run is continued (resume) or replaced (overwrite), never both."""
-    out = Path(config.output_dir)
-    previous = out / "config.yaml"
-    if previous.is_file() and not config.resume_from_checkpoint and not config.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir: {out} already holds a training run. Set resume_from_checkpoint: latest to "
-            "continue it, overwrite_output_dir: true to replace it, or choose another output_dir.")
-    if accelerator.is_main_process:
-        if previous.is_file() and config.overwrite_output_dir and not config.resume_from_checkpoint:
-            # The latent cache survives: it is keyed by what it was built from.
-            for name in ("checkpoints", "pipeline", "samples", "vae", "logs", "config.yaml", "metrics.jsonl"):
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        previous.write_text(to_yaml(config))
-        for partial in (out / "checkpoints").glob(".partial-*"):
-            shutil.rmtree(partial)  # written by a run killed mid-save: incomplete by construction
-    accelerator.wait_for_everyone()
-
-
-def _checkpoint_steps(config: Config, prefix: str) -> list[tuple[int, Path]]:
-    pattern = re.compile(rf"^{prefix}step-(\d+)$")
-    root = Path(config.output_dir) / "checkpoints"
-    found = [(int(m.group(1)), p) for p in root.glob(f"{prefix}step-*") if (m := pattern.match(p.name))]
-    return sorted(found)
-
-
-def find_resume_checkpoint(config: Config, prefix: str) -> Path | None:
-    """`latest` picks the newest complete checkpoint (partial ones never carry the final name)."""
-    choice = config.resume_from_checkpoint
-    if choice is None:
-        return None
-    if choice == "latest":
-        found = _checkpoint_steps(config, prefix)
-        return found[-1][1] if found else None
-    path = Path(choice)
-    if not path.is_dir() or not re.match(r"^(vae-)?step-\d+$", path.name):
-        raise ConfigError(f"resume_from_checkpoint: {choice} is not a checkpoint directory "
-                          f"(<output_dir>/checkpoints/step-<N>); use 'latest' or an existing one")
-    return path if path.name.startswith(prefix) else None
-
-
-def check_checkpoint_config(checkpoint: Path, config: Config) -> None:
-    """A checkpoint only resumes the model it was made for."""
-    import yaml
-
-    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    current = to_dict(config)
-    different = [key for key in ("model", "resolution", "prediction_type", "stages")
-                 if saved.get(key) != current[key]]
-    if different:
-        raise ConfigError(f"resume_from_checkpoint: {checkpoint} was written with a different "
-                          f"{', '.join(different)}; resume with the config it was made with "
-                          f"({checkpoint / 'config.yaml'}) or start a new output_dir")
-
-
-def save_checkpoint(accelerator: Accelerator, config: Config, prefix: str, step: int) -> None:
-    """Full training state under a temporary name, renamed when complete; then prune old ones."""
-    root = Path(config.output_dir) / "checkpoints"
-    final, partial = root / f"{prefix}step-{step}", root / f".partial-{prefix}step-{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / "config.yaml").write_text(to_yaml(config))
-        replace_directory(partial, final)
-        limit = config.checkpoints_total_limit
-        if limit is not None:
-            for _, old in _checkpoint_steps(config, prefix)[:-limit]:  # never the newest
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
 
 
 # --- the optimisation loop ----------------------------------------------------------------------------
@@ -219,7 +153,7 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> int:
                 accelerator.print(f"[{stage.name}] step {global_step + 1}: non-finite loss, step skipped "
                                   f"({bad_in_a_row} in a row, {skipped} in all)")
                 if bad_in_a_row >= config.max_consecutive_bad_steps:
-                    kept = _checkpoint_steps(config, stage.checkpoint_prefix)
+                    kept = checkpoint_steps(config, stage.checkpoint_prefix)
                     raise TrainingError(
                         f"[{stage.name}] stopped at step {global_step}: the loss was not finite for "
                         f"{bad_in_a_row} optimizer steps in a row (max_consecutive_bad_steps). "
@@ -388,16 +322,13 @@ def make_validator(accelerator, config, pipeline_parts, heldout_loss):
         pipe = StableDiffusionPipeline(**pipeline_parts(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        with accelerator.split_between_processes(list(enumerate(jobs))) as mine:
-            images = generate(pipe, [p for _, (p, _) in mine], seeds=[s for _, (_, s) in mine],
-                              num_inference_steps=config.sampling.num_inference_steps,
-                              guidance_scale=config.sampling.guidance_scale, show_progress=False) if mine else []
-            made = [(i, image) for (i, _), image in zip(mine, images)]
-        made = sorted(gather_object(made), key=lambda pair: pair[0])
+        images = generate_across_processes(
+            accelerator, pipe, [p for p, _ in jobs], [s for _, s in jobs], show_progress=False,
+            num_inference_steps=config.sampling.num_inference_steps, guidance_scale=config.sampling.guidance_scale)
         if accelerator.is_main_process:
             samples.mkdir(parents=True, exist_ok=True)
             path = samples / f"{name or f'step-{step:06d}'}.png"
-            image_grid([image for _, image in made], rows=len(config.validation.seeds)).save(path)
+            image_grid(images, rows=len(config.validation.seeds)).save(path)
             path.with_suffix(".txt").write_text("columns: " + " | ".join(prompts) + "\n")
         accelerator.print(f"[unet] step {step}: val_loss {metrics['val_loss']:.4f}, samples in {samples}")
         return metrics

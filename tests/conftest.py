@@ -98,3 +98,16 @@ def tiny_config_dict(output_dir: Path, data_dir: Path, **overrides) -> dict:
 def tiny_config(output_dir: Path, data_dir: Path, **overrides):
     """`tiny_config(out, data, max_train_steps=8, data__cache_latents=True)`: `__` nests keys."""
     return config_from_dict(tiny_config_dict(output_dir, data_dir, **overrides))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny two-stage run (VAE then UNet, EMA, checkpoints) shared by the tests that read it."""
+    from ldm_pipeline.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    data_dir = write_caption_folder(root / "data")
+    config = tiny_config(root / "out", data_dir, stages=["vae", "unet"], max_train_steps=4, checkpointing_steps=2,
+                         use_ema=True, ema_decay=0.9, snr_gamma=5.0, validation__validation_steps=2)
+    train(config)
+    return root / "out"

@@ -76,7 +76,8 @@ def test_merges_of_other_words_cannot_split_a_learned_word():
 def test_save_and_reload_give_identical_ids(tmp_path):
     tokenizer = build_tokenizer(CAPTIONS)
     save_tokenizer(tokenizer, tmp_path)
-    assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= written
     texts = CAPTIONS + ["Zebra über 😀 ñ 123"]
     expected = tokenizer(texts, padding="max_length", truncation=True).input_ids
     for reloaded in [CLIPTokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)]:

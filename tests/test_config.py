@@ -1,0 +1,95 @@
+"""Config: YAML + overrides -> typed dataclasses; every user error names its key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_config_dict
+
+from ldm_pipeline.config import Config, ConfigError, load_config
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def base(tmp_path, caption_folder):
+    return tiny_config_dict(tmp_path / "out", caption_folder)
+
+
+def test_loads_yaml_with_defaults_and_overrides(tmp_path, base):
+    config = load_config(write(tmp_path, base), ["learning_rate=3e-4", "data.caption_dropout=0.2",
+                                                 "validation.prompts=[a, b]", "snr_gamma=null"])
+    assert isinstance(config, Config)
+    assert config.learning_rate == pytest.approx(3e-4) and isinstance(config.learning_rate, float)
+    assert config.data.caption_dropout == 0.2
+    assert config.validation.prompts == ["a", "b"]
+    assert config.snr_gamma is None
+    assert config.adam_beta2 == 0.999  # a default from code
+
+
+def test_yaml_scientific_notation_string_is_a_float(tmp_path, base):
+    base["learning_rate"] = "1e-4"  # YAML 1.1 reads 1e-4 (no dot) as a string
+    assert load_config(write(tmp_path, base)).learning_rate == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"learnin_rate": 1e-4}, "learnin_rate"),
+    ({"data": {"train_data_dir": "x", "caption_colum": "t"}}, "data.caption_colum"),
+    ({"train_batch_size": "four"}, "train_batch_size"),
+    ({"train_batch_size": 2.5}, "train_batch_size"),
+    ({"use_ema": "yes"}, "use_ema"),
+    ({"mixed_precision": "fp8"}, "mixed_precision"),
+    ({"stages": ["unet", "decoder"]}, "stages[1]"),
+    ({"resolution": 60}, "resolution"),
+    ({"max_train_steps": 0}, "max_train_steps"),
+    ({"learning_rate": -1.0}, "learning_rate"),
+    ({"stages": ["unet", "vae"]}, "stages"),
+    ({"validation": {"prompts": "a red circle"}}, "validation.prompts"),
+    ({"data": {"train_data_dir": "/definitely/not/here"}}, "data.train_data_dir"),
+    ({"data": {"train_data_dir": None}}, "data"),
+    ({"data": {"caption_dropout": 1.5}}, "data.caption_dropout"),
+    ({"data": {"caption_template": "a photo"}}, "data.caption_template"),
+    ({"data": {"cache_latents": True, "center_crop": False}}, "data.cache_latents"),
+])
+def test_bad_values_name_their_key(tmp_path, base, change, key):
+    for name, value in change.items():
+        if isinstance(value, dict) and isinstance(base.get(name), dict):
+            base[name] = {**base[name], **value}
+        else:
+            base[name] = value
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, base))
+    assert key in str(error.value)
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, base):
+    (tmp_path / "taken").write_text("not a directory")
+    base["output_dir"] = str(tmp_path / "taken")
+    with pytest.raises(ConfigError, match="output_dir.*is a file"):
+        load_config(write(tmp_path, base))
+
+
+def test_missing_config_file_and_bad_override(tmp_path, base):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(write(tmp_path, base), ["learning_rate"])
+    with pytest.raises(ConfigError, match="unknown config key 'bogus'"):
+        load_config(write(tmp_path, base), ["bogus=1"])
+
+
+def test_shipped_configs_load(monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    configs = sorted((root / "train_configs").glob("*.yaml"))
+    assert configs, "train_configs/ holds the example configs"
+    for path in configs:
+        data = yaml.safe_load(path.read_text())
+        assert len(path.read_text().splitlines()) <= 60, f"{path.name}: keep configs short"
+        # Data folders are made on demand; validate the rest as if they existed.
+        data.setdefault("data", {}).setdefault("make_shapes", data["data"].get("make_shapes") or {})
+        load_config(path, [f"data.make_shapes={data['data']['make_shapes']}"])

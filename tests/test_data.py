@@ -1,0 +1,166 @@
+"""Data sources through `datasets`, caption rules, image handling and the latent cache."""
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import tiny_config
+from PIL import Image
+
+from ldm_pipeline import data as data_lib
+from ldm_pipeline.config import ModelConfig
+from ldm_pipeline.models import build_text_encoder, build_vae, load_tokenizer
+
+
+def test_caption_folder_uses_metadata_captions(tmp_path, caption_folder):
+    train = data_lib.load_train_data(tiny_config(tmp_path / "out", caption_folder))
+    assert len(train.dataset) == 16
+    assert train.captions[0] == "a red square on the left"
+    assert set(train.captions) == {f"a {c} square on the {s}" for c in ("red", "blue") for s in ("left", "right")}
+
+
+def test_class_folders_become_templated_captions(tmp_path, class_folder):
+    config = tiny_config(tmp_path / "out", class_folder, data__caption_template="a drawing of a {label}")
+    train = data_lib.load_train_data(config)
+    assert sorted(set(train.captions)) == ["a drawing of a blue", "a drawing of a red"]
+    assert len(train.captions) == 16
+
+
+def test_flat_folder_trains_unconditionally(tmp_path, flat_folder):
+    train = data_lib.load_train_data(tiny_config(tmp_path / "out", flat_folder))
+    assert train.captions == [""] * 16
+
+
+def test_explicit_null_caption_column_is_unconditional(tmp_path, caption_folder):
+    train = data_lib.load_train_data(tiny_config(tmp_path / "out", caption_folder, data__caption_column=None))
+    assert set(train.captions) == {""}
+
+
+def test_misnamed_caption_column_is_an_error(tmp_path, caption_folder):
+    config = tiny_config(tmp_path / "out", caption_folder, data__caption_column="caption")
+    with pytest.raises(data_lib.DataError, match="caption_column: 'caption'.*text columns are \\['text'\\]"):
+        data_lib.load_train_data(config)
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data_lib.DataError, match="empty"):
+        data_lib.load_train_data(tiny_config(tmp_path / "out", tmp_path / "empty"))
+
+
+def test_undecodable_images_fail_or_are_skipped(tmp_path, caption_folder):
+    (caption_folder / "003.png").write_bytes(b"this is not a png")
+    good = (caption_folder / "004.png").read_bytes()
+    (caption_folder / "005.png").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(data_lib.DataError, match="2 image\\(s\\) failed to decode.*003.png.*on_bad_image: skip"):
+        data_lib.load_train_data(tiny_config(tmp_path / "out", caption_folder))
+    train = data_lib.load_train_data(tiny_config(tmp_path / "out", caption_folder, data__on_bad_image="skip"))
+    assert len(train.dataset) == 14 and len(train.captions) == 14
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])
+def test_any_image_mode_becomes_rgb(mode):
+    image = Image.new("RGB", (20, 10), (200, 30, 30)).convert(mode)
+    rgb = data_lib.open_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == (20, 10)
+
+
+def test_transparent_pixels_become_white():
+    image = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert data_lib.open_rgb(image).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_images_keep_their_brightness():
+    image = Image.new("I;16", (4, 4), 32768)  # mid grey at 16 bits
+    assert data_lib.open_rgb(image).getpixel((0, 0))[0] == 128
+
+
+def test_transform_resizes_crops_and_flips():
+    image = Image.new("RGB", (40, 20), "white")
+    image.paste((0, 0, 0), (0, 0, 10, 20))  # black left quarter
+    pixels = data_lib.image_to_tensor(image, 16)
+    assert pixels.shape == (3, 16, 16) and pixels.min() >= -1 and pixels.max() <= 1
+    small = data_lib.image_to_tensor(Image.new("RGB", (8, 8), "red"), 16)  # smaller than the resolution
+    assert small.shape == (3, 16, 16)
+    wide = data_lib.image_to_tensor(image, 20, center_crop=True)
+    flipped = data_lib.image_to_tensor(image, 20, center_crop=True, flip=True)
+    assert torch.allclose(flipped, wide.flip(-1))
+
+
+def test_tokenize_truncates_long_captions_with_one_warning(caplog):
+    tokenizer = load_tokenizer(ModelConfig(), lambda: ["a short caption"])
+    long = " ".join(["word"] * 100)
+    with caplog.at_level("WARNING"):
+        ids = data_lib.tokenize(tokenizer, [long, long, "a short caption"])
+    assert ids.shape == (3, tokenizer.model_max_length)
+    assert sum("truncated" in record.message for record in caplog.records) == 1
+    assert "2 caption(s)" in caplog.text
+
+
+def test_heldout_split_is_seeded_and_disjoint():
+    train, heldout = data_lib.split_heldout(100, 10, seed=3)
+    assert len(heldout) == 10 and not set(train) & set(heldout) and len(train) == 90
+    assert data_lib.split_heldout(100, 10, seed=3) == (train, heldout)
+    assert data_lib.split_heldout(10, 10, seed=3)[1].__len__() == 2  # at most a fifth
+
+
+def _cache_parts(tmp_path, data_dir, **overrides):
+    config = tiny_config(tmp_path / "out", data_dir, data__cache_latents=True, **overrides)
+    train = data_lib.load_train_data(config)
+    tokenizer = load_tokenizer(config.model, lambda: train.captions)
+    torch.manual_seed(0)
+    text_encoder, vae = build_text_encoder(config.model, tokenizer), build_vae(config.model)
+    return config, train, tokenizer, text_encoder, vae
+
+
+def test_latent_cache_is_reused_and_refuses_stale(tmp_path, caption_folder, capsys):
+    accelerator = Accelerator(cpu=True)
+    config, train, tokenizer, text_encoder, vae = _cache_parts(tmp_path, caption_folder)
+    ids = data_lib.tokenize(tokenizer, train.captions)
+    tensors = data_lib.build_latent_cache(accelerator, config, train, ids, vae, text_encoder, tokenizer)
+    cache = tmp_path / "out" / "latent_cache"
+    assert (cache / "manifest.json").is_file()
+    assert tensors["latent_mean"].shape == (16, 1, 4, 4, 4)  # (rows, orientations, C, h, w)
+    assert tensors["prompt_embeds"].shape[0] == len(set(train.captions) | {""})
+    expected = vae.encode(data_lib.image_to_tensor(data_lib.open_rgb(train.dataset[0]["image"]), 32)[None])
+    assert torch.allclose(tensors["latent_mean"][0, 0].float(), expected.latent_dist.mean[0], atol=1e-2)
+
+    mtime = (cache / "latents.safetensors").stat().st_mtime_ns
+    again = data_lib.build_latent_cache(accelerator, config, train, ids, vae, text_encoder, tokenizer)
+    assert "reusing latent cache" in capsys.readouterr().out
+    assert (cache / "latents.safetensors").stat().st_mtime_ns == mtime
+    assert torch.equal(again["latent_mean"], tensors["latent_mean"])
+
+    with torch.no_grad():
+        vae.decoder.conv_out.bias += 0.1
+        vae.encoder.conv_out.bias += 0.1  # different VAE weights
+    with pytest.raises(data_lib.DataError, match="stale.*different vae.*Delete that directory"):
+        data_lib.build_latent_cache(accelerator, config, train, ids, vae, text_encoder, tokenizer)
+    assert (cache / "latents.safetensors").stat().st_mtime_ns == mtime  # nothing overwritten
+
+
+def test_latent_cache_with_flips_stores_both_orientations(tmp_path, caption_folder):
+    accelerator = Accelerator(cpu=True)
+    config, train, tokenizer, _, vae = _cache_parts(tmp_path, caption_folder, data__random_flip=True)
+    ids = data_lib.tokenize(tokenizer, train.captions)
+    tensors = data_lib.build_latent_cache(accelerator, config, train, ids, vae, None, tokenizer)
+    image = data_lib.open_rgb(train.dataset[1]["image"])
+    mirrored = vae.encode(data_lib.image_to_tensor(image, 32, flip=True)[None]).latent_dist.mean[0]
+    assert tensors["latent_mean"].shape[1] == 2
+    assert torch.allclose(tensors["latent_mean"][1, 1].float(), mirrored, atol=1e-2)
+    assert "prompt_embeds" not in tensors  # text encoder trained: its outputs are not cached
+    key = json.loads((tmp_path / "out" / "latent_cache" / "manifest.json").read_text())["key"]
+    assert key["random_flip"] is True and key["text_encoder"] is None
+
+
+def test_cache_dir_with_foreign_files_is_not_touched(tmp_path, caption_folder):
+    accelerator = Accelerator(cpu=True)
+    config, train, tokenizer, text_encoder, vae = _cache_parts(tmp_path, caption_folder)
+    cache = tmp_path / "out" / "latent_cache"
+    cache.mkdir(parents=True)
+    (cache / "notes.txt").write_text("mine")
+    with pytest.raises(data_lib.DataError, match="holds no latent cache"):
+        data_lib.build_latent_cache(accelerator, config, train, data_lib.tokenize(tokenizer, train.captions), vae,
+                                    text_encoder, tokenizer)
+    assert (cache / "notes.txt").read_text() == "mine"

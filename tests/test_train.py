@@ -1,0 +1,124 @@
+"""The training loop: loss falls, outputs follow the contract, runs start from saved pipelines."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_config
+from diffusers import StableDiffusionPipeline
+
+from ldm_pipeline.config import ConfigError, ModelConfig
+from ldm_pipeline.losses import diffusion_loss, diffusion_target
+from ldm_pipeline.models import build_noise_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
+from ldm_pipeline.train import train
+
+
+@pytest.mark.parametrize("prediction_type, snr_gamma", [("epsilon", None), ("v_prediction", 5.0)])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(prediction_type, snr_gamma):
+    torch.manual_seed(0)
+    model = ModelConfig()
+    tokenizer = load_tokenizer(model, lambda: ["a red square", "a blue circle"])
+    text_encoder, vae = build_text_encoder(model, tokenizer), build_vae(model)
+    unet = build_unet(model, 32, vae, text_encoder)
+    scheduler = build_noise_scheduler(model, prediction_type)
+    ids = tokenizer(["a red square", "a blue circle"] * 2, padding="max_length",
+                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = text_encoder(ids)[0]
+        latents = vae.encode(torch.rand(4, 3, 32, 32) * 2 - 1).latent_dist.mean
+    noise, timesteps = torch.randn_like(latents), torch.tensor([50, 300, 600, 900])
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion_target(scheduler, latents, noise, timesteps)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss = diffusion_loss(unet(noisy, timesteps, states).sample, target, timesteps, scheduler, snr_gamma)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_run_writes_the_output_contract(trained_run):
+    out = trained_run
+    assert yaml.safe_load((out / "config.yaml").read_text())["use_ema"] is True
+    assert (out / "samples" / "final.png").is_file() and (out / "samples" / "step-000002.png").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert (out / "checkpoints" / "step-4" / "config.yaml").is_file()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in m for m in metrics) and any(m.get("stage") == "vae" for m in metrics)
+    pipeline = out / "pipeline"
+    index = json.loads((pipeline / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["safety_checker"] == [None, None]
+    weights = [p.name for p in pipeline.rglob("*") if p.is_file() and p.suffix in (".bin", ".safetensors", ".pt")]
+    assert weights and all(name.endswith(".safetensors") for name in weights)
+    assert (pipeline / "tokenizer" / "vocab.json").is_file() and (pipeline / "tokenizer" / "merges.txt").is_file()
+
+
+def test_vae_stage_measures_its_scaling_factor(trained_run):
+    config = json.loads((trained_run / "pipeline" / "vae" / "config.json").read_text())
+    calibration = json.loads((trained_run / "vae" / "calibration.json").read_text())
+    assert config["scaling_factor"] == pytest.approx(calibration["scaling_factor"])
+    assert config["scaling_factor"] != 0.18215  # measured, not Stable Diffusion's constant
+    assert calibration["heldout_psnr_db"] > 0
+
+
+def test_plain_diffusers_loads_and_generates(trained_run):
+    pipe = StableDiffusionPipeline.from_pretrained(trained_run / "pipeline")
+    image = pipe("a red square on the left", num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_saved_unet_holds_the_ema_weights(trained_run):
+    from safetensors.torch import load_file
+
+    ema_state = torch.load(trained_run / "checkpoints" / "step-4" / "custom_checkpoint_1.pkl", weights_only=False)
+    saved = load_file(trained_run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    trained = load_file(trained_run / "checkpoints" / "step-4" / "model.safetensors")
+    shadow = ema_state["shadow_params"]
+    assert len(shadow) == len(saved)
+    weight = "conv_in.weight"
+    index = list(trained).index(weight)
+    assert torch.allclose(saved[weight], shadow[index])
+    assert not torch.allclose(saved[weight], trained[weight])  # EMA differs from the raw weights
+
+
+def test_training_starts_from_a_saved_pipeline(tmp_path, trained_run, caption_folder):
+    pipeline = trained_run / "pipeline"
+    config = tiny_config(tmp_path / "finetune", caption_folder, max_train_steps=2,
+                         model={"pretrained_model_name_or_path": str(pipeline)}, train_text_encoder=True)
+    result = train(config)
+    original = StableDiffusionPipeline.from_pretrained(pipeline)
+    tuned = StableDiffusionPipeline.from_pretrained(result)
+    assert tuned.tokenizer.get_vocab() == original.tokenizer.get_vocab()
+    assert torch.equal(tuned.vae.encoder.conv_in.weight, original.vae.encoder.conv_in.weight)  # frozen
+    for name in ("unet", "text_encoder"):  # both trained
+        before = next(getattr(original, name).parameters())
+        after = next(getattr(tuned, name).parameters())
+        assert before.shape == after.shape and not torch.equal(before, after)
+
+
+def test_existing_run_is_refused_unless_resuming_or_overwriting(tmp_path, caption_folder, capsys):
+    train(tiny_config(tmp_path / "out", caption_folder, max_train_steps=2, checkpointing_steps=2))
+    with pytest.raises(ConfigError, match="already holds a training run.*resume_from_checkpoint: latest"):
+        train(tiny_config(tmp_path / "out", caption_folder, max_train_steps=2))
+    train(tiny_config(tmp_path / "out", caption_folder, max_train_steps=2, resume_from_checkpoint="latest"))
+    assert "resumed from" in capsys.readouterr().out
+    (tmp_path / "out" / "latent_cache").mkdir()
+    train(tiny_config(tmp_path / "out", caption_folder, max_train_steps=2, overwrite_output_dir=True))
+    assert not (tmp_path / "out" / "checkpoints").exists()  # replaced run
+    assert (tmp_path / "out" / "latent_cache").is_dir()  # the keyed cache is kept
+
+
+def test_dry_run_prints_counts_and_writes_nothing(tmp_path, caption_folder, capsys):
+    config = tiny_config(tmp_path / "out", caption_folder, gradient_accumulation_steps=3)
+    assert train(config, dry_run=True) is None
+    printed = capsys.readouterr().out
+    assert "unet:" in printed and "M parameters" in printed and "vae:" in printed
+    assert "effective batch size: 12 = 4 per process x 1 processes x 3 accumulation" in printed
+    assert "max_train_steps: 4" in printed  # the resolved config
+    assert not (tmp_path / "out").exists()
