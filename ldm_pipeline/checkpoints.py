@@ -14,22 +14,40 @@ from pathlib import Path
 import yaml
 from accelerate import Accelerator
 
-from .config import Config, ConfigError, to_dict, to_yaml
+from .config import Config, ConfigError, to_yaml
 from .pipeline import replace_directory
 
 
-def prepare_output_dir(accelerator: Accelerator, config: Config) -> None:
-    """Refuse to mix runs: an existing run is continued (resume) or replaced (overwrite), never both."""
+def check_output_dir(config: Config) -> None:
+    """Refuse to mix runs: an existing run is continued (resume) or replaced (overwrite), never both.
+    Reads only, so a refused run leaves the old one untouched."""
     out = Path(config.output_dir)
-    previous = out / "config.yaml"
-    if previous.is_file() and not config.resume_from_checkpoint and not config.overwrite_output_dir:
+    if (out / "config.yaml").is_file() and not config.resume_from_checkpoint and not config.overwrite_output_dir:
         raise ConfigError(
             f"output_dir: {out} already holds a training run. Set resume_from_checkpoint: latest to "
             "continue it, overwrite_output_dir: true to replace it, or choose another output_dir.")
+    for prefix in ("vae-", ""):
+        checkpoint = find_resume_checkpoint(config, prefix)
+        if checkpoint is not None:
+            check_checkpoint_config(checkpoint, config)
+
+
+def prepare_output_dir(accelerator: Accelerator, config: Config) -> None:
+    """Clear a replaced run and write the resolved config; call after `check_output_dir`.
+
+    Every process checks first and waits here, so no process reads the config.yaml that the main
+    process is about to write as a sign of an earlier run."""
+    accelerator.wait_for_everyone()
+    out = Path(config.output_dir)
+    previous = out / "config.yaml"
     if accelerator.is_main_process:
         if previous.is_file() and config.overwrite_output_dir and not config.resume_from_checkpoint:
-            # The latent cache survives: it is keyed by what it was built from.
-            for name in ("checkpoints", "pipeline", "samples", "vae", "logs", "config.yaml", "metrics.jsonl"):
+            # The latent cache survives (it is keyed by what it was built from), unless this run
+            # retrains the VAE that made it: then it would only be refused as stale after that stage.
+            names = ["checkpoints", "pipeline", "samples", "vae", "logs", "config.yaml", "metrics.jsonl"]
+            if "vae" in config.stages and config.data.latent_cache_dir is None:
+                names.append("latent_cache")
+            for name in names:
                 target = out / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -61,12 +79,20 @@ def find_resume_checkpoint(config: Config, prefix: str) -> Path | None:
     return path if path.name.startswith(prefix) else None
 
 
+def _differences(saved, current, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, e.g. ["model.unet_kwargs.block_out_channels"]."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [key for name in sorted(set(saved) | set(current), key=str)
+                for key in _differences(saved.get(name), current.get(name), f"{prefix}{name}.")]
+    return [] if saved == current else [prefix.rstrip(".")]
+
+
 def check_checkpoint_config(checkpoint: Path, config: Config) -> None:
     """A checkpoint only resumes the model it was made for."""
     saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    current = to_dict(config)
-    different = [key for key in ("model", "resolution", "prediction_type", "stages")
-                 if saved.get(key) != current[key]]
+    current = yaml.safe_load(to_yaml(config))  # the same round trip as the saved one (tuples become lists)
+    different = [key for name in ("model", "resolution", "prediction_type", "stages")
+                 for key in _differences(saved.get(name), current[name], f"{name}.")]
     if different:
         raise ConfigError(f"resume_from_checkpoint: {checkpoint} was written with a different "
                           f"{', '.join(different)}; resume with the config it was made with "

@@ -12,16 +12,18 @@ import json
 import sys
 from pathlib import Path
 
+from .config import ConfigError
+
 
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise SystemExit(f"error: --prompts-file {path} does not exist")
+            raise ConfigError(f"--prompts-file {path} does not exist")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise SystemExit("error: give at least one --prompt TEXT or a --prompts-file with one prompt per line")
+        raise ConfigError("give at least one --prompt TEXT or a --prompts-file with one prompt per line")
     return prompts
 
 
@@ -31,14 +33,15 @@ def cmd_generate(args) -> int:
     from .pipeline import generate_across_processes, load_pipeline, save_images, save_progress_gif
 
     if args.num_images < 1:
-        raise SystemExit("error: --num-images must be at least 1")
+        raise ConfigError("--num-images must be at least 1")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file; give a directory for the images")
+        raise ConfigError(f"--out {out} is a file; give a directory for the images")
+    prompts = _prompts(args)
     state = PartialState()
     pipe = load_pipeline(args.model, device=args.device or state.device, scheduler=args.scheduler)
     # Image k of a prompt uses seed + k, whichever process makes it.
-    jobs = [(prompt, args.seed + k) for prompt in _prompts(args) for k in range(args.num_images)]
+    jobs = [(prompt, args.seed + k) for prompt in prompts for k in range(args.num_images)]
     result = generate_across_processes(
         state, pipe, [p for p, _ in jobs], [s for _, s in jobs], num_inference_steps=args.steps,
         guidance_scale=args.guidance, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
@@ -137,8 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .config import ConfigError
-
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -8,6 +8,7 @@ Defaults live here and nowhere else; YAML files hold only what differs.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ class VAETrainingConfig:
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 50
     kl_weight: float = 1e-6
+    # Extra Gaussian noise on the latents the decoder sees, as a fraction of their std. Without it
+    # nothing keeps similar colors apart in latent space, and the UNet cannot tell them apart.
+    latent_noise: float = 0.0
     max_grad_norm: float = 1.0
     checkpointing_steps: int = 0  # 0: only the finished VAE is saved
     scaling_samples: int = 512  # images encoded to measure the latent scaling factor
@@ -216,7 +220,33 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = _safe_yaml(raw, f"--set {assignment!r}")
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML whose booleans are only true/false: YAML 1.1 also reads yes/no/on/off as booleans,
+    which would turn `mixed_precision: no` into False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _safe_yaml(text: str, where: str):
+    """YAML through a safe loader: tags that build Python objects (`!!python/...`) are refused, never run."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        hint = ("; only plain YAML is read: tags that build Python objects are refused"
+                if isinstance(error, yaml.constructor.ConstructorError) else "")
+        problem = getattr(error, "problem", None) or " ".join(str(error).split())
+        raise ConfigError(f"{where}{at}: {problem}{hint}") from error
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), **values) -> Config:
@@ -226,7 +256,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **val
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; see train_configs/ for examples")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _safe_yaml(path.read_text(), f"config file {path}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
     for assignment in overrides:
@@ -280,6 +310,7 @@ def validate(config: Config) -> None:
     _require(0.0 <= c.ema_decay < 1.0, "ema_decay must be in [0, 1)")
     _require(c.noise_offset >= 0, "noise_offset must be >= 0")
     _require(c.sampling.num_inference_steps >= 1, "sampling.num_inference_steps must be at least 1")
+    _require(c.vae_training.latent_noise >= 0, "vae_training.latent_noise must be >= 0")
     _require(c.validation.num_heldout >= 0, "validation.num_heldout must be >= 0")
     _require(c.validation.validation_steps >= 0, "validation.validation_steps must be >= 0 (0 disables)")
     _require(bool(d.train_data_dir) != bool(d.dataset_name),

@@ -45,6 +45,9 @@ def load_source(data: DataConfig) -> datasets.Dataset:
         except (ValueError, FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
             raise DataError(f"data.train_data_dir: {root} holds no readable images ({error}); "
                             "put .png/.jpg files there (see the README for accepted layouts)") from error
+        unused = _count_images(root) - len(dataset)
+        if unused > 0:  # imagefolder drops images that its metadata file does not list
+            logger.warning("%d image file(s) in %s have no row in its metadata file and are not used", unused, root)
     else:
         dataset = datasets.load_dataset(data.dataset_name, data.dataset_config_name, split="train")
     if len(dataset) == 0:
@@ -57,6 +60,14 @@ def load_source(data: DataConfig) -> datasets.Dataset:
     if data.max_train_samples is not None:
         dataset = dataset.select(range(min(data.max_train_samples, len(dataset))))
     return dataset
+
+
+def _count_images(root: Path) -> int:
+    """Image files as imagefolder finds them (by extension; hidden and `__*` folders skipped)."""
+    from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
+
+    return sum(1 for path in root.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS
+               and not any(part.startswith((".", "__")) for part in path.relative_to(root).parts))
 
 
 def captions_of(dataset: datasets.Dataset, data: DataConfig) -> list[str]:
@@ -153,7 +164,8 @@ def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool = Tru
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     """(N, model_max_length) ids; longer captions are cut, with one warning for all of them."""
     max_length = tokenizer.model_max_length
-    lengths = [len(ids) for ids in tokenizer(captions, truncation=False)["input_ids"]]
+    # verbose=False: transformers' own too-long warning would repeat ours, and only for the first caption.
+    lengths = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
     too_long = sum(length > max_length for length in lengths)
     if too_long:
         logger.warning("%d caption(s) are longer than the tokenizer's %d tokens and were truncated",
@@ -325,7 +337,10 @@ def build_latent_cache(accelerator, config: Config, train: TrainData, input_ids,
     if text_encoder is not None:
         unique = sorted(set(train.captions) | {""})
         index = {caption: i for i, caption in enumerate(unique)}
-        unique_ids = tokenize(tokenizer, unique)
+        # Reuse the rows of `input_ids` (any row of a caption will do): no second truncation warning.
+        row_of = {caption: row for row, caption in enumerate(train.captions)}
+        empty_ids = tokenize(tokenizer, [""])[0]
+        unique_ids = torch.stack([input_ids[row_of[c]] if c in row_of else empty_ids for c in unique])
 
         def encode_text(rows):
             return text_encoder(unique_ids[rows].to(text_encoder.device))[0].float()

@@ -80,6 +80,7 @@ class Source:
         return self.path + (f" (subfolder {self.subfolder})" if self.subfolder else "")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
@@ -102,6 +103,12 @@ def _checked_path(value: str, key: str, subfolder: str | None) -> Source:
             raise ConfigError(f"{key}: {value} is a file; give a model directory")
         if subfolder and not (path / subfolder).is_dir():
             raise ConfigError(f"{key}: {value} has no {subfolder}/ folder; is it a diffusers pipeline directory?")
+        folder = path / (subfolder or "")
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled and not any(folder.glob("*.safetensors")):
+            raise ConfigError(f"{key}: {folder} holds only pickled weights ({', '.join(pickled)}), which can run "
+                              "code when loaded; weights are read as safetensors only. Re-save the model with "
+                              "save_pretrained(..., safe_serialization=True) from a source you trust")
         return Source(path=str(path), subfolder=subfolder)
     if value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
         presets = sorted(PRESETS.get(key.split(".")[-1], {}))
@@ -117,8 +124,9 @@ def _from_pretrained(cls, source: Source, key: str, **kwargs):
         return cls.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as error:
         raise ConfigError(
-            f"{key}: could not load {source.describe()} with {cls.__name__}.from_pretrained: {error}. "
-            "Check the directory holds a saved model (or that the hub is reachable for a hub id)."
+            f"{key}: could not load {source.describe()} with {cls.__name__}.from_pretrained: "
+            f"{' '.join(str(error).split()).rstrip('.')}. Check the directory holds a saved model with "
+            "safetensors weights (or that the hub is reachable for a hub id)."
         ) from error
 
 

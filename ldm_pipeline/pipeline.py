@@ -92,10 +92,11 @@ def load_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, schedu
     dtype = dtype or best_dtype(device)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(path_or_id), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+            str(path_or_id), dtype=dtype, safety_checker=None, requires_safety_checker=False,
             use_safetensors=True)
     except OSError as error:
-        raise ConfigError(f"could not load model {path_or_id}: {error}") from error
+        raise ConfigError(f"could not load model {path_or_id}: {' '.join(str(error).split())} Weights are read "
+                          "as safetensors only (pickled .bin files are refused).") from error
     defaults = dict(FALLBACK_DEFAULTS)
     if (path / DEFAULTS_FILE).is_file():
         defaults.update(json.loads((path / DEFAULTS_FILE).read_text()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from .checkpoints import (
     check_checkpoint_config,
+    check_output_dir,
     checkpoint_steps,
     find_resume_checkpoint,
     prepare_output_dir,
@@ -47,6 +49,7 @@ from .models import (
     count_parameters,
     load_tokenizer,
     make_sampler,
+    resolve_source,
     vae_scale_factor,
 )
 from .pipeline import generate_across_processes, image_grid, replace_directory, save_pipeline
@@ -218,13 +221,16 @@ def make_loader(config: Config, dataset, batch_size: int):
 class VAEForTraining(torch.nn.Module):
     """Routes encode + decode through forward(), where DDP synchronises gradients."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, latent_noise: float):
         super().__init__()
-        self.vae = vae
+        self.vae, self.latent_noise = vae, latent_noise
 
-    def forward(self, pixels, latent_noise):
+    def forward(self, pixels, posterior_noise, extra_noise):
         posterior = self.vae.encode(pixels).latent_dist
-        latents = posterior.mean + posterior.std * latent_noise
+        latents = posterior.mean + posterior.std * posterior_noise
+        # Noise relative to the latents' own spread (no gradient), so the encoder cannot shrink it
+        # away by scaling its output up: the decoder must read every color through this noise.
+        latents = latents + self.latent_noise * posterior.mean.detach().std() * extra_noise
         return self.vae.decode(latents).sample, posterior
 
 
@@ -263,7 +269,7 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
     heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, heldout)
 
     accelerator.gradient_accumulation_steps = 1
-    model = VAEForTraining(vae)
+    model = VAEForTraining(vae, settings.latent_noise)
     optimizer, lr_scheduler = make_optimizer(config, model.parameters(), settings.learning_rate,
                                              settings.lr_scheduler, settings.lr_warmup_steps,
                                              settings.max_train_steps)
@@ -274,9 +280,10 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
     batch_size = settings.train_batch_size
 
     def compute_loss(batch, generator):
-        noise = torch.randn((batch_size * accelerator.num_processes, *latent_shape), generator=generator)
+        shape = (batch_size * accelerator.num_processes, *latent_shape)
+        noises = [my_slice(accelerator, torch.randn(shape, generator=generator), batch_size) for _ in range(2)]
         pixels = batch["pixel_values"]
-        reconstruction, posterior = model(pixels, my_slice(accelerator, noise, batch_size).to(pixels.device))
+        reconstruction, posterior = model(pixels, *(n.to(pixels.device) for n in noises))
         return vae_loss(reconstruction, pixels, posterior, settings.kl_weight)[0]
 
     stage = Stage(name="vae", models=[model], optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=loader,
@@ -304,6 +311,9 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
         log_metrics(accelerator, config, {"stage": "vae", "step": settings.max_train_steps, **stats})
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # forget the VAE's optimizer and schedule before the next stage
+    # free_memory keeps objects registered for checkpointing, and Accelerate has no public way to
+    # drop them; UNet checkpoints must not carry the VAE's LR schedule.
+    accelerator._custom_objects.clear()
     return AutoencoderKL.from_pretrained(out, use_safetensors=True)
 
 
@@ -506,7 +516,7 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
 
 
 def build_accelerator(config: Config) -> Accelerator:
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=config.report_to,
@@ -515,6 +525,12 @@ def build_accelerator(config: Config) -> Accelerator:
         # One seeded permutation per epoch, the same at any process count (and after a resume).
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # N unconnected copies would all write to output_dir
+        raise ConfigError(f"{launched} processes were launched but they did not join one process group "
+                          f"(each sees {accelerator.num_processes}); on a machine without GPUs set "
+                          "ACCELERATE_USE_CPU=1, which accelerate launch does not pass on from use_cpu: true")
+    return accelerator
 
 
 def ensure_shapes_data(accelerator: Accelerator, config: Config) -> None:
@@ -566,14 +582,18 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
         accelerator.print(describe_run(config, accelerator, components, None))
         return None
 
-    prepare_output_dir(accelerator, config)
-    if config.report_to:
-        accelerator.init_trackers("ldm_pipeline")
+    # Every input is checked before output_dir is written, so a refused run leaves nothing behind.
+    check_output_dir(config)
     ensure_shapes_data(accelerator, config)
     with accelerator.main_process_first():  # the first load writes datasets' cache; others reuse it
         train_data = data_lib.load_train_data(config)
     tokenizer = load_tokenizer(config.model, lambda: train_data.captions)
     text_encoder = build_text_encoder(config.model, tokenizer)
+    for component in ("vae", "unet"):  # a missing or pickle-only model directory fails here, not mid-run
+        resolve_source(config.model, component)
+    prepare_output_dir(accelerator, config)  # after the checks; overwrite_output_dir clears vae/ here
+    if config.report_to:
+        accelerator.init_trackers("ldm_pipeline")
     vae_dir = Path(config.output_dir) / "vae"
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True) if (vae_dir / "config.json").is_file() \
         else build_vae(config.model)

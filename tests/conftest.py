@@ -6,15 +6,20 @@ import json
 import os
 from pathlib import Path
 
+# Before anything imports huggingface_hub, which reads these once: no test may reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from ldm_pipeline.config import config_from_dict
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-torch.set_num_threads(2)
+# Tiny models are overhead-bound: one thread is as fast as two and does not collapse when other
+# processes (subprocess tests, a busy CI box) share the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220)}
 

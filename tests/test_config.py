@@ -31,6 +31,14 @@ def test_loads_yaml_with_defaults_and_overrides(tmp_path, base):
     assert config.adam_beta2 == 0.999  # a default from code
 
 
+def test_yaml_no_is_a_string_not_false(tmp_path, base):
+    base_text = yaml.safe_dump(base) + "mixed_precision: no\n"
+    path = tmp_path / "run.yaml"
+    path.write_text(base_text)
+    assert load_config(path).mixed_precision == "no"
+    assert load_config(path, ["mixed_precision=no", "use_ema=true"]).use_ema is True
+
+
 def test_yaml_scientific_notation_string_is_a_float(tmp_path, base):
     base["learning_rate"] = "1e-4"  # YAML 1.1 reads 1e-4 (no dot) as a string
     assert load_config(write(tmp_path, base)).learning_rate == pytest.approx(1e-4)

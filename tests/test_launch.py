@@ -12,12 +12,15 @@ from diffusers import StableDiffusionPipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def accelerate_launch(*args, processes: int = 1, cwd=ROOT, timeout=300):
+def accelerate_launch(*args, processes: int = 1, config_file=None, cwd=ROOT, timeout=300):
+    """`accelerate launch` on CPU with `processes` workers, set by flags or by an Accelerate `config_file`."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(max(1, 2 // processes))}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if processes > 1:
-        command.append("--multi_gpu")
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file is not None:
+        command += ["--config_file", str(config_file), "--num_cpu_threads_per_process", env["OMP_NUM_THREADS"]]
+    else:
+        command += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "no"] + (["--multi_gpu"] if processes > 1 else [])
     return subprocess.run(command + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_config
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from ldm_pipeline.config import ConfigError, ModelConfig
 from ldm_pipeline.losses import diffusion_loss, diffusion_target
@@ -79,10 +79,11 @@ def test_saved_unet_holds_the_ema_weights(trained_run):
     ema_state = torch.load(trained_run / "checkpoints" / "step-4" / "custom_checkpoint_1.pkl", weights_only=False)
     saved = load_file(trained_run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     trained = load_file(trained_run / "checkpoints" / "step-4" / "model.safetensors")
-    shadow = ema_state["shadow_params"]
+    shadow = ema_state["shadow_params"]  # in the order of unet.parameters()
     assert len(shadow) == len(saved)
+    unet = UNet2DConditionModel.from_pretrained(trained_run / "pipeline" / "unet")
     weight = "conv_in.weight"
-    index = list(trained).index(weight)
+    index = [name for name, _ in unet.named_parameters()].index(weight)
     assert torch.allclose(saved[weight], shadow[index])
     assert not torch.allclose(saved[weight], trained[weight])  # EMA differs from the raw weights
 

@@ -1,0 +1,275 @@
+"""The bad-input sweep (issue 4): each wrong input a user can hand us ends in an error that names the
+problem and the way out, or is handled as documented; a refused run leaves nothing behind."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import draw_square, tiny_config, tiny_config_dict, write_caption_folder, write_flat_folder
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+from ldm_pipeline import cli
+from ldm_pipeline import data as data_lib
+from ldm_pipeline.config import ConfigError, config_from_dict, load_config
+from ldm_pipeline.models import UNET_PRESETS
+from ldm_pipeline.pipeline import load_pipeline
+from ldm_pipeline.train import main as train_main
+from ldm_pipeline.train import train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tensors this small gain nothing from a second thread, and lose several times over on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def files_of(root: Path) -> dict:
+    """Every file under `root` with its size, mtime and bytes: equal snapshots mean nothing was touched."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_metadata_folder(root: Path, captions: list, column: str = "text") -> Path:
+    root.mkdir(parents=True)
+    with open(root / "metadata.jsonl", "w") as handle:
+        for i, caption in enumerate(captions):
+            draw_square((200, 30, 30), i % 2 == 0).save(root / f"{i:03d}.png")
+            handle.write(json.dumps({"file_name": f"{i:03d}.png", column: caption}) + "\n")
+    return root
+
+
+def pickled_unet_dir(root: Path) -> Path:
+    """A tiny UNet saved the pre-safetensors way: config.json + diffusion_pytorch_model.bin."""
+    unet = UNet2DConditionModel(**UNET_PRESETS["tiny"], sample_size=4, in_channels=4, out_channels=4,
+                                cross_attention_dim=32)
+    unet.save_pretrained(root, safe_serialization=False)
+    assert (root / "diffusion_pytorch_model.bin").is_file()
+    return root
+
+
+# --- inputs refused before training: (id, make the run's config overrides, error, message) ---------------
+
+
+def _corrupt_images(tmp_path, data_dir):
+    (data_dir / "003.png").write_bytes(b"this is text, not a png")
+    good = (data_dir / "004.png").read_bytes()
+    (data_dir / "005.png").write_bytes(good[: len(good) // 2])  # truncated
+    return {}
+
+
+def _no_images(tmp_path, data_dir):
+    empty = tmp_path / "no_images"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image extension: imagefolder ignores this file")
+    return {"data": {"train_data_dir": str(empty)}}
+
+
+def _caption_column_missing(tmp_path, data_dir):
+    captioned = write_metadata_folder(tmp_path / "other_column", ["a red square"] * 8, column="caption")
+    return {"data": {"train_data_dir": str(captioned)}}
+
+
+BAD_RUNS = [
+    ("undecodable images", _corrupt_images, data_lib.DataError,
+     r"2 image\(s\) failed to decode \(.*003.png.*005.png.*remove or fix them, or set data.on_bad_image: skip"),
+    ("empty dataset", _no_images, data_lib.DataError, r"no_images holds no readable images.*put .png/.jpg files"),
+    ("misnamed caption column", lambda tmp, data: {"data": {"caption_column": "caption"}}, data_lib.DataError,
+     r"data.caption_column: 'caption' is not a column.*text columns are \['text'\]"),
+    ("missing caption column", _caption_column_missing, data_lib.DataError,
+     r"data.caption_column: 'text' is not a column.*text columns are \['caption'\]"),
+    ("model.unet ./nope", lambda tmp, data: {"model": {"unet": "./nope"}}, ConfigError,
+     r"model.unet: ./nope does not exist; give a preset \(.*tiny\), an existing directory or a hub id"),
+    ("pretrained /nope", lambda tmp, data: {"model": {"pretrained_model_name_or_path": "/nope"}}, ConfigError,
+     r"model.pretrained_model_name_or_path: /nope does not exist"),
+    ("pickled unet", lambda tmp, data: {"model": {"unet": str(pickled_unet_dir(tmp / "bin_unet"))}}, ConfigError,
+     r"model.unet: .*bin_unet holds only pickled weights \(diffusion_pytorch_model.bin\).*safetensors only"),
+]
+
+
+def _bad_run(tmp_path, make):
+    data_dir = write_caption_folder(tmp_path / "data", count=8)
+    data = tiny_config_dict(tmp_path / "out", data_dir, max_train_steps=1)
+    for section, values in make(tmp_path, data_dir).items():
+        data[section].update(values)
+    return config_from_dict(data)
+
+
+@pytest.mark.parametrize("make, error, message", [case[1:] for case in BAD_RUNS], ids=[c[0] for c in BAD_RUNS])
+def test_bad_input_is_refused_with_a_message_that_says_what_to_do(tmp_path, make, error, message):
+    with pytest.raises(error, match=message):
+        train(_bad_run(tmp_path, make))
+
+
+@pytest.mark.parametrize("make, error", [case[1:3] for case in BAD_RUNS], ids=[c[0] for c in BAD_RUNS])
+def test_a_refused_run_leaves_no_output_dir(tmp_path, make, error):
+    with pytest.raises(error):
+        train(_bad_run(tmp_path, make))
+    assert not (tmp_path / "out").exists()
+
+
+# --- inputs that are handled: they train ------------------------------------------------------------------
+
+
+def test_odd_images_train_as_rgb_and_bad_files_are_skipped_with_a_count(tmp_path, caplog):
+    root = write_flat_folder(tmp_path / "odd", count=4)
+    base = Image.new("RGB", (48, 40), (200, 30, 30))
+    base.convert("L").save(root / "grey.png")
+    base.convert("RGBA").save(root / "rgba.png")
+    base.convert("P").save(root / "palette.png")
+    Image.fromarray(np.full((40, 48), 40000, dtype=np.uint16)).save(root / "sixteen_bit.png")
+    Image.new("RGB", (8, 8), "blue").save(root / "smaller_than_resolution.png")
+    (root / "text.png").write_text("a .png that is really text")
+    good = (root / "000.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "notes.txt").write_text("imagefolder reads image extensions only: this file is ignored")
+    assert Image.open(root / "sixteen_bit.png").mode == "I;16"
+
+    config = tiny_config(tmp_path / "out", root, max_train_steps=1, data__on_bad_image="skip",
+                         validation__num_heldout=0)
+    with caplog.at_level("WARNING"):
+        train_data = data_lib.load_train_data(config)
+    assert "skipping 2 image(s) that failed to decode" in caplog.text
+    assert "text.png" in caplog.text and "truncated.png" in caplog.text and "notes.txt" not in caplog.text
+    assert len(train_data.dataset) == 9
+    dataset = data_lib.ImageTextDataset(train_data.dataset, torch.zeros(9, 1), config.data, config.resolution)
+    for i in range(len(dataset)):
+        pixels = dataset[i]["pixel_values"]
+        assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32
+        assert -1.0 <= pixels.min() and pixels.max() <= 1.0
+    names = [Path(row["path"]).name for row in train_data.dataset["image"]]
+    sixteen = dataset[names.index("sixteen_bit.png")]["pixel_values"]
+    assert torch.allclose(sixteen, torch.full_like(sixteen, (40000 // 256) / 127.5 - 1))  # top 8 bits kept
+    small = dataset[names.index("smaller_than_resolution.png")]["pixel_values"]  # 8x8, upscaled to 32x32
+    assert torch.equal(small, torch.tensor([-1.0, -1.0, 1.0])[:, None, None].expand(3, 32, 32))
+
+    assert (train(config) / "unet" / "config.json").is_file()
+
+
+def test_empty_and_overlong_captions_train_with_one_warning(tmp_path, caplog, capfd):
+    long = " ".join(["word"] * 100)  # past CLIP's 77 tokens, the cap of our captions tokenizer
+    captions = ["", None, "a red square", long, long + " more", "a blue square", "", "a red square"]
+    root = write_metadata_folder(tmp_path / "data", captions)
+    config = tiny_config(tmp_path / "out", root, max_train_steps=1, data__cache_latents=True,
+                         validation__num_heldout=0)
+    assert data_lib.load_train_data(config).captions.count("") == 3  # empty and null: the unconditional prompt
+    with caplog.at_level("WARNING"):
+        assert (train(config) / "unet" / "config.json").is_file()
+    warnings = [record.getMessage() for record in caplog.records if "truncated" in record.getMessage()]
+    assert warnings == ["2 caption(s) are longer than the tokenizer's 77 tokens and were truncated"]
+    assert "Token indices sequence length" not in capfd.readouterr().err  # transformers' own warning: silenced
+
+
+# --- configs and paths -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"learnin_rate": 1e-3}, "unknown config key 'learnin_rate'; valid keys here: output_dir, "),
+    ({"data": {"caption_colum": "text"}}, "unknown config key 'data.caption_colum'"),
+    ({"train_batch_size": "four"}, "train_batch_size: expected int, got 'four'"),
+    ({"model": {"unet_kwargs": [1, 2]}}, "model.unet_kwargs: expected a mapping"),
+])
+def test_config_typos_and_wrong_types_name_the_key(tmp_path, caption_folder, change, message):
+    data = tiny_config_dict(tmp_path / "out", caption_folder)
+    for key, value in change.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_output_dir_that_is_a_file_is_refused_and_kept(tmp_path, caption_folder):
+    (tmp_path / "taken").write_text("my notes")
+    with pytest.raises(ConfigError, match="output_dir: .*taken is a file; choose a directory path"):
+        tiny_config(tmp_path / "taken", caption_folder)
+    assert (tmp_path / "taken").read_text() == "my notes"
+
+
+def test_load_pipeline_from_a_missing_path():
+    with pytest.raises(ConfigError, match="model /nope does not exist; give a trained pipeline directory"):
+        load_pipeline("/nope")
+
+
+# --- an existing run ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finished")
+    data_dir = write_caption_folder(root / "data", count=8)
+    train(tiny_config(root / "out", data_dir, max_train_steps=1, checkpointing_steps=1, validation__num_heldout=0))
+    return root
+
+
+def test_an_existing_run_is_refused_and_left_untouched(finished_run):
+    out, before = finished_run / "out", files_of(finished_run / "out")
+    assert "checkpoints/step-1/model.safetensors" in before and "pipeline/model_index.json" in before
+    with pytest.raises(ConfigError, match="already holds a training run. Set resume_from_checkpoint: latest.*"
+                                          "overwrite_output_dir: true"):
+        train(tiny_config(out, finished_run / "data", max_train_steps=1, seed=1))
+    assert files_of(out) == before
+
+
+def test_resuming_with_a_different_model_names_the_key_and_touches_nothing(finished_run):
+    out, before = finished_run / "out", files_of(finished_run / "out")
+    config = tiny_config(out, finished_run / "data", max_train_steps=2, resume_from_checkpoint="latest",
+                         model={"unet": "tiny", "vae": "tiny", "text_encoder": "tiny",
+                                "unet_kwargs": {"layers_per_block": 2}})
+    with pytest.raises(ConfigError, match=r"step-1 was written with a different model.unet_kwargs.layers_per_block; "
+                                          "resume with the config it was made with"):
+        train(config)
+    assert files_of(out) == before
+
+
+def test_an_existing_run_continues_with_resume_or_is_replaced_with_overwrite(finished_run, tmp_path, capsys):
+    out, data_dir = shutil.copytree(finished_run / "out", tmp_path / "out"), finished_run / "data"
+    train(tiny_config(out, data_dir, max_train_steps=2, checkpointing_steps=1, validation__num_heldout=0,
+                      resume_from_checkpoint="latest"))
+    assert "resumed from" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    train(tiny_config(out, data_dir, max_train_steps=1, validation__num_heldout=0, overwrite_output_dir=True))
+    assert not (out / "checkpoints").exists()
+
+
+# --- the command lines: one `error:` line, exit code 2, no traceback ------------------------------------
+
+
+def assert_one_error_line(err: str, message: str) -> None:
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {message}"), err[-2000:]
+    assert sum(line.startswith("error") for line in lines) == 1 and "Traceback" not in err
+
+
+def test_train_command_reports_a_config_error_in_one_line(tmp_path, caption_folder, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**tiny_config_dict(tmp_path / "out", caption_folder), "learnin_rate": 1}))
+    assert train_main(["--config", str(path)]) == 2
+    assert_one_error_line(capsys.readouterr().err, "unknown config key 'learnin_rate'")
+    assert train_main(["--config", str(path), "--set", "learnin_rate=[1"]) == 2  # unparsable override
+    assert_one_error_line(capsys.readouterr().err, "--set 'learnin_rate=[1'")
+
+
+def test_train_command_reports_a_data_error_in_one_line(tmp_path, caption_folder, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / "out", caption_folder)))
+    assert train_main(["--config", str(path), "--set", "data.caption_column=caption"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "data.caption_column: 'caption' is not a column")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nope", "--prompt", "a red square"], "model /nope does not exist"),
+    (["--model", "/nope"], "give at least one --prompt"),
+    (["--model", "/nope", "--prompt", "x", "--num-images", "0"], "--num-images must be at least 1"),
+])
+def test_generate_command_reports_errors_in_one_line(tmp_path, capsys, args, message):
+    assert cli.main(["generate", *args, "--out", str(tmp_path / "images")]) == 2
+    assert_one_error_line(capsys.readouterr().err, message)
+    assert not (tmp_path / "images").exists()

@@ -1,0 +1,189 @@
+"""The adherence checker (colour / shape / position of shapes images), PSNR and the VAE round trip."""
+
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image, ImageDraw, ImageFilter
+
+from ldm_pipeline.evaluate import (
+    PSNR_CAP_DB,
+    classify_image,
+    evaluation_prompts,
+    heldout_images,
+    psnr,
+    score_images,
+    vae_psnr,
+)
+from ldm_pipeline.shapes import all_captions, draw_shape, parse_caption
+
+
+def drawn_grid(resolution: int, seeds) -> tuple[list[Image.Image], list[str]]:
+    """Every one of the 90 captions drawn once per seed."""
+    images, captions = [], []
+    for seed in seeds:
+        rng = random.Random(seed)
+        for text in all_captions():
+            images.append(draw_shape(*parse_caption(text), resolution, rng))
+            captions.append(text)
+    return images, captions
+
+
+@pytest.mark.parametrize("resolution, seeds", [(64, [0, 1, 2]), (128, [3, 4])])
+def test_ideal_images_are_all_classified_correctly(resolution, seeds):
+    report = score_images(*drawn_grid(resolution, seeds))
+    wrong = [row for row in report["per_image"] if not (row["color_correct"] and row["shape_correct"]
+                                                         and row["position_correct"])]
+    assert wrong == [] and report["all_accuracy"] == 1.0 and report["num_images"] == 90 * len(seeds)
+
+
+def degrade(image: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:
+    """Mild versions of what generated images show: blur, pixel noise, a colour cast."""
+    if kind in ("blur", "all"):
+        image = image.filter(ImageFilter.GaussianBlur(1))
+    pixels = np.asarray(image, dtype=np.float64)
+    if kind in ("noise", "all"):
+        pixels = pixels + rng.normal(0, 10, pixels.shape)
+    if kind in ("shift", "all"):
+        pixels = pixels + rng.uniform(-15, 15, 3)
+    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["blur", "noise", "shift", "all"])
+def test_mild_degradations_are_still_classified(kind):
+    rng = np.random.default_rng(0)
+    images, captions = drawn_grid(64, [5, 6])
+    report = score_images([degrade(image, kind, rng) for image in images], captions)
+    assert report["all_accuracy"] >= 0.95, report["all_accuracy"]
+
+
+def test_no_usable_foreground_gives_none():
+    blank = Image.new("RGB", (64, 64), "white")
+    speck = blank.copy()
+    ImageDraw.Draw(speck).rectangle((30, 30, 32, 32), fill=(220, 40, 40))  # 9 px: noise, not a shape
+    for image in (blank, speck):
+        result = classify_image(image)
+        assert (result["color"], result["shape"], result["position"]) == (None, None, None)
+        assert result["foreground_fraction"] < 0.01
+    report = score_images([blank], ["a red circle in the center"])
+    assert report["color_accuracy"] == report["shape_accuracy"] == report["position_accuracy"] == 0.0
+
+
+def test_grey_shape_has_a_shape_but_no_palette_color():
+    image = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(image).rectangle((40, 40, 59, 59), fill=(90, 90, 90))
+    assert classify_image(image) | {"foreground_fraction": None} == {
+        "color": None, "shape": "square", "position": "bottom right", "foreground_fraction": None}
+
+
+def test_specks_and_spurs_do_not_change_the_answer():
+    image = draw_shape("green", "square", "top left", 64, random.Random(0))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((50, 50, 55, 55), fill=(40, 170, 60))  # a separate blob: not the largest component
+    pixels = np.asarray(image).copy()
+    ys, xs = np.nonzero(pixels[:40, :40].min(axis=2) < 155)  # the square in the foreground mask (ink > 100)
+    top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
+    for y, x in ((top - 1, left + 3), (bottom + 1, right - 3), (top + 5, left - 1), (bottom - 5, right + 1)):
+        pixels[y, x] = (40, 170, 60)  # 1 px spurs, as noise leaves on edges: they must not grow the box
+    result = classify_image(Image.fromarray(pixels))
+    assert (result["color"], result["shape"], result["position"]) == ("green", "square", "top left")
+
+
+def test_wrong_content_scores_zero():
+    blue_square = draw_shape("blue", "square", "top left", 64, random.Random(0))
+    report = score_images([blue_square], ["a red circle in the top left"])
+    assert report["color_accuracy"] == 0.0 and report["shape_accuracy"] == 0.0
+    assert report["position_accuracy"] == 1.0 and report["all_accuracy"] == 0.0
+    assert report["per_image"] == [{"caption": "a red circle in the top left", "color": "blue",
+                                    "color_correct": False, "shape": "square", "shape_correct": False,
+                                    "position": "top left", "position_correct": True}]
+
+
+def test_score_images_rejects_bad_input():
+    image = Image.new("RGB", (64, 64), "white")
+    with pytest.raises(ValueError, match="1 images and 2 captions"):
+        score_images([image], ["a red circle in the center"] * 2)
+    with pytest.raises(ValueError, match="a cat"):
+        score_images([image], ["a cat"])
+
+
+def test_psnr_matches_known_errors():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.rand(4, 3, 16, 16, generator=generator) - 0.5  # [-0.5, 0.5]: no clamping below
+    assert psnr(reference, reference.clone()) == PSNR_CAP_DB  # identical: capped, not inf
+    signs = torch.randint(0, 2, reference.shape, generator=generator) * 2 - 1
+    assert psnr(reference, reference + 0.2 * signs) == pytest.approx(20.0, abs=1e-4)  # 0.1 on the [0, 1] scale
+    noisy = reference + 0.1 * torch.randn(reference.shape, generator=generator)  # sigma 0.05 on [0, 1]
+    assert psnr(reference, noisy) == pytest.approx(-20 * math.log10(0.05), abs=0.3)
+    # the batch mean is over images: one at 20 dB and one at 40 dB average to 30 dB
+    offsets = torch.tensor([0.2, 0.02]).view(2, 1, 1, 1)
+    assert psnr(reference[:2], reference[:2] + offsets) == pytest.approx(30.0, abs=1e-3)
+    # reconstructions are clamped to the image range first, as saving them as images would
+    white = torch.ones(1, 3, 8, 8)
+    assert psnr(white, white * 1.5) == PSNR_CAP_DB
+    with pytest.raises(ValueError, match="same shape"):
+        psnr(reference, reference[:2])
+
+
+def tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                         norm_num_groups=4, layers_per_block=1, sample_size=32).eval()
+
+
+def test_vae_psnr_of_a_tiny_vae_and_of_a_perfect_one():
+    images = [image for image, _ in heldout_images(32, num_images=5)]
+    random_vae = vae_psnr(tiny_vae(), images, batch_size=2)
+    assert math.isfinite(random_vae) and 0 < random_vae < 30  # an untrained VAE reconstructs badly
+    assert vae_psnr(tiny_vae(), images, batch_size=5) == pytest.approx(random_vae, abs=1e-3)  # batching is neutral
+
+    identity = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32,
+                               encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x)),
+                               decode=lambda z: SimpleNamespace(sample=z))
+    assert vae_psnr(identity, images) == PSNR_CAP_DB > random_vae
+    # a VAE that always decodes mid-grey: white and black images are both 0.5 away on the [0, 1] scale
+    grey = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32,
+                           encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x)),
+                           decode=lambda z: SimpleNamespace(sample=torch.zeros_like(z)))
+    black_and_white = [Image.new("RGB", (8, 8), "white"), Image.new("RGB", (8, 8), "black")]
+    assert vae_psnr(grey, black_and_white) == pytest.approx(-10 * math.log10(0.25), abs=1e-4)
+    with pytest.raises(ValueError, match="same size"):
+        vae_psnr(grey, [Image.new("RGB", (8, 8)), Image.new("RGB", (16, 16))])
+
+
+def test_evaluation_prompts_cover_the_grid_with_fixed_seeds():
+    prompts, seeds = evaluation_prompts(seeds_per_prompt=2)
+    assert len(prompts) == len(seeds) == 180
+    assert set(prompts) == set(all_captions())
+    assert prompts[:2] == ["a red circle in the top left"] * 2 and seeds[:4] == [1000, 1001, 1000, 1001]
+    assert evaluation_prompts(2) == (prompts, seeds)
+    with pytest.raises(ValueError, match="seeds_per_prompt"):
+        evaluation_prompts(0)
+
+
+def test_heldout_images_are_fresh_deterministic_and_balanced():
+    pairs = heldout_images(32, num_images=90)
+    assert [text for _, text in pairs] == [text for _, text in heldout_images(32, num_images=90)]
+    assert pairs[0][0].tobytes() == heldout_images(32, num_images=1)[0][0].tobytes()
+    assert sorted(text for _, text in pairs) == sorted(all_captions())
+    assert all(image.size == (32, 32) for image, _ in pairs)
+    other = heldout_images(32, num_images=90, seed=0)
+    assert [image.tobytes() for image, _ in pairs] != [image.tobytes() for image, _ in other]
+
+
+def test_evaluate_model_reports_scores_for_a_saved_pipeline(trained_run):
+    from ldm_pipeline.evaluate import evaluate_model
+
+    report = evaluate_model(trained_run / "pipeline", seeds_per_prompt=1, batch_size=45, psnr_images=8,
+                            device="cpu")
+    assert report["num_images"] == 90 and len(report["per_image"]) == 90
+    assert all(0.0 <= report[f"{field}_accuracy"] <= 1.0 for field in ("color", "shape", "position", "all"))
+    assert math.isfinite(report["vae_psnr_db"])
+    assert report["settings"] | {"scheduler": None} == {
+        "model": str(trained_run / "pipeline"), "seeds_per_prompt": 1, "resolution": 32, "psnr_images": 8,
+        "num_inference_steps": 2, "guidance_scale": 5.0, "scheduler": None}
