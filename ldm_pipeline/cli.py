@@ -59,11 +59,15 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from accelerate import PartialState
+
     from .evaluate import evaluate_model
 
     report = evaluate_model(args.model, seeds_per_prompt=args.seeds_per_prompt, num_inference_steps=args.steps,
                             guidance_scale=args.guidance, batch_size=args.batch_size,
-                            psnr_images=args.psnr_images, device=args.device)
+                            psnr_images=args.psnr_images, device=args.device, first_seed=args.first_seed)
+    if not PartialState().is_main_process:
+        return 0
     out = Path(args.out or Path(args.model).parent / "evaluation.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("evaluate", help="score a shapes model: color / shape / position accuracy, VAE PSNR")
     ev.add_argument("--model", required=True, help="pipeline directory of a model trained on shapes")
     ev.add_argument("--seeds-per-prompt", type=int, default=2, help="images per each of the 90 prompts")
+    ev.add_argument("--first-seed", type=int, default=1000, help="seeds are first-seed, first-seed + 1, ...")
     ev.add_argument("--steps", type=int, default=None)
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--batch-size", type=int, default=30)

@@ -138,13 +138,13 @@ def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
     return float(per_image.mean())
 
 
-def evaluation_prompts(seeds_per_prompt: int = 2) -> tuple[list[str], list[int]]:
-    """The full 90-caption grid, each caption with seeds 1000, 1001, ...: the same prompts and noise for every
-    checkpoint, so scores are comparable across runs. Returns parallel lists (prompts, seeds)."""
+def evaluation_prompts(seeds_per_prompt: int = 2, first_seed: int = 1000) -> tuple[list[str], list[int]]:
+    """The full 90-caption grid, each caption with seeds first_seed, first_seed + 1, ...: the same prompts and
+    noise for every checkpoint, so scores are comparable across runs. Returns parallel lists (prompts, seeds)."""
     if seeds_per_prompt < 1:
         raise ValueError(f"seeds_per_prompt must be >= 1, got {seeds_per_prompt}")
     prompts = [text for text in all_captions() for _ in range(seeds_per_prompt)]
-    seeds = [1000 + k for _ in all_captions() for k in range(seeds_per_prompt)]
+    seeds = [first_seed + k for _ in all_captions() for k in range(seeds_per_prompt)]
     return prompts, seeds
 
 
@@ -185,21 +185,29 @@ def heldout_images(resolution: int, num_images: int = 256, seed: int = 12345) ->
 
 def evaluate_model(model, seeds_per_prompt: int = 2, num_inference_steps: int | None = None,
                    guidance_scale: float | None = None, batch_size: int = 30, psnr_images: int = 256,
-                   device=None) -> dict:
+                   device=None, first_seed: int = 1000) -> dict:
     """Score a pipeline trained on shapes: adherence over the 90-caption grid plus the VAE's PSNR on
-    held-out shapes images. Returns score_images' report with "vae_psnr_db" and the settings added."""
-    from .pipeline import generate, load_pipeline  # heavy (diffusers pipeline); only this function needs it
+    held-out shapes images. Returns score_images' report with "vae_psnr_db" and the settings added.
 
-    pipe = load_pipeline(model, device=device)
-    prompts, seeds = evaluation_prompts(seeds_per_prompt)
-    images = generate(pipe, prompts, seeds=seeds, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, batch_size=batch_size)
+    Under `accelerate launch` the prompts are split across processes; every image depends only on its
+    prompt and seed, so the numbers are the same at any process count."""
+    from accelerate import PartialState
+
+    from .pipeline import generate_across_processes, load_pipeline  # heavy; only this function needs it
+
+    state = PartialState()
+    pipe = load_pipeline(model, device=device or state.device)
+    prompts, seeds = evaluation_prompts(seeds_per_prompt, first_seed)
+    images = generate_across_processes(state, pipe, prompts, seeds, num_inference_steps=num_inference_steps,
+                                       guidance_scale=guidance_scale, batch_size=batch_size,
+                                       show_progress=state.is_main_process)
     report = score_images(images, prompts)
     resolution = images[0].width  # the model's own output size, so the VAE sees what it was trained on
     report["vae_psnr_db"] = vae_psnr(pipe.vae, [image for image, _ in heldout_images(resolution, psnr_images)],
                                      batch_size=batch_size)
     used = images[0].info["parameters"]  # what generate resolved from the model's defaults
-    report["settings"] = {"model": str(model), "seeds_per_prompt": seeds_per_prompt, "resolution": resolution,
+    report["settings"] = {"model": str(model), "seeds_per_prompt": seeds_per_prompt, "first_seed": first_seed,
+                          "resolution": resolution,
                           "psnr_images": psnr_images,
                           **{key: used[key] for key in ("num_inference_steps", "guidance_scale", "scheduler")}}
     return report
