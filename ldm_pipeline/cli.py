@@ -28,9 +28,7 @@ def _prompts(args) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from accelerate import PartialState
-
-    from .pipeline import generate_across_processes, load_pipeline, save_images, save_progress_gif
+    from .pipeline import generate_across_processes, load_pipeline, process_state, save_images, save_progress_gif
 
     if args.num_images < 1:
         raise ConfigError("--num-images must be at least 1")
@@ -38,7 +36,7 @@ def cmd_generate(args) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory for the images")
     prompts = _prompts(args)
-    state = PartialState()
+    state = process_state()
     pipe = load_pipeline(args.model, device=args.device or state.device, scheduler=args.scheduler)
     # Image k of a prompt uses seed + k, whichever process makes it.
     jobs = [(prompt, args.seed + k) for prompt in prompts for k in range(args.num_images)]
@@ -59,14 +57,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from accelerate import PartialState
-
     from .evaluate import evaluate_model
+    from .pipeline import process_state
 
+    state = process_state()
     report = evaluate_model(args.model, seeds_per_prompt=args.seeds_per_prompt, num_inference_steps=args.steps,
                             guidance_scale=args.guidance, batch_size=args.batch_size,
                             psnr_images=args.psnr_images, device=args.device, first_seed=args.first_seed)
-    if not PartialState().is_main_process:
+    if not state.is_main_process:
         return 0
     out = Path(args.out or Path(args.model).parent / "evaluation.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -191,11 +191,9 @@ def evaluate_model(model, seeds_per_prompt: int = 2, num_inference_steps: int | 
 
     Under `accelerate launch` the prompts are split across processes; every image depends only on its
     prompt and seed, so the numbers are the same at any process count."""
-    from accelerate import PartialState
+    from .pipeline import generate_across_processes, load_pipeline, process_state  # heavy; only this function needs it
 
-    from .pipeline import generate_across_processes, load_pipeline  # heavy; only this function needs it
-
-    state = PartialState()
+    state = process_state()
     pipe = load_pipeline(model, device=device or state.device)
     prompts, seeds = evaluation_prompts(seeds_per_prompt, first_seed)
     images = generate_across_processes(state, pipe, prompts, seeds, num_inference_steps=num_inference_steps,

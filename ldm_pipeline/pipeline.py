@@ -177,6 +177,22 @@ def generate(pipe, prompts, seeds=None, num_inference_steps: int | None = None,
     return (images, progress) if return_progress else images
 
 
+def process_state():
+    """This process's place among the ones `accelerate launch` started (alone when run directly).
+
+    Only an `Accelerator` reads ACCELERATE_USE_CPU; a bare `PartialState` on a machine without GPUs
+    ignores it, and then every launched process would make and write every image itself."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise ConfigError(f"{launched} processes were launched but they did not join one process group "
+                          f"(each sees {state.num_processes}); on a machine without GPUs set ACCELERATE_USE_CPU=1")
+    return state
+
+
 def generate_across_processes(state, pipe, prompts, seeds, **kwargs):
     """`generate` with the (prompt, seed) pairs split across processes (an Accelerate `PartialState`
     or `Accelerator`). Every process must call it; every process gets all images, in prompt order,

@@ -185,5 +185,5 @@ def test_evaluate_model_reports_scores_for_a_saved_pipeline(trained_run):
     assert all(0.0 <= report[f"{field}_accuracy"] <= 1.0 for field in ("color", "shape", "position", "all"))
     assert math.isfinite(report["vae_psnr_db"])
     assert report["settings"] | {"scheduler": None} == {
-        "model": str(trained_run / "pipeline"), "seeds_per_prompt": 1, "first_seed": 1000, "resolution": 32, "psnr_images": 8,
-        "num_inference_steps": 2, "guidance_scale": 5.0, "scheduler": None}
+        "model": str(trained_run / "pipeline"), "seeds_per_prompt": 1, "first_seed": 1000, "resolution": 32,
+        "psnr_images": 8, "num_inference_steps": 2, "guidance_scale": 5.0, "scheduler": None}
