@@ -79,9 +79,10 @@ class VAETrainingConfig:
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 50
     kl_weight: float = 1e-6
-    # Extra Gaussian noise on the latents the decoder sees, as a fraction of their std. Without it
-    # nothing keeps similar colors apart in latent space, and the UNet cannot tell them apart.
-    latent_noise: float = 0.0
+    # Extra loss weight on pixels unlike the image's background (its median color): 4 turns a VAE that
+    # paints red, orange and yellow shapes one orange into one that keeps all six shapes colors (see
+    # losses.vae_loss). 0 weighs every pixel alike; useful for small objects on a plain background.
+    foreground_weight: float = 0.0
     max_grad_norm: float = 1.0
     checkpointing_steps: int = 0  # 0: only the finished VAE is saved
     scaling_samples: int = 512  # images encoded to measure the latent scaling factor
@@ -145,6 +146,9 @@ class Config:
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
     max_consecutive_bad_steps: int = 5  # non-finite losses in a row before training stops
     logging_steps: int = 10
+    # Torch threads per process when training on CPU from the command line. null: the machine's physical
+    # cores shared among its processes (accelerate launch would otherwise leave each process 1 thread).
+    cpu_threads: int | None = None
     report_to: str | None = None  # an Accelerate tracker ("tensorboard", "wandb"); metrics.jsonl always
 
 
@@ -310,7 +314,7 @@ def validate(config: Config) -> None:
     _require(0.0 <= c.ema_decay < 1.0, "ema_decay must be in [0, 1)")
     _require(c.noise_offset >= 0, "noise_offset must be >= 0")
     _require(c.sampling.num_inference_steps >= 1, "sampling.num_inference_steps must be at least 1")
-    _require(c.vae_training.latent_noise >= 0, "vae_training.latent_noise must be >= 0")
+    _require(c.vae_training.foreground_weight >= 0, "vae_training.foreground_weight must be >= 0")
     _require(c.validation.num_heldout >= 0, "validation.num_heldout must be >= 0")
     _require(c.validation.validation_steps >= 0, "validation.validation_steps must be >= 0 (0 disables)")
     _require(bool(d.train_data_dir) != bool(d.dataset_name),

@@ -86,6 +86,7 @@ def tiny_config_dict(output_dir: Path, data_dir: Path, **overrides) -> dict:
         "learning_rate": 1e-3,
         "checkpointing_steps": 0,
         "logging_steps": 1,
+        "cpu_threads": 1,
         "validation": {"prompts": ["a red square on the left"], "seeds": [0], "validation_steps": 0,
                        "num_heldout": 2},
         "sampling": {"num_inference_steps": 2},

@@ -1,17 +1,20 @@
 """The training loop: loss falls, outputs follow the contract, runs start from saved pipelines."""
 
+import importlib
 import json
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import tiny_config, tiny_config_dict
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from ldm_pipeline.config import ConfigError, ModelConfig
 from ldm_pipeline.losses import diffusion_loss, diffusion_target
 from ldm_pipeline.models import build_noise_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
 from ldm_pipeline.train import train
+
+train_module = importlib.import_module("ldm_pipeline.train")  # the package exports train(), the function
 
 
 @pytest.mark.parametrize("prediction_type, snr_gamma", [("epsilon", None), ("v_prediction", 5.0)])
@@ -123,3 +126,18 @@ def test_dry_run_prints_counts_and_writes_nothing(tmp_path, caption_folder, caps
     assert "effective batch size: 12 = 4 per process x 1 processes x 3 accumulation" in printed
     assert "max_train_steps: 4" in printed  # the resolved config
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("configured, local_processes, expected", [(None, "1", 2), (None, "2", 1), (3, "2", 3)])
+def test_command_line_runs_on_cpu_use_the_cores(tmp_path, caption_folder, monkeypatch, configured, local_processes,
+                                                expected):
+    # accelerate launch leaves each process OMP_NUM_THREADS=1; on 2 cores that halves CPU training speed.
+    chosen = []
+    monkeypatch.setattr(train_module.torch, "set_num_threads", chosen.append)
+    monkeypatch.setattr(train_module.psutil, "cpu_count", lambda logical=True: 2)
+    monkeypatch.setattr(train_module.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config_dict(tmp_path / "out", caption_folder), "cpu_threads": configured}))
+    assert train_module.main(["--config", str(config), "--dry-run"]) == 0
+    assert chosen == [expected]
