@@ -41,7 +41,10 @@ def load_source(data: DataConfig) -> datasets.Dataset:
         if not root.is_dir():
             raise DataError(f"data.train_data_dir: {root} does not exist or is not a directory")
         try:
-            dataset = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+            if (root / "train").is_dir():  # split folders (train/, test/ ...): let datasets find them
+                dataset = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+            else:  # one pattern: finding splits walks the folder dozens of times (8 s of 10 for 6,000 images)
+                dataset = datasets.load_dataset("imagefolder", data_files={"train": str(root / "**")}, split="train")
         except (ValueError, FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
             raise DataError(f"data.train_data_dir: {root} holds no readable images ({error}); "
                             "put .png/.jpg files there (see the README for accepted layouts)") from error

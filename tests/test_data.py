@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import tiny_config
+from conftest import tiny_config, write_caption_folder, write_class_folder
 from PIL import Image
 
 from ldm_pipeline import data as data_lib
@@ -25,6 +25,13 @@ def test_class_folders_become_templated_captions(tmp_path, class_folder):
     train = data_lib.load_train_data(config)
     assert sorted(set(train.captions)) == ["a drawing of a blue", "a drawing of a red"]
     assert len(train.captions) == 16
+
+
+def test_split_folders_train_on_train(tmp_path):
+    write_caption_folder(tmp_path / "data" / "train", count=8)
+    write_class_folder(tmp_path / "data" / "test", count=2)  # never read: only the train split is
+    train = data_lib.load_train_data(tiny_config(tmp_path / "out", tmp_path / "data"))
+    assert len(train.dataset) == 8 and train.captions[0] == "a red square on the left"
 
 
 def test_flat_folder_trains_unconditionally(tmp_path, flat_folder):
