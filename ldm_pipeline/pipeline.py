@@ -186,11 +186,17 @@ def process_state():
     from accelerate.utils import parse_flag_from_env
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != state.num_processes:
-        raise ConfigError(f"{launched} processes were launched but they did not join one process group "
-                          f"(each sees {state.num_processes}); on a machine without GPUs set ACCELERATE_USE_CPU=1")
+    check_process_group(state.num_processes)
     return state
+
+
+def check_process_group(num_processes: int) -> None:
+    """Refuse N launched processes that each run alone: they would all write the same files."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != num_processes:
+        raise ConfigError(f"{launched} processes were launched but they did not join one process group "
+                          f"(each sees {num_processes}); on a machine without GPUs set ACCELERATE_USE_CPU=1, "
+                          "which accelerate launch does not pass on from use_cpu: true")
 
 
 def generate_across_processes(state, pipe, prompts, seeds, **kwargs):

@@ -53,7 +53,7 @@ from .models import (
     resolve_source,
     vae_scale_factor,
 )
-from .pipeline import generate_across_processes, image_grid, replace_directory, save_pipeline
+from .pipeline import check_process_group, generate_across_processes, image_grid, replace_directory, save_pipeline
 
 
 class TrainingError(RuntimeError):
@@ -523,11 +523,7 @@ def build_accelerator(config: Config) -> Accelerator:
         # One seeded permutation per epoch, the same at any process count (and after a resume).
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:  # N unconnected copies would all write to output_dir
-        raise ConfigError(f"{launched} processes were launched but they did not join one process group "
-                          f"(each sees {accelerator.num_processes}); on a machine without GPUs set "
-                          "ACCELERATE_USE_CPU=1, which accelerate launch does not pass on from use_cpu: true")
+    check_process_group(accelerator.num_processes)
     return accelerator
 
 
