@@ -86,7 +86,14 @@ class VAETrainingConfig:
     max_grad_norm: float = 1.0
     checkpointing_steps: int = 0  # 0: only the finished VAE is saved
     scaling_samples: int = 512  # images encoded to measure the latent scaling factor
-    psnr_samples: int = 256  # held-out images for the reported reconstruction PSNR
+    psnr_samples: int = 256  # held-out images (never trained on) for the reconstruction check
+    validation_steps: int = 0  # also check reconstructions every N steps (0: only at the end)
+    # The check at the end: held-out PSNR, and for the shapes data set the fraction of reconstructions
+    # whose color the automatic checker reads right. A VAE below a bar stops the run before the UNet
+    # stage (on_check_failure: error) or is only reported (warn). null: no bar.
+    min_psnr: float | None = None
+    min_recon_color: float | None = None
+    on_check_failure: Literal["error", "warn"] = "error"
 
 
 @dataclass
@@ -315,6 +322,11 @@ def validate(config: Config) -> None:
     _require(c.noise_offset >= 0, "noise_offset must be >= 0")
     _require(c.sampling.num_inference_steps >= 1, "sampling.num_inference_steps must be at least 1")
     _require(c.vae_training.foreground_weight >= 0, "vae_training.foreground_weight must be >= 0")
+    _require(c.vae_training.psnr_samples >= 0, "vae_training.psnr_samples must be >= 0")
+    _require(c.vae_training.scaling_samples >= 1, "vae_training.scaling_samples must be at least 1")
+    _require(c.vae_training.validation_steps >= 0, "vae_training.validation_steps must be >= 0 (0: at the end only)")
+    _require(c.vae_training.min_recon_color is None or 0 <= c.vae_training.min_recon_color <= 1,
+             "vae_training.min_recon_color is a fraction in [0, 1] (or null)")
     _require(c.validation.num_heldout >= 0, "validation.num_heldout must be >= 0")
     _require(c.validation.validation_steps >= 0, "validation.validation_steps must be >= 0 (0 disables)")
     _require(bool(d.train_data_dir) != bool(d.dataset_name),

@@ -30,6 +30,7 @@ TRIANGLE_TOP_FRACTION = 0.375
 SQUARE_FILL = 0.89
 PSNR_CAP_DB = 100.0  # identical images would be +inf; cap so batch means and JSON logs stay finite
 
+_SHAPES_CAPTIONS = frozenset(all_captions())
 _PALETTE_HUES = {name: colorsys.rgb_to_hsv(*(v / 255 for v in rgb))[0] for name, rgb in COLORS.items()}
 
 
@@ -124,8 +125,8 @@ def score_images(images, captions) -> dict:
             "per_image": per_image}
 
 
-def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
-    """Mean PSNR in dB over a batch of (B, 3, H, W) images in [-1, 1], measured on the [0, 1] scale (peak 1).
+def psnr_per_image(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """(B,) PSNR in dB of (B, 3, H, W) images in [-1, 1], measured on the [0, 1] scale (peak 1).
     The reconstruction is clamped to the valid range first, as it would be when saved as an image.
     Per image the value is capped at PSNR_CAP_DB, so identical images give exactly that, not inf."""
     if reference.shape != reconstruction.shape or reference.ndim != 4:
@@ -134,8 +135,41 @@ def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
     reference = (reference.float() + 1) / 2
     reconstruction = ((reconstruction.float() + 1) / 2).clamp(0, 1)
     mse = (reference - reconstruction).pow(2).mean(dim=(1, 2, 3))  # (B,)
-    per_image = (-10 * torch.log10(mse.clamp_min(10 ** (-PSNR_CAP_DB / 10))))
-    return float(per_image.mean())
+    return -10 * torch.log10(mse.clamp_min(10 ** (-PSNR_CAP_DB / 10)))
+
+
+def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """Mean of `psnr_per_image` over the batch."""
+    return float(psnr_per_image(reference, reconstruction).mean())
+
+
+def is_shapes_data(captions) -> bool:
+    """True when every caption is a shapes caption, so the checker can score images made from them."""
+    captions = list(captions)
+    return bool(captions) and all(text in _SHAPES_CAPTIONS for text in captions)
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> 8-bit RGB images, rounded as a saved PNG would be."""
+    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(image) for image in array]
+
+
+@torch.no_grad()
+def reconstruction_sums(vae, pixels: torch.Tensor, captions: list[str] | None) -> torch.Tensor:
+    """[count, PSNR sum, color, shape, position correct counts] of VAE reconstructions of `pixels`, (B, 3, H, W).
+
+    Sums rather than means, so shares computed on several processes add up to the whole. The latent
+    distribution's mean is decoded (no sampling noise). Without `captions` only the PSNR is measured."""
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean  # (B, C, H/f, W/f)
+    reconstruction = vae.decode(latents).sample.float()
+    sums = torch.zeros(5)
+    sums[0], sums[1] = len(pixels), psnr_per_image(pixels.float().cpu(), reconstruction.cpu()).sum()
+    if captions:
+        scores = score_images(to_pil(reconstruction), captions)
+        for k, field in enumerate(("color", "shape", "position")):
+            sums[2 + k] = scores[f"{field}_accuracy"] * len(pixels)
+    return sums
 
 
 def evaluation_prompts(seeds_per_prompt: int = 2, first_seed: int = 1000) -> tuple[list[str], list[int]]:

@@ -13,6 +13,7 @@ therefore gives the same result at any process count and after a resume.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Callable
 
 import psutil
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -33,14 +35,14 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from .checkpoints import (
-    check_checkpoint_config,
     check_output_dir,
     checkpoint_steps,
     find_resume_checkpoint,
+    load_checkpoint,
     prepare_output_dir,
     save_checkpoint,
 )
-from .config import Config, ConfigError, load_config, to_yaml
+from .config import Config, ConfigError, ModelConfig, load_config, to_yaml
 from .losses import diffusion_loss, diffusion_target, vae_loss
 from .models import (
     build_noise_scheduler,
@@ -54,6 +56,7 @@ from .models import (
     vae_scale_factor,
 )
 from .pipeline import check_process_group, generate_across_processes, image_grid, replace_directory, save_pipeline
+from .tokenizer import save_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -68,9 +71,10 @@ class Stage:
     name: str  # "vae" or "unet"
     models: list[torch.nn.Module]  # prepared, trainable
     optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    learning_rates: list[float]  # configured base LR of each parameter group
     dataloader: torch.utils.data.DataLoader
-    compute_loss: Callable[[dict, torch.Generator], torch.Tensor]
+    compute_loss: Callable[[dict, list[torch.Generator]], torch.Tensor]
     max_train_steps: int
     max_grad_norm: float
     checkpointing_steps: int
@@ -79,35 +83,76 @@ class Stage:
     ema: EMAModel | None = None
     validate: Callable[[int], dict] | None = None  # runs on every process
     validation_steps: int = 0
+    log_offset: int = 0  # tracker steps continue after earlier stages, so they only ever grow
 
 
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 2**32 + micro_step)
+@dataclass
+class Progress:
+    """Where a stage stands; saved with every checkpoint. `windows` is the data position (accumulation
+    windows consumed, skipped ones included); `step` counts optimizer steps taken."""
+
+    step: int = 0
+    windows: int = 0
+    skipped_steps: int = 0  # non-finite loss
+    overflow_steps: int = 0  # fp16 gradient overflow: the GradScaler skipped the update
 
 
-def my_slice(accelerator: Accelerator, tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """This process's rows of a tensor drawn for the global batch."""
-    start = accelerator.process_index * batch_size
-    return tensor[start:start + batch_size]
+def sample_generators(seed: int, micro_step: int, indices) -> list[torch.Generator]:
+    """One generator per sample, keyed by (seed, micro-step, the sample's index in the global batch):
+    a sample's noise is the same at any process count and after a resume, and each process draws
+    only for the samples it holds."""
+    keys = (hashlib.blake2b(f"{seed}/{micro_step}/{i}".encode(), digest_size=8).digest() for i in indices)
+    return [torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1) for key in keys]
 
 
-def log_metrics(accelerator: Accelerator, config: Config, metrics: dict) -> None:
+def log_metrics(accelerator: Accelerator, config: Config, metrics: dict, log_offset: int = 0) -> None:
     if accelerator.is_main_process:
         with open(Path(config.output_dir) / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
-    accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"])
+    accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                    step=log_offset + metrics["step"])
 
 
-def fit(accelerator: Accelerator, config: Config, stage: Stage) -> int:
+def restore_hyperparameters(config: Config, stage: Stage, saved_config: dict, accelerator: Accelerator) -> None:
+    """After a resume, the optimizer and LR schedule hold the settings they were saved with; apply the
+    config's instead, so a changed learning_rate (or Adam setting) takes effect: the LR schedule keeps
+    its position and is rescaled to the new base."""
+    settings = config.vae_training if stage.name == "vae" else config
+    for group, base in zip(stage.optimizer.param_groups, stage.learning_rates):
+        group.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                     weight_decay=config.adam_weight_decay, initial_lr=base)
+    schedule = stage.lr_scheduler
+    schedule.base_lrs = list(stage.learning_rates)
+    for group, base, factor in zip(stage.optimizer.param_groups, stage.learning_rates, schedule.lr_lambdas):
+        group["lr"] = base * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in stage.optimizer.param_groups]
+    prefix = "vae_training." if stage.name == "vae" else ""
+    keys = ["learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps"]
+    keys += [] if stage.name == "vae" else ["text_encoder_learning_rate"]
+    saved = saved_config.get("vae_training", {}) if stage.name == "vae" else saved_config
+    changed = [f"{prefix}{key} {saved.get(key)} -> {getattr(settings, key)}" for key in keys
+               if key in saved and saved[key] != getattr(settings, key)]
+    changed += [f"{key} {saved_config.get(key)} -> {getattr(config, key)}"
+                for key in ("adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "ema_decay")
+                if key in saved_config and saved_config[key] != getattr(config, key)]
+    if changed:
+        accelerator.print(f"[{stage.name}] resuming with changed settings, applied from step "
+                          f"{schedule.last_epoch}: {'; '.join(changed)} (LR now {schedule._last_lr[0]:.3g})")
+    if stage.ema is not None:
+        stage.ema.decay = config.ema_decay
+
+
+def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
     """Run `stage` to `max_train_steps` optimizer steps, resuming from a checkpoint if asked."""
     accum = accelerator.gradient_accumulation_steps
-    global_step = 0
+    progress_state = Progress()
     checkpoint = find_resume_checkpoint(config, stage.checkpoint_prefix)
     if checkpoint is not None:
-        check_checkpoint_config(checkpoint, config)
-        accelerator.load_state(str(checkpoint))
-        global_step = int(checkpoint.name.rsplit("-", 1)[1])
-        accelerator.print(f"[{stage.name}] resumed from {checkpoint} at step {global_step}")
+        saved = load_checkpoint(accelerator, checkpoint, stage.ema)
+        stage.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        progress_state = Progress(**{k: saved[k] for k in ("step", "windows", "skipped_steps", "overflow_steps")})
+        restore_hyperparameters(config, stage, yaml.safe_load((checkpoint / "config.yaml").read_text()), accelerator)
+        accelerator.print(f"[{stage.name}] resumed from {checkpoint} at step {progress_state.step}")
     elif config.resume_from_checkpoint == "latest":
         accelerator.print(f"[{stage.name}] no checkpoint to resume from yet: starting at step 0")
 
@@ -116,28 +161,31 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> int:
         raise ConfigError(f"the dataset has fewer than one optimizer step of samples: {len(stage.dataloader)} "
                           f"batches for gradient_accumulation_steps={accum}; lower the batch size or add data")
     global_batch = stage.batch_size * accelerator.num_processes * accum
-    progress = tqdm(total=stage.max_train_steps, initial=global_step, desc=stage.name,
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    bad_in_a_row, skipped, loss_sum, loss_count = 0, 0, 0.0, 0
+    first_sample = accelerator.process_index * stage.batch_size
+    bar = tqdm(total=stage.max_train_steps, initial=progress_state.step, desc=stage.name,
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    bad_in_a_row, loss_sum, loss_count = 0, 0.0, 0
     started, steps_timed = time.perf_counter(), 0
     for model in stage.models:
         model.train()
 
-    while global_step < stage.max_train_steps:
-        epoch, done_in_epoch = divmod(global_step, steps_per_epoch)
+    state = progress_state
+    while state.step < stage.max_train_steps:
+        epoch, done_in_epoch = divmod(state.windows, steps_per_epoch)
         stage.dataloader.set_epoch(epoch)
         batches = stage.dataloader
         if done_in_epoch:
             batches = accelerator.skip_first_batches(stage.dataloader, done_in_epoch * accum)
-        windows_left = steps_per_epoch - done_in_epoch  # an epoch is whole accumulation windows
         micro, window_bad = 0, torch.zeros((), device=accelerator.device)
         for batch in batches:
-            generator = step_generator(config.seed, global_step * accum + micro)
+            generators = sample_generators(config.seed, state.windows * accum + micro,
+                                           range(first_sample, first_sample + stage.batch_size))
             micro += 1
             with accelerator.accumulate(*stage.models):
-                loss = stage.compute_loss(batch, generator)
+                loss = stage.compute_loss(batch, generators)
                 window_bad += (~torch.isfinite(loss.detach())).float()
                 accelerator.backward(loss)
+                overflow = False
                 if accelerator.sync_gradients:
                     # Every process joins this reduce, so all of them agree whether to skip.
                     bad = accelerator.reduce(window_bad, "sum").item() > 0
@@ -145,59 +193,67 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> int:
                         params = [p for group in stage.optimizer.param_groups for p in group["params"]]
                         accelerator.clip_grad_norm_(params, stage.max_grad_norm)
                         stage.optimizer.step()
-                        stage.lr_scheduler.step()  # ours, not Accelerate's: one step per optimizer step
+                        overflow = accelerator.optimizer_step_was_skipped  # fp16: the GradScaler skipped it
+                        if not overflow:
+                            stage.lr_scheduler.step()  # ours, not Accelerate's: one step per optimizer step
                     stage.optimizer.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
             if not accelerator.sync_gradients:
                 continue
-            micro, window_bad, windows_left = 0, torch.zeros((), device=accelerator.device), windows_left - 1
+            micro, window_bad, state.windows = 0, torch.zeros((), device=accelerator.device), state.windows + 1
             if bad:
-                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-                accelerator.print(f"[{stage.name}] step {global_step + 1}: non-finite loss, step skipped "
-                                  f"({bad_in_a_row} in a row, {skipped} in all)")
+                bad_in_a_row, state.skipped_steps = bad_in_a_row + 1, state.skipped_steps + 1
+                accelerator.print(f"[{stage.name}] step {state.step + 1}: non-finite loss, step skipped "
+                                  f"({bad_in_a_row} in a row, {state.skipped_steps} in all)")
                 if bad_in_a_row >= config.max_consecutive_bad_steps:
                     kept = checkpoint_steps(config, stage.checkpoint_prefix)
                     raise TrainingError(
-                        f"[{stage.name}] stopped at step {global_step}: the loss was not finite for "
+                        f"[{stage.name}] stopped at step {state.step}: the loss was not finite for "
                         f"{bad_in_a_row} optimizer steps in a row (max_consecutive_bad_steps). "
                         + (f"The last good checkpoint, {kept[-1][1]}, is intact. " if kept else "")
                         + "Lower learning_rate, check the data, or try mixed_precision: 'no', then resume.")
+            elif overflow:
+                state.overflow_steps += 1  # the scaler lowers its scale and the window's data is spent
             else:
                 bad_in_a_row = 0
                 if stage.ema is not None:
                     stage.ema.step(accelerator.unwrap_model(stage.models[0]).parameters())
-                global_step += 1
+                state.step += 1
                 steps_timed += 1
-                progress.update(1)
-                after_step(accelerator, config, stage, global_step, progress, loss_sum, loss_count,
-                           steps_timed * global_batch / (time.perf_counter() - started), skipped)
-                if global_step % config.logging_steps == 0:
+                bar.update(1)
+                after_step(accelerator, config, stage, state, bar, loss_sum, loss_count,
+                           steps_timed * global_batch / (time.perf_counter() - started))
+                if state.step % config.logging_steps == 0:
                     loss_sum, loss_count = 0.0, 0
-            if global_step >= stage.max_train_steps or windows_left == 0:
+            if state.step >= stage.max_train_steps or state.windows % steps_per_epoch == 0:
                 break
-    progress.close()
-    return global_step
+    bar.close()
+    return state
 
 
-def after_step(accelerator, config: Config, stage: Stage, step: int, progress, loss_sum: float, loss_count: int,
-               samples_per_s: float, skipped: int) -> None:
+def after_step(accelerator, config: Config, stage: Stage, state: Progress, bar, loss_sum: float, loss_count: int,
+               samples_per_s: float) -> None:
     """Log, validate and checkpoint on schedule; every process calls this, so collectives match."""
+    step = state.step
     if step % config.logging_steps == 0 or step == stage.max_train_steps:
         local = torch.tensor(loss_sum / max(loss_count, 1), device=accelerator.device)
         loss = accelerator.reduce(local, "mean").item()
         lr = stage.lr_scheduler.get_last_lr()[0]
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
         log_metrics(accelerator, config, {"stage": stage.name, "step": step, "loss": loss, "lr": lr,
-                                          "samples_per_s": samples_per_s, "skipped_steps": skipped})
+                                          "samples_per_s": samples_per_s, "skipped_steps": state.skipped_steps,
+                                          "overflow_steps": state.overflow_steps}, stage.log_offset)
     if stage.validate and stage.validation_steps and step % stage.validation_steps == 0 \
             and step < stage.max_train_steps:
-        log_metrics(accelerator, config, {"stage": stage.name, "step": step, **stage.validate(step)})
+        log_metrics(accelerator, config, {"stage": stage.name, "step": step, **stage.validate(step)}, stage.log_offset)
         for model in stage.models:
             model.train()
     every = stage.checkpointing_steps
     if every and (step % every == 0 or step == stage.max_train_steps):
-        save_checkpoint(accelerator, config, stage.checkpoint_prefix, step)
+        global_batch = stage.batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
+        saved = {**vars(state), "global_batch": global_batch, "lr_scheduler": stage.lr_scheduler.state_dict()}
+        save_checkpoint(accelerator, config, stage.checkpoint_prefix, step, saved, stage.ema)
 
 
 def make_optimizer(config: Config, param_groups, learning_rate: float, lr_scheduler: str, warmup: int,
@@ -232,39 +288,126 @@ class VAEForTraining(torch.nn.Module):
         return self.vae.decode(latents).sample, posterior
 
 
+def shares(accelerator: Accelerator, count: int, chunk: int):
+    """This process's contiguous share of range(count), in chunks of at most `chunk` indices."""
+    with accelerator.split_between_processes(list(range(count))) as mine:
+        return [mine[i:i + chunk] for i in range(0, len(mine), chunk)]
+
+
 @torch.no_grad()
-def calibrate_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> dict:
+def calibrate_latents(accelerator: Accelerator, vae: AutoencoderKL, dataset, num_samples: int,
+                      batch_size: int) -> dict:
     """Center the latents and measure `scaling_factor` so the UNet sees zero-mean, unit-variance input.
 
     The per-channel mean is folded into the biases of `quant_conv` (which makes the latent mean) and
     `post_quant_conv` (which reads it): z' = z - mu, and W z + b = W z' + (W mu + b). The VAE's
     reconstructions are unchanged and the pipeline stays plain Stable Diffusion, which only divides
-    by `scaling_factor` before decoding.
+    by `scaling_factor` before decoding. Each process encodes its share of the images in training-size
+    batches (a 512 px VAE's activations are large) and only the per-channel sums are reduced.
     """
-    means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(64)])  # (N, C, h, w)
     channels = vae.config.latent_channels
-    mu = means.mean(dim=(0, 2, 3))  # (C,)
-    vae.quant_conv.bias[:channels] -= mu
-    vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ mu
-    std = (means - mu[None, :, None, None]).std().item()
+    sums = torch.zeros(3, channels, dtype=torch.float64, device=accelerator.device)  # count, sum, sum of squares
+    for rows in shares(accelerator, min(num_samples, len(dataset)), batch_size):
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in rows]).to(accelerator.device, vae.dtype)
+        means = vae.encode(pixels).latent_dist.mean.double()  # (b, C, h, w)
+        sums[0] += means[:, 0].numel()
+        sums[1] += means.sum(dim=(0, 2, 3))
+        sums[2] += means.pow(2).sum(dim=(0, 2, 3))
+    count, total, squares = accelerator.reduce(sums, "sum").cpu()
+    mu = total / count  # (C,)
+    std = ((squares - count * mu.pow(2)).sum() / count.sum()).sqrt().item()
+    mu = mu.to(vae.dtype)
+    vae.quant_conv.bias[:channels] -= mu.to(vae.device)
+    vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ mu.to(vae.device)
     vae.register_to_config(scaling_factor=1.0 / std)
     return {"latent_channel_means": [round(v, 4) for v in mu.tolist()], "latent_std": std,
             "scaling_factor": 1.0 / std}
 
 
+@torch.no_grad()
+def check_reconstructions(accelerator: Accelerator, vae: AutoencoderKL, heldout_set, captions: list[str] | None,
+                          batch_size: int) -> dict:
+    """Held-out PSNR and, for shapes data, the checker's color / shape / position accuracy on the VAE's
+    reconstructions (the UNet can draw no better than its VAE decodes). Every process scores its share."""
+    from .evaluate import reconstruction_sums
+
+    sums = torch.zeros(5)
+    for rows in shares(accelerator, len(heldout_set), batch_size):
+        pixels = torch.stack([heldout_set[i]["pixel_values"] for i in rows])
+        sums += reconstruction_sums(vae, pixels, [captions[i] for i in rows] if captions else None)
+    count, psnr_sum, *correct = accelerator.reduce(sums.to(accelerator.device), "sum").tolist()
+    if not count:
+        return {}
+    report = {"heldout_psnr_db": psnr_sum / count}
+    if captions:
+        report.update({f"recon_{field}_accuracy": value / count
+                       for field, value in zip(("color", "shape", "position"), correct)})
+    return report
+
+
+def vae_check_failures(settings, report: dict) -> list[str]:
+    """What the finished VAE misses of the bars set in `vae_training` (empty: it passes)."""
+    failures = []
+    if settings.min_psnr is not None and report.get("heldout_psnr_db", float("inf")) < settings.min_psnr:
+        failures.append(f"held-out PSNR {report['heldout_psnr_db']:.2f} dB < vae_training.min_psnr "
+                        f"{settings.min_psnr}")
+    color = report.get("recon_color_accuracy")
+    if settings.min_recon_color is not None and color is not None and color < settings.min_recon_color:
+        failures.append(f"reconstruction color accuracy {color:.1%} < vae_training.min_recon_color "
+                        f"{settings.min_recon_color:.0%} (the UNet cannot draw a color its VAE does not decode)")
+    return failures
+
+
+def report_vae_check(accelerator: Accelerator, config: Config, out: Path, failures: list[str]) -> None:
+    """Say loudly when the VAE misses its bars; stop before the UNet stage unless told to go on."""
+    if not failures:
+        return
+    settings = config.vae_training
+    advice = (f"To retrain it: delete {out}, then rerun with more steps (vae_training.max_train_steps, now "
+              f"{settings.max_train_steps}), or a different vae_training.learning_rate (now {settings.learning_rate}) "
+              f"or seed. The VAE and its report are kept in {out} (calibration.json, samples/vae.png).")
+    banner = "\n".join(["", "!" * 100, "[vae] THE VAE FAILED ITS CHECK:", *(f"  - {f}" for f in failures), advice,
+                         "!" * 100, ""])
+    accelerator.print(banner)
+    if settings.on_check_failure == "error":
+        raise TrainingError(f"[vae] the VAE failed its check: {'; '.join(failures)}. {advice} Set "
+                            "vae_training.on_check_failure: warn to train the UNet on it anyway.")
+
+
+def save_vae_grid(vae: AutoencoderKL, heldout_set, path: Path, count: int = 8) -> None:
+    """Held-out originals (top row) above their reconstructions (bottom row)."""
+    from .evaluate import to_pil
+
+    pixels = torch.stack([heldout_set[i]["pixel_values"] for i in range(min(count, len(heldout_set)))])
+    with torch.no_grad():
+        reconstruction = vae.decode(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean).sample
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(to_pil(pixels) + to_pil(reconstruction), rows=2).save(path)
+
+
 def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.TrainData, vae: AutoencoderKL):
-    """Train the autoencoder, calibrate its latents, save it to <output_dir>/vae; skip if done."""
-    from .evaluate import psnr
+    """Train the autoencoder, check and calibrate it, save it to <output_dir>/vae; skip if done."""
+    from .evaluate import is_shapes_data
 
     out = Path(config.output_dir) / "vae"
+    settings = config.vae_training
     if (out / "config.json").is_file():
         accelerator.print(f"[vae] using the finished VAE in {out}")
+        calibration = out / "calibration.json"
+        report = json.loads(calibration.read_text()) if calibration.is_file() else {}
+        report_vae_check(accelerator, config, out, vae_check_failures(settings, report))
         return AutoencoderKL.from_pretrained(out, use_safetensors=True)
-    settings = config.vae_training
     rows, heldout = data_lib.split_heldout(len(train.dataset), settings.psnr_samples, config.seed)
     input_ids = torch.zeros(len(train.dataset), 1, dtype=torch.long)  # captions are not used here
     dataset = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, rows)
-    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, heldout)
+    heldout_config = type(config.data)(**{**vars(config.data), "random_flip": False})
+    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_config, config.resolution, heldout)
+    heldout_captions = [train.captions[row] for row in heldout]
+    if not is_shapes_data(heldout_captions):
+        heldout_captions = None  # the checker only knows the shapes data set
+    if not heldout:
+        accelerator.print(f"[vae] no held-out images (vae_training.psnr_samples: {settings.psnr_samples}, "
+                          f"{len(train.dataset)} images; at most a fifth is held out): the VAE is not checked")
 
     accelerator.gradient_accumulation_steps = 1
     model = VAEForTraining(vae)
@@ -273,45 +416,49 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
                                              settings.max_train_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer,
                                                    make_loader(config, dataset, settings.train_batch_size))
-    accelerator.register_for_checkpointing(lr_scheduler)
     latent_shape = (vae.config.latent_channels,) + (config.resolution // vae_scale_factor(vae),) * 2
     batch_size = settings.train_batch_size
 
-    def compute_loss(batch, generator):
-        shape = (batch_size * accelerator.num_processes, *latent_shape)
-        noise = my_slice(accelerator, torch.randn(shape, generator=generator), batch_size)
+    def compute_loss(batch, generators):
         pixels = batch["pixel_values"]
-        reconstruction, posterior = model(pixels, noise.to(pixels.device))
+        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(pixels.device)
+        reconstruction, posterior = model(pixels, noise)
         return vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight)[0]
 
-    stage = Stage(name="vae", models=[model], optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=loader,
-                  compute_loss=compute_loss, max_train_steps=settings.max_train_steps,
+    def validate(step):
+        report = check_reconstructions(accelerator, accelerator.unwrap_model(model).vae.eval(), heldout_set,
+                                       heldout_captions, batch_size)
+        accelerator.print(f"[vae] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+        return report
+
+    stage = Stage(name="vae", models=[model], optimizer=optimizer, lr_scheduler=lr_scheduler,
+                  learning_rates=[settings.learning_rate], dataloader=loader, compute_loss=compute_loss,
+                  max_train_steps=settings.max_train_steps,
                   max_grad_norm=settings.max_grad_norm, checkpointing_steps=settings.checkpointing_steps,
-                  checkpoint_prefix="vae-", batch_size=batch_size)
+                  checkpoint_prefix="vae-", batch_size=batch_size, validate=validate if heldout else None,
+                  validation_steps=settings.validation_steps)
     fit(accelerator, config, stage)
 
     vae = accelerator.unwrap_model(model).vae.eval()
-    calibration_rows = [dataset[i]["pixel_values"] for i in range(min(settings.scaling_samples, len(dataset)))]
-    stats = calibrate_latents(vae, torch.stack(calibration_rows).to(accelerator.device))
-    with torch.no_grad():
-        pixels = torch.stack([heldout_set[i]["pixel_values"] for i in range(len(heldout_set))]).to(accelerator.device)
-        reconstruction = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mean).sample
-                                    for chunk in pixels.split(64)])
-        stats["heldout_psnr_db"] = psnr(pixels, reconstruction) if len(pixels) else None
-    accelerator.print(f"[vae] held-out PSNR {stats['heldout_psnr_db']:.2f} dB, "
-                      f"scaling_factor {stats['scaling_factor']:.4f}")
+    stats = calibrate_latents(accelerator, vae, dataset, settings.scaling_samples, batch_size)
+    stats.update(check_reconstructions(accelerator, vae, heldout_set, heldout_captions, batch_size))
+    failures = vae_check_failures(settings, stats)
+    stats["check"] = {"passed": not failures, "failures": failures,
+                      "min_psnr": settings.min_psnr, "min_recon_color": settings.min_recon_color}
+    accelerator.print("[vae] " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items() if isinstance(v, float)))
     if accelerator.is_main_process:
         partial = out.with_name("vae.tmp")
         shutil.rmtree(partial, ignore_errors=True)
         vae.save_pretrained(partial, safe_serialization=True)
         (partial / "calibration.json").write_text(json.dumps(stats, indent=2))
         replace_directory(partial, out)
-        log_metrics(accelerator, config, {"stage": "vae", "step": settings.max_train_steps, **stats})
+        if heldout:
+            save_vae_grid(vae, heldout_set, Path(config.output_dir) / "samples" / "vae.png")
+        log_metrics(accelerator, config, {"stage": "vae", "step": settings.max_train_steps,
+                                          **{k: v for k, v in stats.items() if k != "check"}})
     accelerator.wait_for_everyone()
-    accelerator.free_memory()  # forget the VAE's optimizer and schedule before the next stage
-    # free_memory keeps objects registered for checkpointing, and Accelerate has no public way to
-    # drop them; UNet checkpoints must not carry the VAE's LR schedule.
-    accelerator._custom_objects.clear()
+    accelerator.free_memory()  # forget the VAE's optimizer before the next stage
+    report_vae_check(accelerator, config, out, failures)
     return AutoencoderKL.from_pretrained(out, use_safetensors=True)
 
 
@@ -344,10 +491,14 @@ def make_validator(accelerator, config, pipeline_parts, heldout_loss):
     return validate
 
 
+def unet_log_offset(config: Config) -> int:
+    """Tracker steps of the UNet stage start after the VAE stage's, so a run's steps only ever grow."""
+    return config.vae_training.max_train_steps if "vae" in config.stages else 0
+
+
 def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tokenizer, text_encoder, vae) -> Path:
     noise_scheduler = build_noise_scheduler(config.model, config.prediction_type)
-    set_seed(config.seed)  # the UNet's init does not depend on what was built before it
-    unet = build_unet(config.model, config.resolution, vae, text_encoder)
+    unet = seeded(config.seed, "unet", lambda: build_unet(config.model, config.resolution, vae, text_encoder))
     accelerator.print(f"[unet] {count_parameters(unet) / 1e6:.2f}M parameters")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
@@ -375,10 +526,11 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
         empty_embeds = None
     accelerator.print(f"[unet] {len(dataset)} training examples, {len(heldout_set)} held out for val_loss")
 
-    param_groups = [{"params": [p for p in unet.parameters() if p.requires_grad]}]
+    learning_rates = [config.learning_rate]
+    param_groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
     if config.train_text_encoder:
-        param_groups.append({"params": list(text_encoder.parameters()),
-                             "lr": config.text_encoder_learning_rate or config.learning_rate})
+        learning_rates.append(config.text_encoder_learning_rate or config.learning_rate)
+        param_groups.append({"params": list(text_encoder.parameters()), "lr": learning_rates[-1]})
     optimizer, lr_scheduler = make_optimizer(config, param_groups, config.learning_rate, config.lr_scheduler,
                                              config.lr_warmup_steps, config.max_train_steps)
     loader = make_loader(config, dataset, config.train_batch_size)
@@ -387,14 +539,12 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
         unet, text_encoder, optimizer, loader = accelerator.prepare(unet, text_encoder, optimizer, loader)
     else:
         unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
-    accelerator.register_for_checkpointing(lr_scheduler)
     ema = None
     if config.use_ema:
         plain = accelerator.unwrap_model(unet)
         ema = EMAModel(plain.parameters(), decay=config.ema_decay, model_cls=UNet2DConditionModel,
                        model_config=plain.config)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        ema.to(accelerator.device)  # a resume copies the saved EMA weights into these tensors, in place
 
     scaling = vae.config.scaling_factor
     latent_shape = (vae.config.latent_channels,) + (config.resolution // vae_scale_factor(vae),) * 2
@@ -429,19 +579,18 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
         target = diffusion_target(noise_scheduler, latents, noise, timesteps)
         return diffusion_loss(prediction, target, timesteps, noise_scheduler, config.snr_gamma)
 
-    def compute_loss(batch, generator):
-        n = batch_size * accelerator.num_processes
-        draws = {
-            "latent_noise": torch.randn((n, *latent_shape), generator=generator),
-            "noise": torch.randn((n, *latent_shape), generator=generator),
-            "offset": torch.randn((n, latent_shape[0], 1, 1), generator=generator),
-            "timesteps": torch.randint(0, num_timesteps, (n,), generator=generator),
-            "dropped": torch.rand(n, generator=generator) < config.data.caption_dropout,
-        }
-        mine = {k: my_slice(accelerator, v, batch_size).to(accelerator.device) for k, v in draws.items()}
+    def draw(generator):
+        """One sample's random draws, in a fixed order: latent sample, noise, offset, timestep, dropout."""
+        return (torch.randn(latent_shape, generator=generator), torch.randn(latent_shape, generator=generator),
+                torch.randn((latent_shape[0], 1, 1), generator=generator),
+                torch.randint(0, num_timesteps, (), generator=generator),
+                torch.rand((), generator=generator) < config.data.caption_dropout)
+
+    def compute_loss(batch, generators):
+        draws = [torch.stack(column).to(accelerator.device) for column in zip(*map(draw, generators))]
+        latent_noise, noise, offset, timesteps, dropped = draws  # (B, C, h, w) x 2, (B, C, 1, 1), (B,), (B,)
         # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift mean brightness.
-        noise = mine["noise"] + config.noise_offset * mine["offset"]
-        return model_loss(batch, mine["latent_noise"], noise, mine["timesteps"], mine["dropped"])
+        return model_loss(batch, latent_noise, noise + config.noise_offset * offset, timesteps, dropped)
 
     @torch.no_grad()
     def heldout_loss() -> float:
@@ -484,16 +633,18 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
                 ema.restore(accelerator.unwrap_model(unet).parameters())
 
     models = [unet, text_encoder] if config.train_text_encoder else [unet]
-    stage = Stage(name="unet", models=models, optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=loader,
-                  compute_loss=compute_loss, max_train_steps=config.max_train_steps,
-                  max_grad_norm=config.max_grad_norm, checkpointing_steps=config.checkpointing_steps,
-                  checkpoint_prefix="", batch_size=batch_size, ema=ema, validate=validate,
-                  validation_steps=config.validation.validation_steps)
+    stage = Stage(name="unet", models=models, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                  learning_rates=learning_rates, dataloader=loader, compute_loss=compute_loss,
+                  max_train_steps=config.max_train_steps, max_grad_norm=config.max_grad_norm,
+                  checkpointing_steps=config.checkpointing_steps, checkpoint_prefix="", batch_size=batch_size,
+                  ema=ema, validate=validate, validation_steps=config.validation.validation_steps,
+                  log_offset=unet_log_offset(config))
     fit(accelerator, config, stage)
 
     accelerator.wait_for_everyone()
     final_metrics = validate(config.max_train_steps, name="final")
-    log_metrics(accelerator, config, {"stage": "unet", "step": config.max_train_steps, **final_metrics})
+    log_metrics(accelerator, config, {"stage": "unet", "step": config.max_train_steps, **final_metrics},
+                unet_log_offset(config))
     pipeline_dir = Path(config.output_dir) / "pipeline"
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(unet)
@@ -539,6 +690,59 @@ def ensure_shapes_data(accelerator: Accelerator, config: Config) -> None:
     accelerator.wait_for_everyone()
 
 
+def seeded(seed: int, component: str, build: Callable):
+    """Build a component from its own seed: a random init then never depends on what was built or
+    loaded before it (a resume loads the text encoder instead of building it, and a VAE stage that
+    is already finished is loaded, not built)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + ("text_encoder", "vae", "unet").index(component))
+        return build()
+
+
+RUN_DATA_FILE = "run_data.json"  # what the run's text components were made from
+
+
+def run_text_components(config: Config, train: data_lib.TrainData):
+    """(tokenizer, text encoder, newly built?) for this run.
+
+    A tokenizer built from the captions and a randomly initialised text encoder are part of the run:
+    they are saved in <output_dir> when it starts and read back on every resume (rebuilding them from
+    the seed and captions could give others, which the trained UNet cannot read). A resume whose data
+    no longer matches them is refused, before anything is written."""
+    out = Path(config.output_dir)
+    if config.resume_from_checkpoint and (out / "text_encoder" / "config.json").is_file():
+        record = json.loads((out / RUN_DATA_FILE).read_text()) if (out / RUN_DATA_FILE).is_file() else {}
+        now = run_data_record(train)
+        changed = [key for key in ("num_examples", "captions") if key in record and record[key] != now[key]]
+        if changed:
+            raise ConfigError(f"data: the training data changed since {out} started ({', '.join(changed)} differ: "
+                              f"{record['num_examples']} -> {now['num_examples']} examples); its tokenizer and "
+                              "text encoder were made for the old data. Start a new output_dir for this data")
+        tokenizer = load_tokenizer(ModelConfig(tokenizer=str(out / "tokenizer")), lambda: [])
+        text_encoder = build_text_encoder(ModelConfig(text_encoder=str(out / "text_encoder")), tokenizer)
+        return tokenizer, text_encoder, False
+    tokenizer = load_tokenizer(config.model, lambda: train.captions)
+    text_encoder = seeded(config.seed, "text_encoder", lambda: build_text_encoder(config.model, tokenizer))
+    from_run = resolve_source(config.model, "tokenizer").preset or resolve_source(config.model, "text_encoder").preset
+    return tokenizer, text_encoder, bool(from_run)
+
+
+def run_data_record(train: data_lib.TrainData) -> dict:
+    captions = hashlib.sha256("\n".join(train.captions).encode()).hexdigest()[:16]
+    return {"num_examples": len(train.dataset), "captions": captions, "fingerprint": train.fingerprint}
+
+
+def save_run_text_components(config: Config, train: data_lib.TrainData, tokenizer, text_encoder) -> None:
+    out = Path(config.output_dir)
+    for name, save in (("tokenizer", lambda d: save_tokenizer(tokenizer, d)),
+                       ("text_encoder", lambda d: text_encoder.save_pretrained(d, safe_serialization=True))):
+        partial = out / f".{name}.tmp"
+        shutil.rmtree(partial, ignore_errors=True)
+        save(partial)
+        replace_directory(partial, out / name)
+    (out / RUN_DATA_FILE).write_text(json.dumps(run_data_record(train), indent=2))
+
+
 def describe_run(config: Config, accelerator: Accelerator, components: dict, num_examples: int | None) -> str:
     global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
     lines = [f"{name}: {count_parameters(module) / 1e6:.2f}M parameters" for name, module in components.items()]
@@ -577,20 +781,21 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
         return None
 
     # Every input is checked before output_dir is written, so a refused run leaves nothing behind.
-    check_output_dir(config)
+    check_output_dir(config, accelerator.num_processes)
     ensure_shapes_data(accelerator, config)
     with accelerator.main_process_first():  # the first load writes datasets' cache; others reuse it
         train_data = data_lib.load_train_data(config)
-    tokenizer = load_tokenizer(config.model, lambda: train_data.captions)
-    text_encoder = build_text_encoder(config.model, tokenizer)
+    tokenizer, text_encoder, built = run_text_components(config, train_data)
     for component in ("vae", "unet"):  # a missing or pickle-only model directory fails here, not mid-run
         resolve_source(config.model, component)
     prepare_output_dir(accelerator, config)  # after the checks; overwrite_output_dir clears vae/ here
+    if built and accelerator.is_main_process:
+        save_run_text_components(config, train_data, tokenizer, text_encoder)
     if config.report_to:
         accelerator.init_trackers("ldm_pipeline")
     vae_dir = Path(config.output_dir) / "vae"
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True) if (vae_dir / "config.json").is_file() \
-        else build_vae(config.model)
+        else seeded(config.seed, "vae", lambda: build_vae(config.model))
     factor = vae_scale_factor(vae)
     if config.resolution % factor:
         raise ConfigError(f"resolution: {config.resolution} is not divisible by the VAE's downsampling "

@@ -48,13 +48,16 @@ def write_config(path, config: dict):
 
 def training_state(checkpoint) -> dict:
     """What a checkpoint resumes: weights, EMA, optimizer moments and the LR schedule's position."""
-    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    shadow = load_file(checkpoint / "ema.safetensors")
     return {
         "weights": load_file(checkpoint / "model.safetensors"),
-        "lr_schedule": torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False),
-        "ema": torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False),
+        "lr_schedule": state["lr_scheduler"],
+        "ema": {**state["ema"], "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]},
         "optimizer": optimizer["state"],
         "lr": [group["lr"] for group in optimizer["param_groups"]],
+        "progress": {key: state[key] for key in ("step", "windows", "skipped_steps", "overflow_steps")},
     }
 
 
@@ -163,8 +166,8 @@ def test_a_run_stopped_after_a_checkpoint_resumes_exactly(reference, scale_root,
     class Stop(Exception):
         pass
 
-    def save_then_stop(accelerator, config, prefix, step):
-        save_checkpoint(accelerator, config, prefix, step)
+    def save_then_stop(accelerator, config, prefix, step, *args):
+        save_checkpoint(accelerator, config, prefix, step, *args)
         if step == 2:
             raise Stop
 
@@ -182,34 +185,34 @@ def test_a_run_stopped_after_a_checkpoint_resumes_exactly(reference, scale_root,
 
 # Run as `python killer.py training|saving STEP --config run.yaml`: trains in this process and SIGKILLs
 # it, either at the first micro-batch of optimizer step STEP, or while checkpoint step-STEP is written
-# (its model and optimizer files are on disk, the LR schedule and EMA not yet).
+# (its model and optimizer files are on disk, the EMA and the step counters not yet).
 KILLER = """
 import os, signal, sys
 from pathlib import Path
 
-import accelerate.accelerator
+import ldm_pipeline.checkpoints as checkpoints
 import ldm_pipeline.train as train
 
 when, step = sys.argv[1], int(sys.argv[2])
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if when == "training":
-    step_generator = train.step_generator
+    sample_generators = train.sample_generators
 
-    def dying_step_generator(seed, micro_step):
+    def dying_sample_generators(seed, micro_step, indices):
         if micro_step == step - 1:
             die()
-        return step_generator(seed, micro_step)
+        return sample_generators(seed, micro_step, indices)
 
-    train.step_generator = dying_step_generator
+    train.sample_generators = dying_sample_generators
 else:
-    save_custom_state = accelerate.accelerator.save_custom_state
+    save_file = checkpoints.save_file
 
-    def dying_save_custom_state(obj, output_dir, *args, **kwargs):
-        if Path(output_dir).name == f".partial-step-{step}":
+    def dying_save_file(tensors, path, *args, **kwargs):
+        if Path(path).parent.name == f".partial-step-{step}":
             die()
-        return save_custom_state(obj, output_dir, *args, **kwargs)
+        return save_file(tensors, path, *args, **kwargs)
 
-    accelerate.accelerator.save_custom_state = dying_save_custom_state
+    checkpoints.save_file = dying_save_file
 sys.exit(train.main(sys.argv[3:]))
 """
 

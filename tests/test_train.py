@@ -79,10 +79,10 @@ def test_plain_diffusers_loads_and_generates(trained_run):
 def test_saved_unet_holds_the_ema_weights(trained_run):
     from safetensors.torch import load_file
 
-    ema_state = torch.load(trained_run / "checkpoints" / "step-4" / "custom_checkpoint_1.pkl", weights_only=False)
+    ema_state = load_file(trained_run / "checkpoints" / "step-4" / "ema.safetensors")
     saved = load_file(trained_run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     trained = load_file(trained_run / "checkpoints" / "step-4" / "model.safetensors")
-    shadow = ema_state["shadow_params"]  # in the order of unet.parameters()
+    shadow = [ema_state[f"shadow.{i}"] for i in range(len(ema_state))]  # in the order of unet.parameters()
     assert len(shadow) == len(saved)
     unet = UNet2DConditionModel.from_pretrained(trained_run / "pipeline" / "unet")
     weight = "conv_in.weight"

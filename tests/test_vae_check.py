@@ -1,0 +1,115 @@
+"""The VAE stage checks its own reconstructions: held-out PSNR and, on the shapes data set, the checker's color /
+shape / position accuracy on reconstructed images, during training and at the end, and stops loudly below a bar."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from ldm_pipeline.evaluate import is_shapes_data, reconstruction_sums, to_pil
+from ldm_pipeline.shapes import make_shapes
+from ldm_pipeline.train import TrainingError, calibrate_latents, train
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes") / "data", num_images=40, resolution=32, seed=0)
+
+
+def vae_config(out, data_dir, **overrides):
+    settings = dict(stages=["vae"], vae_training__max_train_steps=4, vae_training__psnr_samples=8,
+                    vae_training__validation_steps=2)
+    return tiny_config(out, data_dir, **{**settings, **overrides})
+
+
+def test_shapes_run_records_reconstruction_accuracy_and_a_grid(tmp_path, shapes_folder):
+    train(vae_config(tmp_path / "out", shapes_folder))
+    calibration = json.loads((tmp_path / "out" / "vae" / "calibration.json").read_text())
+    for key in ("heldout_psnr_db", "recon_color_accuracy", "recon_shape_accuracy", "recon_position_accuracy"):
+        assert key in calibration
+    assert calibration["check"]["passed"] is True  # no bars set
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    checks = [m for m in metrics if m["stage"] == "vae" and "recon_color_accuracy" in m]
+    assert [m["step"] for m in checks] == [2, 4]  # at validation_steps, and the final check (not twice)
+    grid = Image.open(tmp_path / "out" / "samples" / "vae.png")
+    assert grid.size == (8 * 32, 2 * 32)  # 8 originals above 8 reconstructions
+
+
+def test_a_vae_below_its_bar_stops_the_run_loudly_and_is_kept(tmp_path, shapes_folder, capsys):
+    config = vae_config(tmp_path / "out", shapes_folder, stages=["vae", "unet"], vae_training__min_psnr=99.0,
+                        vae_training__min_recon_color=1.0)
+    with pytest.raises(TrainingError, match="min_psnr 99.0") as error:
+        train(config)
+    assert "max_train_steps" in str(error.value) and "on_check_failure: warn" in str(error.value)
+    assert "THE VAE FAILED ITS CHECK" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "pipeline").exists()  # the UNet stage never ran
+    calibration = json.loads((tmp_path / "out" / "vae" / "calibration.json").read_text())
+    assert calibration["check"]["passed"] is False  # nothing lost: the VAE and its report are on disk
+
+    resumed = vae_config(tmp_path / "out", shapes_folder, stages=["vae", "unet"], vae_training__min_psnr=99.0,
+                         resume_from_checkpoint="latest")
+    with pytest.raises(TrainingError, match="failed its check"):  # reusing the failed VAE is refused too
+        train(resumed)
+    warned = vae_config(tmp_path / "out", shapes_folder, stages=["vae", "unet"], vae_training__min_psnr=99.0,
+                        resume_from_checkpoint="latest", vae_training__on_check_failure="warn")
+    assert (train(warned) / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("psnr_samples, count", [(0, 16), (8, 4)])
+def test_no_held_out_images_still_saves_the_vae(tmp_path, psnr_samples, count):
+    from conftest import write_caption_folder
+
+    data = write_caption_folder(tmp_path / "data", count=count)
+    train(vae_config(tmp_path / "out", data, vae_training__psnr_samples=psnr_samples, train_batch_size=2,
+                     vae_training__train_batch_size=2))
+    calibration = json.loads((tmp_path / "out" / "vae" / "calibration.json").read_text())
+    assert calibration["scaling_factor"] > 0 and "heldout_psnr_db" not in calibration
+
+
+def test_reconstruction_scores_of_a_perfect_and_a_grey_autoencoder(shapes_folder):
+    captions = [json.loads(line)["text"] for line in (shapes_folder / "metadata.jsonl").read_text().splitlines()]
+    assert is_shapes_data(captions) and not is_shapes_data(captions + ["a photo of a cat"])
+    images = [Image.open(shapes_folder / f"{i:05d}.png").convert("RGB") for i in range(6)]
+    pixels = torch.stack([torch.tensor(np.asarray(image)).permute(2, 0, 1) for image in images]).float() / 127.5 - 1
+
+    class Identity(torch.nn.Module):  # encode/decode as the identity: a perfect autoencoder
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def encode(self, x):
+            return type("Out", (), {"latent_dist": type("Dist", (), {"mean": x})})
+
+        def decode(self, z):
+            return type("Out", (), {"sample": z})
+
+    sums = reconstruction_sums(Identity(), pixels, captions[:6])
+    assert sums[0] == 6 and sums[2:].tolist() == [6, 6, 6]  # the checker reads every original right
+    assert [image.tobytes() for image in to_pil(pixels)] == [image.tobytes() for image in images]
+
+    class Blank(Identity):  # decodes everything to a white image: nothing for the checker to read
+        def decode(self, z):
+            return type("Out", (), {"sample": torch.ones_like(z)})
+
+    blank = reconstruction_sums(Blank(), pixels, captions[:6])
+    assert blank[2:].tolist() == [0, 0, 0] and blank[1] / 6 < sums[1] / 6
+
+
+def test_calibration_centres_the_latents_and_keeps_reconstructions(tmp_path):
+    from accelerate import Accelerator
+
+    from ldm_pipeline.models import ModelConfig, build_vae
+
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig()).eval()
+    dataset = [{"pixel_values": torch.rand(3, 32, 32) * 2 - 1} for _ in range(10)]
+    pixels = torch.stack([row["pixel_values"] for row in dataset])
+    with torch.no_grad():
+        before = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+        stats = calibrate_latents(Accelerator(cpu=True), vae, dataset, num_samples=10, batch_size=3)
+        means = vae.encode(pixels).latent_dist.mean
+        after = vae.decode(means).sample
+    assert torch.allclose(means.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4)  # centred per channel
+    assert (means * stats["scaling_factor"]).std().item() == pytest.approx(1.0, abs=0.02)  # unit variance
+    assert torch.allclose(before, after, atol=1e-4)  # the decoder reads the centred latents the same
