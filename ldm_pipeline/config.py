@@ -83,6 +83,7 @@ class VAETrainingConfig:
     # paints red, orange and yellow shapes one orange into one that keeps all six shapes colors (see
     # losses.vae_loss). 0 weighs every pixel alike; useful for small objects on a plain background.
     foreground_weight: float = 0.0
+    lowpass_weight: float = 0.0  # experimental: L1 of 8x8-pooled images
     max_grad_norm: float = 1.0
     checkpointing_steps: int = 0  # 0: only the finished VAE is saved
     scaling_samples: int = 512  # images encoded to measure the latent scaling factor
@@ -145,7 +146,8 @@ class Config:
     ema_decay: float = 0.9999
     snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is the paper's
     noise_offset: float = 0.0  # offset noise (Guttenberg 2023); ~0.05 lets images get darker
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # null: the pretrained pipeline's own (a v-prediction model stays v-prediction), else epsilon
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
     train_text_encoder: bool = False
     text_encoder_learning_rate: float | None = None  # default: learning_rate
     checkpointing_steps: int = 500

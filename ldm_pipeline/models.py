@@ -7,6 +7,7 @@ hub ids. Weights are read as safetensors only.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .config import ConfigError, ModelConfig
+
+logger = logging.getLogger(__name__)
 
 _CROSS_DOWN, _DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 _CROSS_UP, _UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -204,14 +207,21 @@ def build_unet(model: ModelConfig, resolution: int, vae: AutoencoderKL, text_enc
     return unet
 
 
-def build_noise_scheduler(model: ModelConfig, prediction_type: str) -> DDPMScheduler:
-    """The pretrained pipeline's noise schedule, else Stable Diffusion's (scaled linear, 1000 steps)."""
+def build_noise_scheduler(model: ModelConfig, prediction_type: str | None = None) -> DDPMScheduler:
+    """The pretrained pipeline's noise schedule, else Stable Diffusion's (scaled linear, 1000 steps).
+
+    `prediction_type` None keeps the pretrained scheduler's own (fine-tuning a v-prediction model as
+    epsilon would silently unlearn it), else epsilon; a given value overrides it, with a note."""
     if model.pretrained_model_name_or_path:
         source = _checked_path(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path", "scheduler")
         base = _from_pretrained(DDPMScheduler, source, "model.pretrained_model_name_or_path")
-        return DDPMScheduler.from_config(base.config, prediction_type=prediction_type)
+        own = base.config.get("prediction_type", "epsilon")
+        if prediction_type is not None and prediction_type != own:
+            logger.warning("prediction_type: training %s although %s was trained with %s (as configured)",
+                           prediction_type, model.pretrained_model_name_or_path, own)
+        return DDPMScheduler.from_config(base.config, prediction_type=prediction_type or own)
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                         beta_end=0.012, prediction_type=prediction_type, clip_sample=False,
+                         beta_end=0.012, prediction_type=prediction_type or "epsilon", clip_sample=False,
                          steps_offset=1)
 
 

@@ -423,7 +423,8 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
         pixels = batch["pixel_values"]
         noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(pixels.device)
         reconstruction, posterior = model(pixels, noise)
-        return vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight)[0]
+        return vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight,
+                        settings.lowpass_weight, vae_scale_factor(vae))[0]
 
     def validate(step):
         report = check_reconstructions(accelerator, accelerator.unwrap_model(model).vae.eval(), heldout_set,
@@ -477,9 +478,13 @@ def make_validator(accelerator, config, pipeline_parts, heldout_loss):
         pipe = StableDiffusionPipeline(**pipeline_parts(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        images = generate_across_processes(
-            accelerator, pipe, [p for p, _ in jobs], [s for _, s in jobs], show_progress=False,
-            num_inference_steps=config.sampling.num_inference_steps, guidance_scale=config.sampling.guidance_scale)
+        # Under mixed precision the frozen VAE and text encoder hold bf16/fp16 weights while the UNet keeps
+        # fp32 ones; autocast runs each layer in one dtype, as in training.
+        with accelerator.autocast():
+            images = generate_across_processes(
+                accelerator, pipe, [p for p, _ in jobs], [s for _, s in jobs], show_progress=False,
+                num_inference_steps=config.sampling.num_inference_steps,
+                guidance_scale=config.sampling.guidance_scale)
         if accelerator.is_main_process:
             samples.mkdir(parents=True, exist_ok=True)
             path = samples / f"{name or f'step-{step:06d}'}.png"
@@ -665,6 +670,13 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
 
 
 def build_accelerator(config: Config) -> Accelerator:
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != config.mixed_precision and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        # Accelerate keeps one state per process; a second train() in the same Python session (a notebook,
+        # a test) with another mixed_precision would be refused, so a single process starts afresh.
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
