@@ -5,8 +5,26 @@
     images = generate(pipe, ["a red circle in the top left"], seeds=[0])
 """
 
-from .config import Config, ConfigError, load_config
-from .pipeline import generate, load_pipeline, read_png_metadata, save_images
+import logging
+
+
+class _DropNoise(logging.Filter):
+    """Library messages that say nothing to our users: transformers offering a torchvision image processor
+    (we load no image processor: no safety checker), and diffusers warning about keeping an empty list of
+    modules in float32 when the frozen VAE is cast for mixed precision."""
+
+    NOISE = ("requires torchvision (not installed); falling back", "should be kept in float32: []")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.NOISE)
+
+
+for _name in ("transformers.utils.import_utils", "diffusers.models.modeling_utils"):
+    logging.getLogger(_name).addFilter(_DropNoise())
+
+from .config import Config, ConfigError, load_config  # noqa: E402
+from .pipeline import generate, load_pipeline, read_png_metadata, save_images  # noqa: E402
 
 __all__ = ["Config", "ConfigError", "generate", "load_config", "load_pipeline", "read_png_metadata",
            "save_images", "train"]

@@ -45,7 +45,7 @@ def load_source(data: DataConfig) -> datasets.Dataset:
             # splits walks the folder dozens of times (8 s of a 6,000-image folder's 10 s load).
             split_folders = (root / "train").is_dir()
             files = {"data_dir": str(root)} if split_folders else {"data_files": {"train": str(root / "**")}}
-            dataset = datasets.load_dataset("imagefolder", **files, split="train")
+            dataset = _quietly(datasets.load_dataset, "imagefolder", **files, split="train")
         except (ValueError, FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
             raise DataError(f"data.train_data_dir: {root} holds no readable images ({error}); "
                             "put .png/.jpg files there (see the README for accepted layouts)") from error
@@ -64,6 +64,17 @@ def load_source(data: DataConfig) -> datasets.Dataset:
     if data.max_train_samples is not None:
         dataset = dataset.select(range(min(data.max_train_samples, len(dataset))))
     return dataset
+
+
+def _quietly(function, *args, **kwargs):
+    """Run without datasets' progress bars: for a local folder "Downloading data" only lists its files."""
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        return function(*args, **kwargs)
+    finally:
+        if not was_disabled:
+            datasets.utils.enable_progress_bars()
 
 
 def _count_images(root: Path) -> int:

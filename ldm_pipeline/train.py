@@ -258,8 +258,13 @@ def after_step(accelerator, config: Config, stage: Stage, state: Progress, bar, 
 
 def make_optimizer(config: Config, param_groups, learning_rate: float, lr_scheduler: str, warmup: int,
                    max_steps: int):
+    # The fused kernel updates every tensor in one pass: ~10% faster UNet steps on a CPU
+    # (benchmarks/step_speed.py); torch has it for CPU and CUDA parameters.
+    params = [p for group in param_groups for p in (group["params"] if isinstance(group, dict) else [group])]
+    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
+                for p in params)
     optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=fused)
     schedule = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
     return optimizer, schedule
 
@@ -411,7 +416,9 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
 
     accelerator.gradient_accumulation_steps = 1
     model = VAEForTraining(vae)
-    optimizer, lr_scheduler = make_optimizer(config, model.parameters(), settings.learning_rate,
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer, lr_scheduler = make_optimizer(config, list(model.parameters()), settings.learning_rate,
                                              settings.lr_scheduler, settings.lr_warmup_steps,
                                              settings.max_train_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer,
@@ -510,6 +517,8 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
     text_encoder.requires_grad_(config.train_text_encoder)
     if not config.train_text_encoder:
         text_encoder.eval().to(accelerator.device, weight_dtype)
+    if config.channels_last:
+        unet.to(memory_format=torch.channels_last)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
