@@ -153,8 +153,8 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
         progress_state = Progress(**{k: saved[k] for k in ("step", "windows", "skipped_steps", "overflow_steps")})
         restore_hyperparameters(config, stage, yaml.safe_load((checkpoint / "config.yaml").read_text()), accelerator)
         accelerator.print(f"[{stage.name}] resumed from {checkpoint} at step {progress_state.step}")
-    elif config.resume_from_checkpoint == "latest":
-        accelerator.print(f"[{stage.name}] no checkpoint to resume from yet: starting at step 0")
+    elif config.resume_from_checkpoint == "latest" and (Path(config.output_dir) / "checkpoints").is_dir():
+        accelerator.print(f"[{stage.name}] no checkpoint of this stage to resume from yet: starting at step 0")
 
     steps_per_epoch = len(stage.dataloader) // accum
     if steps_per_epoch == 0:
@@ -429,6 +429,7 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
     def compute_loss(batch, generators):
         pixels = batch["pixel_values"]
         noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(pixels.device)
+        noise = noise * settings.posterior_noise
         reconstruction, posterior = model(pixels, noise)
         return vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight,
                         settings.lowpass_weight, vae_scale_factor(vae))[0]
@@ -776,6 +777,9 @@ def describe_run(config: Config, accelerator: Accelerator, components: dict, num
     if "vae" in config.stages:
         lines.append(f"vae stage: {config.vae_training.max_train_steps} steps of batch "
                      f"{config.vae_training.train_batch_size * accelerator.num_processes}")
+    out = Path(config.output_dir)
+    lines.append(f"writes: {out / 'pipeline'} (the model), {out / 'samples'} (image grids), "
+                 f"{out / 'metrics.jsonl'}")
     return "\n".join(lines)
 
 
