@@ -85,6 +85,7 @@ class VAETrainingConfig:
     foreground_weight: float = 0.0
     lowpass_weight: float = 0.0  # experimental: L1 of 8x8-pooled images
     posterior_noise: float = 1.0  # experimental
+    latent_color_weight: float = 0.0  # experimental
     max_grad_norm: float = 1.0
     checkpointing_steps: int = 0  # 0: only the finished VAE is saved
     scaling_samples: int = 512  # images encoded to measure the latent scaling factor
@@ -162,7 +163,9 @@ class Config:
     # Torch threads per process when training on CPU from the command line. null: the machine's physical
     # cores shared among its processes (accelerate launch would otherwise leave each process 1 thread).
     cpu_threads: int | None = None
-    report_to: str | None = None  # an Accelerate tracker ("tensorboard", "wandb"); metrics.jsonl always
+    # An Accelerate tracker: "tensorboard" (logs to <output_dir>/logs), "wandb", ...; "none" for none.
+    # metrics.jsonl is always written.
+    report_to: str | None = "tensorboard"
 
 
 def _type_name(tp) -> str:

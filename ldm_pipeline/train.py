@@ -113,6 +113,17 @@ def log_metrics(accelerator: Accelerator, config: Config, metrics: dict, log_off
                     step=log_offset + metrics["step"])
 
 
+def log_image(accelerator: Accelerator, name: str, image, step: int) -> None:
+    """Send an image (a validation grid, the VAE's reconstructions) to every tracker that takes images."""
+    import numpy as np
+
+    for tracker in accelerator.trackers if accelerator.is_main_process else []:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: np.asarray(image.convert("RGB"))[None]}, step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({name: [image]}, step)
+
+
 def restore_hyperparameters(config: Config, stage: Stage, saved_config: dict, accelerator: Accelerator) -> None:
     """After a resume, the optimizer and LR schedule hold the settings they were saved with; apply the
     config's instead, so a changed learning_rate (or Adam setting) takes effect: the LR schedule keeps
@@ -191,7 +202,7 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
                     bad = accelerator.reduce(window_bad, "sum").item() > 0
                     if not bad:
                         params = [p for group in stage.optimizer.param_groups for p in group["params"]]
-                        accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
                         stage.optimizer.step()
                         overflow = accelerator.optimizer_step_was_skipped  # fp16: the GradScaler skipped it
                         if not overflow:
@@ -223,7 +234,7 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
                 steps_timed += 1
                 bar.update(1)
                 after_step(accelerator, config, stage, state, bar, loss_sum, loss_count,
-                           steps_timed * global_batch / (time.perf_counter() - started))
+                           steps_timed * global_batch / (time.perf_counter() - started), grad_norm)
                 if state.step % config.logging_steps == 0:
                     loss_sum, loss_count = 0.0, 0
             if state.step >= stage.max_train_steps or state.windows % steps_per_epoch == 0:
@@ -233,7 +244,7 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
 
 
 def after_step(accelerator, config: Config, stage: Stage, state: Progress, bar, loss_sum: float, loss_count: int,
-               samples_per_s: float) -> None:
+               samples_per_s: float, grad_norm) -> None:
     """Log, validate and checkpoint on schedule; every process calls this, so collectives match."""
     step = state.step
     if step % config.logging_steps == 0 or step == stage.max_train_steps:
@@ -242,7 +253,9 @@ def after_step(accelerator, config: Config, stage: Stage, state: Progress, bar, 
         lr = stage.lr_scheduler.get_last_lr()[0]
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
         log_metrics(accelerator, config, {"stage": stage.name, "step": step, "loss": loss, "lr": lr,
-                                          "samples_per_s": samples_per_s, "skipped_steps": state.skipped_steps,
+                                          "grad_norm": None if grad_norm is None else float(grad_norm),
+                                          "samples_per_s": samples_per_s,
+                                          "skipped_steps": state.skipped_steps,
                                           "overflow_steps": state.overflow_steps}, stage.log_offset)
     if stage.validate and stage.validation_steps and step % stage.validation_steps == 0 \
             and step < stage.max_train_steps:
@@ -286,11 +299,12 @@ class VAEForTraining(torch.nn.Module):
     def __init__(self, vae: AutoencoderKL):
         super().__init__()
         self.vae = vae
+        self.color_probe = torch.nn.Conv2d(vae.config.latent_channels, 3, 1)  # latent -> region color
 
     def forward(self, pixels, posterior_noise):
         posterior = self.vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * posterior_noise
-        return self.vae.decode(latents).sample, posterior
+        return self.vae.decode(latents).sample, posterior, self.color_probe(posterior.mean)
 
 
 def shares(accelerator: Accelerator, count: int, chunk: int):
@@ -379,7 +393,7 @@ def report_vae_check(accelerator: Accelerator, config: Config, out: Path, failur
                             "vae_training.on_check_failure: warn to train the UNet on it anyway.")
 
 
-def save_vae_grid(vae: AutoencoderKL, heldout_set, path: Path, count: int = 8) -> None:
+def save_vae_grid(vae: AutoencoderKL, heldout_set, path: Path, count: int = 8):
     """Held-out originals (top row) above their reconstructions (bottom row)."""
     from .evaluate import to_pil
 
@@ -387,7 +401,9 @@ def save_vae_grid(vae: AutoencoderKL, heldout_set, path: Path, count: int = 8) -
     with torch.no_grad():
         reconstruction = vae.decode(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean).sample
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(to_pil(pixels) + to_pil(reconstruction), rows=2).save(path)
+    grid = image_grid(to_pil(pixels) + to_pil(reconstruction), rows=2)
+    grid.save(path)
+    return grid
 
 
 def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.TrainData, vae: AutoencoderKL):
@@ -430,9 +446,13 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
         pixels = batch["pixel_values"]
         noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(pixels.device)
         noise = noise * settings.posterior_noise
-        reconstruction, posterior = model(pixels, noise)
-        return vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight,
+        reconstruction, posterior, probe = model(pixels, noise)
+        loss = vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight,
                         settings.lowpass_weight, vae_scale_factor(vae))[0]
+        if settings.latent_color_weight:
+            region = torch.nn.functional.avg_pool2d(pixels.float(), vae_scale_factor(vae))
+            loss = loss + settings.latent_color_weight * (probe.float() - region).abs().mean()
+        return loss
 
     def validate(step):
         report = check_reconstructions(accelerator, accelerator.unwrap_model(model).vae.eval(), heldout_set,
@@ -462,7 +482,8 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
         (partial / "calibration.json").write_text(json.dumps(stats, indent=2))
         replace_directory(partial, out)
         if heldout:
-            save_vae_grid(vae, heldout_set, Path(config.output_dir) / "samples" / "vae.png")
+            grid = save_vae_grid(vae, heldout_set, Path(config.output_dir) / "samples" / "vae.png")
+            log_image(accelerator, "vae_reconstructions", grid, settings.max_train_steps)
         log_metrics(accelerator, config, {"stage": "vae", "step": settings.max_train_steps,
                                           **{k: v for k, v in stats.items() if k != "check"}})
     accelerator.wait_for_everyone()
@@ -496,8 +517,10 @@ def make_validator(accelerator, config, pipeline_parts, heldout_loss):
         if accelerator.is_main_process:
             samples.mkdir(parents=True, exist_ok=True)
             path = samples / f"{name or f'step-{step:06d}'}.png"
-            image_grid(images, rows=len(config.validation.seeds)).save(path)
+            grid = image_grid(images, rows=len(config.validation.seeds))
+            grid.save(path)
             path.with_suffix(".txt").write_text("columns: " + " | ".join(prompts) + "\n")
+            log_image(accelerator, "validation", grid, unet_log_offset(config) + step)
         accelerator.print(f"[unet] step {step}: val_loss {metrics['val_loss']:.4f}, samples in {samples}")
         return metrics
 
@@ -690,7 +713,7 @@ def build_accelerator(config: Config) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=config.report_to,
+        log_with=None if config.report_to in (None, "none") else config.report_to,
         project_config=ProjectConfiguration(project_dir=config.output_dir,
                                             logging_dir=str(Path(config.output_dir) / "logs")),
         # One seeded permutation per epoch, the same at any process count (and after a resume).
@@ -816,8 +839,8 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
     prepare_output_dir(accelerator, config)  # after the checks; overwrite_output_dir clears vae/ here
     if built and accelerator.is_main_process:
         save_run_text_components(config, train_data, tokenizer, text_encoder)
-    if config.report_to:
-        accelerator.init_trackers("ldm_pipeline")
+    if config.report_to not in (None, "none"):
+        accelerator.init_trackers("ldm_pipeline")  # tensorboard: <output_dir>/logs/ldm_pipeline
     vae_dir = Path(config.output_dir) / "vae"
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True) if (vae_dir / "config.json").is_file() \
         else seeded(config.seed, "vae", lambda: build_vae(config.model))
