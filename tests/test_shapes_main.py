@@ -24,12 +24,19 @@ def test_main_command_in_miniature_ends_in_a_loadable_pipeline(tmp_path):
         args += ["--set", override]
     result = accelerate_launch(*args, timeout=90)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The first screen says what the run will do, without library noise.
+    for line in ("making 96 synthetic shapes images", "vae stage: 4 steps of batch 8", "unet stage: 4 optimizer steps",
+                 f"writes: {output_dir / 'pipeline'}"):
+        assert line in result.stdout, line
+    for noise in ("requires torchvision", "Downloading data", "should be kept in float32", "Generating train split"):
+        assert noise not in result.stdout + result.stderr, noise
 
     captions = [json.loads(line)["text"] for line in (data_dir / "metadata.jsonl").read_text().splitlines()]
     assert len(captions) == 96 and len(list(data_dir.glob("*.png"))) == 96  # the data was made
     assert list((output_dir / "latent_cache").iterdir())  # encoded once, for the next run
     calibration = json.loads((output_dir / "vae" / "calibration.json").read_text())
     assert calibration["scaling_factor"] > 0 and "heldout_psnr_db" in calibration
+    assert "recon_color_accuracy" in calibration  # the shapes checker ran on the VAE's reconstructions
     assert list((output_dir / "samples").glob("*.png"))  # the grid of fixed prompts
     assert yaml.safe_load((output_dir / "config.yaml").read_text())["resolution"] == 64
 
