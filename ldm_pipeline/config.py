@@ -86,6 +86,7 @@ class VAETrainingConfig:
     lowpass_weight: float = 0.0  # experimental: L1 of 8x8-pooled images
     posterior_noise: float = 1.0  # experimental
     latent_color_weight: float = 0.0  # experimental
+    hue_augment: bool = False  # experimental
     max_grad_norm: float = 1.0
     checkpointing_steps: int = 0  # 0: only the finished VAE is saved
     scaling_samples: int = 512  # images encoded to measure the latent scaling factor

@@ -175,7 +175,9 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
     first_sample = accelerator.process_index * stage.batch_size
     bar = tqdm(total=stage.max_train_steps, initial=progress_state.step, desc=stage.name,
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    bad_in_a_row, loss_sum, loss_count = 0, 0.0, 0
+    # Loss sums stay on the device: reading a loss every micro-step would stall a GPU at each one.
+    bad_in_a_row = 0
+    loss_sum, loss_count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     started, steps_timed = time.perf_counter(), 0
     for model in stage.models:
         model.train()
@@ -208,8 +210,9 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
                         if not overflow:
                             stage.lr_scheduler.step()  # ours, not Accelerate's: one step per optimizer step
                     stage.optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach().float(), 0.0)
+            loss_count += finite.float()
             if not accelerator.sync_gradients:
                 continue
             micro, window_bad, state.windows = 0, torch.zeros((), device=accelerator.device), state.windows + 1
@@ -236,20 +239,19 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
                 after_step(accelerator, config, stage, state, bar, loss_sum, loss_count,
                            steps_timed * global_batch / (time.perf_counter() - started), grad_norm)
                 if state.step % config.logging_steps == 0:
-                    loss_sum, loss_count = 0.0, 0
+                    loss_sum.zero_(), loss_count.zero_()
             if state.step >= stage.max_train_steps or state.windows % steps_per_epoch == 0:
                 break
     bar.close()
     return state
 
 
-def after_step(accelerator, config: Config, stage: Stage, state: Progress, bar, loss_sum: float, loss_count: int,
-               samples_per_s: float, grad_norm) -> None:
+def after_step(accelerator, config: Config, stage: Stage, state: Progress, bar, loss_sum: torch.Tensor,
+               loss_count: torch.Tensor, samples_per_s: float, grad_norm) -> None:
     """Log, validate and checkpoint on schedule; every process calls this, so collectives match."""
     step = state.step
     if step % config.logging_steps == 0 or step == stage.max_train_steps:
-        local = torch.tensor(loss_sum / max(loss_count, 1), device=accelerator.device)
-        loss = accelerator.reduce(local, "mean").item()
+        loss = accelerator.reduce(loss_sum / loss_count.clamp_min(1), "mean").item()
         lr = stage.lr_scheduler.get_last_lr()[0]
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
         log_metrics(accelerator, config, {"stage": stage.name, "step": step, "loss": loss, "lr": lr,
@@ -305,6 +307,17 @@ class VAEForTraining(torch.nn.Module):
         posterior = self.vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * posterior_noise
         return self.vae.decode(latents).sample, posterior, self.color_probe(posterior.mean)
+
+
+def rotate_hue(pixels: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate each image's colors about the grey axis of RGB space by its angle (B,): a hue rotation that keeps
+    greys, black and white. (B, 3, H, W) in [-1, 1] -> the same, clamped."""
+    axis = torch.full((3,), 3 ** -0.5, device=pixels.device, dtype=pixels.dtype)
+    cross = torch.tensor([[0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=pixels.device, dtype=pixels.dtype) * 3 ** -0.5
+    cos, sin = angles.cos()[:, None, None], angles.sin()[:, None, None]  # (B, 1, 1)
+    eye = torch.eye(3, device=pixels.device, dtype=pixels.dtype)
+    rotation = cos * eye + sin * cross + (1 - cos) * torch.outer(axis, axis)  # Rodrigues: (B, 3, 3)
+    return torch.einsum("bij,bjhw->bihw", rotation, pixels).clamp(-1, 1)
 
 
 def shares(accelerator: Accelerator, count: int, chunk: int):
@@ -446,6 +459,9 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
         pixels = batch["pixel_values"]
         noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(pixels.device)
         noise = noise * settings.posterior_noise
+        if settings.hue_augment:
+            angles = torch.stack([torch.rand((), generator=g) for g in generators]) * 2 * torch.pi
+            pixels = rotate_hue(pixels, angles.to(pixels.device))
         reconstruction, posterior, probe = model(pixels, noise)
         loss = vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight,
                         settings.lowpass_weight, vae_scale_factor(vae))[0]
@@ -581,7 +597,7 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
     if config.use_ema:
         plain = accelerator.unwrap_model(unet)
         ema = EMAModel(plain.parameters(), decay=config.ema_decay, model_cls=UNet2DConditionModel,
-                       model_config=plain.config)
+                       model_config=plain.config, foreach=True)
         ema.to(accelerator.device)  # a resume copies the saved EMA weights into these tensors, in place
 
     scaling = vae.config.scaling_factor
