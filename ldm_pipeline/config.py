@@ -83,10 +83,6 @@ class VAETrainingConfig:
     # paints red, orange and yellow shapes one orange into one that keeps all six shapes colors (see
     # losses.vae_loss). 0 weighs every pixel alike; useful for small objects on a plain background.
     foreground_weight: float = 0.0
-    lowpass_weight: float = 0.0  # experimental: L1 of 8x8-pooled images
-    posterior_noise: float = 1.0  # experimental
-    latent_color_weight: float = 0.0  # experimental
-    hue_augment: bool = False  # experimental
     max_grad_norm: float = 1.0
     checkpointing_steps: int = 0  # 0: only the finished VAE is saved
     scaling_samples: int = 512  # images encoded to measure the latent scaling factor

@@ -44,8 +44,7 @@ def foreground_mask(target: torch.Tensor) -> torch.Tensor:
     return ((target - background).abs().amax(dim=1, keepdim=True) > FOREGROUND_DISTANCE).float()
 
 
-def vae_loss(reconstruction, target, posterior, kl_weight: float, foreground_weight: float = 0.0,
-             lowpass_weight: float = 0.0, lowpass_factor: int = 8):
+def vae_loss(reconstruction, target, posterior, kl_weight: float, foreground_weight: float = 0.0):
     """L1 + L2 reconstruction plus a small KL term, per pixel.
 
     L1 drives flat color regions to their exact value (a median), L2 penalises the rare large
@@ -65,9 +64,4 @@ def vae_loss(reconstruction, target, posterior, kl_weight: float, foreground_wei
     l1, l2 = (weight * error.abs()).mean(), (weight * error.pow(2)).mean()
     kl = posterior.kl().mean()  # summed over latent elements, averaged over the batch
     total = l1 + l2 + kl_weight * kl / target[0].numel()
-    parts = {"l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
-    if lowpass_weight:
-        lowpass = F.avg_pool2d(error, lowpass_factor).abs().mean()  # (B, 3, H/f, W/f): region colors
-        total = total + lowpass_weight * lowpass
-        parts["lowpass"] = lowpass.detach()
-    return total, parts
+    return total, {"l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}

@@ -301,23 +301,11 @@ class VAEForTraining(torch.nn.Module):
     def __init__(self, vae: AutoencoderKL):
         super().__init__()
         self.vae = vae
-        self.color_probe = torch.nn.Conv2d(vae.config.latent_channels, 3, 1)  # latent -> region color
 
     def forward(self, pixels, posterior_noise):
         posterior = self.vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * posterior_noise
-        return self.vae.decode(latents).sample, posterior, self.color_probe(posterior.mean)
-
-
-def rotate_hue(pixels: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate each image's colors about the grey axis of RGB space by its angle (B,): a hue rotation that keeps
-    greys, black and white. (B, 3, H, W) in [-1, 1] -> the same, clamped."""
-    axis = torch.full((3,), 3 ** -0.5, device=pixels.device, dtype=pixels.dtype)
-    cross = torch.tensor([[0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=pixels.device, dtype=pixels.dtype) * 3 ** -0.5
-    cos, sin = angles.cos()[:, None, None], angles.sin()[:, None, None]  # (B, 1, 1)
-    eye = torch.eye(3, device=pixels.device, dtype=pixels.dtype)
-    rotation = cos * eye + sin * cross + (1 - cos) * torch.outer(axis, axis)  # Rodrigues: (B, 3, 3)
-    return torch.einsum("bij,bjhw->bihw", rotation, pixels).clamp(-1, 1)
+        return self.vae.decode(latents).sample, posterior
 
 
 def shares(accelerator: Accelerator, count: int, chunk: int):
@@ -458,17 +446,8 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
     def compute_loss(batch, generators):
         pixels = batch["pixel_values"]
         noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(pixels.device)
-        noise = noise * settings.posterior_noise
-        if settings.hue_augment:
-            angles = torch.stack([torch.rand((), generator=g) for g in generators]) * 2 * torch.pi
-            pixels = rotate_hue(pixels, angles.to(pixels.device))
-        reconstruction, posterior, probe = model(pixels, noise)
-        loss = vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight,
-                        settings.lowpass_weight, vae_scale_factor(vae))[0]
-        if settings.latent_color_weight:
-            region = torch.nn.functional.avg_pool2d(pixels.float(), vae_scale_factor(vae))
-            loss = loss + settings.latent_color_weight * (probe.float() - region).abs().mean()
-        return loss
+        reconstruction, posterior = model(pixels, noise)
+        return vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight)[0]
 
     def validate(step):
         report = check_reconstructions(accelerator, accelerator.unwrap_model(model).vae.eval(), heldout_set,
