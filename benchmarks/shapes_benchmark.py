@@ -75,7 +75,10 @@ def benchmark_seed(seed: int, workdir: Path, overrides: list[str], first_seeds: 
     row = {"seed": seed, "wall_s": round(wall, 1),
            "vae_steps_s": stage_speed(metrics, "vae", config.vae_training.train_batch_size),
            "unet_steps_s": stage_speed(metrics, "unet", config.train_batch_size),
-           "psnr_db": calibration.get("heldout_psnr_db"), "recon_color": calibration.get("recon_color_accuracy")}
+           "psnr_db": calibration.get("heldout_psnr_db"), "recon_color": calibration.get("recon_color_accuracy"),
+           # the VAE's margin: the first check (every vae_training.validation_steps) with every color right
+           "color_ok_at": next((row["step"] for row in metrics if row.get("stage") == "vae"
+                                and row.get("recon_color_accuracy") == 1.0), None)}
     for first in first_seeds:
         report_path = output_dir.parent / f"evaluation-{first}.json"
         run([sys.executable, "-m", "ldm_pipeline.cli", "evaluate", "--model", str(output_dir / "pipeline"),
@@ -90,7 +93,8 @@ def worst(rows: list[dict]) -> dict:
     """The worst value of every column: the minimum, or the maximum for wall-clock."""
     keys = [key for key in rows[0] if key != "seed"]
     values = {key: [row[key] for row in rows if row[key] is not None] for key in keys}
-    return {"seed": "worst", **{key: (max(v) if key == "wall_s" else min(v)) if v else None
+    highest_is_worst = ("wall_s", "color_ok_at")
+    return {"seed": "worst", **{key: (max(v) if key in highest_is_worst else min(v)) if v else None
                                 for key, v in values.items()}}
 
 
@@ -110,7 +114,7 @@ def format_table(rows: list[dict]) -> str:
     def cell(value):
         if isinstance(value, float):
             return f"{value:.1%}" if value <= 1.0 else f"{value:.2f}"
-        return str(value)
+        return "-" if value is None else str(value)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(row[key]) for key in keys) + " |" for row in rows]
     return "\n".join(lines)

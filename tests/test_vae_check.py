@@ -113,3 +113,26 @@ def test_calibration_centres_the_latents_and_keeps_reconstructions(tmp_path):
     assert torch.allclose(means.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4)  # centred per channel
     assert (means * stats["scaling_factor"]).std().item() == pytest.approx(1.0, abs=0.02)  # unit variance
     assert torch.allclose(before, after, atol=1e-4)  # the decoder reads the centred latents the same
+
+
+def test_the_seed_changes_the_vae_init_the_data_order_and_the_noise(tmp_path, shapes_folder):
+    from ldm_pipeline.models import ModelConfig, build_vae
+    from ldm_pipeline.train import build_accelerator, sample_generators, seeded
+
+    def vae_weights(seed):
+        return seeded(seed, "vae", lambda: build_vae(ModelConfig())).encoder.conv_in.weight
+
+    assert torch.equal(vae_weights(0), vae_weights(0)) and not torch.equal(vae_weights(0), vae_weights(1))
+
+    def first_epoch(seed):
+        accelerator = build_accelerator(vae_config(tmp_path / "out", shapes_folder, seed=seed))
+        loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(16)), batch_size=4, shuffle=True))
+        loader.set_epoch(0)
+        return torch.cat(list(loader)).tolist()
+
+    assert first_epoch(0) == first_epoch(0) != first_epoch(1)
+
+    def noise(seed):
+        return torch.randn(4, generator=sample_generators(seed, 3, [5])[0])
+
+    assert torch.equal(noise(0), noise(0)) and not torch.equal(noise(0), noise(1))
