@@ -35,12 +35,16 @@ def replace_directory(partial: Path, final: Path) -> None:
 
 
 def save_pipeline(directory, *, vae, text_encoder, tokenizer, unet, noise_scheduler, sampling: SamplingConfig,
-                  extra: dict | None = None) -> Path:
-    """Write a plain `StableDiffusionPipeline` directory (safetensors, no safety checker) atomically.
+                  extra: dict | None = None, card=None, sample_grid: Path | None = None) -> Path:
+    """Write a plain `StableDiffusionPipeline` directory (safetensors, no safety checker) atomically,
+    with a model card (`card`, a huggingface_hub `ModelCard`; a minimal one by default) as README.md
+    and the `sample_grid` image it shows.
 
     Its scheduler is the sampler from `sampling`, configured from the training noise schedule, so
     plain `StableDiffusionPipeline.from_pretrained` users get the fast sampler too.
     """
+    from .card import SAMPLE_GRID, minimal_card
+
     directory = Path(directory)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -54,6 +58,9 @@ def save_pipeline(directory, *, vae, text_encoder, tokenizer, unet, noise_schedu
     defaults = {"scheduler": sampling.scheduler, "num_inference_steps": sampling.num_inference_steps,
                 "guidance_scale": sampling.guidance_scale, **(extra or {})}
     (partial / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    (card or minimal_card(directory.name)).save(partial / "README.md")
+    if sample_grid is not None:
+        shutil.copyfile(sample_grid, partial / SAMPLE_GRID)
     replace_directory(partial, directory)
     return directory
 

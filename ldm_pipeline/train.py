@@ -32,6 +32,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import data as data_lib
+from .card import training_card
 from .checkpoints import (
     check_checkpoint_config,
     check_output_dir,
@@ -501,9 +502,15 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
             ema.copy_to(unet.parameters())
         full = {m: m if m.dtype == torch.float32 else m.to(torch.float32)
                 for m in (vae, accelerator.unwrap_model(text_encoder), unet)}
+        grid = Path(config.output_dir) / "samples" / "final.png"
+        card = training_card(config, num_images=len(train.dataset), num_heldout=len(heldout_set),
+                             num_processes=accelerator.num_processes, metrics=final_metrics, sample_grid=grid.is_file(),
+                             parameters={"unet": unet.num_parameters(), "vae": vae.num_parameters(),
+                                         "text_encoder": accelerator.unwrap_model(text_encoder).num_parameters()})
         save_pipeline(pipeline_dir, vae=full[vae], text_encoder=full[accelerator.unwrap_model(text_encoder)],
                       tokenizer=tokenizer, unet=full[unet], noise_scheduler=noise_scheduler,
-                      sampling=config.sampling, extra={"resolution": config.resolution})
+                      sampling=config.sampling, extra={"resolution": config.resolution}, card=card,
+                      sample_grid=grid if grid.is_file() else None)
         print(f"saved the pipeline to {pipeline_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

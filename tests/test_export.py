@@ -3,30 +3,17 @@
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_pipeline
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from ldm_pipeline.cli import main as cli
-from ldm_pipeline.config import ConfigError, ModelConfig, SamplingConfig
+from ldm_pipeline.config import ConfigError
 from ldm_pipeline.export import check_round_trip, export_single_file, text_encoder_to_original, unet_to_original
-from ldm_pipeline.models import build_noise_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
-from ldm_pipeline.pipeline import save_pipeline
 
 PROMPT = "a red square on the left"
 SD_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-
-
-def save_tiny_pipeline(directory, unet_kwargs=None, vae_kwargs=None):
-    torch.manual_seed(0)
-    model = ModelConfig(unet_kwargs=unet_kwargs or {}, vae_kwargs=vae_kwargs or {})
-    tokenizer = load_tokenizer(model, lambda: [PROMPT, "a blue square on the right"])
-    text_encoder = build_text_encoder(model, tokenizer)
-    vae = build_vae(model)
-    unet = build_unet(model, 32, vae, text_encoder)
-    return save_pipeline(directory, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                         noise_scheduler=build_noise_scheduler(model, "epsilon"),
-                         sampling=SamplingConfig(num_inference_steps=2))
 
 
 def same_image(pipeline_dir, checkpoint):
