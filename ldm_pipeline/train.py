@@ -29,6 +29,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, pars
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from . import data as data_lib
@@ -48,13 +49,12 @@ from .models import (
     build_text_encoder,
     build_unet,
     build_vae,
-    count_parameters,
     load_tokenizer,
     make_sampler,
     resolve_source,
     vae_scale_factor,
 )
-from .pipeline import check_process_group, generate_across_processes, image_grid, replace_directory, save_pipeline
+from .pipeline import check_process_group, generate_across_processes, replace_directory, save_pipeline
 
 
 class TrainingError(RuntimeError):
@@ -337,7 +337,7 @@ def make_validator(accelerator, config, pipeline_parts, heldout_loss):
         if accelerator.is_main_process:
             samples.mkdir(parents=True, exist_ok=True)
             path = samples / f"{name or f'step-{step:06d}'}.png"
-            image_grid(images, rows=len(config.validation.seeds)).save(path)
+            make_image_grid(images, rows=len(config.validation.seeds), cols=len(prompts)).save(path)
             path.with_suffix(".txt").write_text("columns: " + " | ".join(prompts) + "\n")
         accelerator.print(f"[unet] step {step}: val_loss {metrics['val_loss']:.4f}, samples in {samples}")
         return metrics
@@ -349,7 +349,7 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
     noise_scheduler = build_noise_scheduler(config.model, config.prediction_type)
     set_seed(config.seed)  # the UNet's init does not depend on what was built before it
     unet = build_unet(config.model, config.resolution, vae, text_encoder)
-    accelerator.print(f"[unet] {count_parameters(unet) / 1e6:.2f}M parameters")
+    accelerator.print(f"[unet] {unet.num_parameters() / 1e6:.2f}M parameters")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
     text_encoder.requires_grad_(config.train_text_encoder)
@@ -548,7 +548,7 @@ def ensure_shapes_data(accelerator: Accelerator, config: Config) -> None:
 
 def describe_run(config: Config, accelerator: Accelerator, components: dict, num_examples: int | None) -> str:
     global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
-    lines = [f"{name}: {count_parameters(module) / 1e6:.2f}M parameters" for name, module in components.items()]
+    lines = [f"{name}: {module.num_parameters() / 1e6:.2f}M parameters" for name, module in components.items()]
     lines.append(f"effective batch size: {global_batch} = {config.train_batch_size} per process x "
                  f"{accelerator.num_processes} processes x {config.gradient_accumulation_steps} accumulation")
     if "unet" in config.stages:
@@ -602,8 +602,8 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
     if config.resolution % factor:
         raise ConfigError(f"resolution: {config.resolution} is not divisible by the VAE's downsampling "
                           f"factor {factor}; use a multiple of {factor}")
-    accelerator.print(f"text_encoder: {count_parameters(text_encoder) / 1e6:.2f}M parameters, "
-                      f"vae: {count_parameters(vae) / 1e6:.2f}M parameters, "
+    accelerator.print(f"text_encoder: {text_encoder.num_parameters() / 1e6:.2f}M parameters, "
+                      f"vae: {vae.num_parameters() / 1e6:.2f}M parameters, "
                       f"{len(train_data.dataset)} training images")
     accelerator.print(describe_run(config, accelerator, {}, len(train_data.dataset)))
 
