@@ -106,6 +106,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import import_gradio, serve
+
+    import_gradio()  # fail before the model loads when the extra is missing
+    serve(args.model, host=args.host, port=args.port, device=args.device, out_dir=args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm-pipeline", description="Latent diffusion text-to-image: train, "
                                      "generate and evaluate.")
@@ -161,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ex.set_defaults(run=cmd_export)
+
+    demo = commands.add_parser("demo", help='a local web page to generate from a model (pip install -e ".[demo]")')
+    demo.add_argument("--model", required=True, help="pipeline directory (e.g. outputs/shapes/pipeline) or hub id")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best available)")
+    demo.add_argument("--out", default=None, help="directory the PNGs are added to (default: a temporary one)")
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 

@@ -95,5 +95,5 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
 def test_console_script_lists_every_command():
     result = subprocess.run([sys.executable, "-m", "ldm_pipeline.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("generate", "evaluate", "make-shapes", "train"):
+    for command in ("generate", "evaluate", "make-shapes", "train", "export", "demo"):
         assert command in result.stdout
