@@ -5,11 +5,24 @@ import pytest
 import torch
 from conftest import save_tiny_pipeline
 from diffusers import StableDiffusionPipeline
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    infer_diffusers_model_type,
+)
 from safetensors import safe_open
 
 from ldm_pipeline.cli import main as cli
-from ldm_pipeline.config import ConfigError
-from ldm_pipeline.export import check_round_trip, export_single_file, text_encoder_to_original, unet_to_original
+from ldm_pipeline.config import ConfigError, ModelConfig
+from ldm_pipeline.export import (
+    check_round_trip,
+    export_single_file,
+    text_encoder_to_original,
+    unet_to_original,
+    vae_to_original,
+)
+from ldm_pipeline.models import build_text_encoder, build_unet, build_vae
+from ldm_pipeline.tokenizer import build_tokenizer
 
 PROMPT = "a red square on the left"
 SD_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -81,3 +94,20 @@ def test_round_trip_guard_refuses_weights_diffusers_would_not_load(tmp_path):
     checkpoint = {**unet_to_original(pipe.unet), **text_encoder_to_original(pipe.text_encoder)}
     with pytest.raises(ConfigError, match="VAE .* would not load back"):
         check_round_trip(pipe, checkpoint)  # no VAE weights at all
+
+
+def test_sd15_sized_components_get_the_sd15_layout():
+    """At Stable Diffusion 1.x sizes (built on the meta device: shapes, no memory) the file is what
+    SD-1.x tools expect: diffusers identifies it as a v1 checkpoint and its converters find every weight."""
+    model = ModelConfig(unet="sd15", vae="sd15", text_encoder="sd15")
+    with torch.device("meta"):
+        text_encoder = build_text_encoder(model, build_tokenizer(["a photo of a cat"]))
+        vae = build_vae(model)
+        unet = build_unet(model, 512, vae, text_encoder)
+    checkpoint = {**unet_to_original(unet), **vae_to_original(vae), **text_encoder_to_original(text_encoder)}
+    assert infer_diffusers_model_type(checkpoint) == "v1"
+    for module, read_back in ((unet, convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))),
+                              (vae, convert_ldm_vae_checkpoint(checkpoint, dict(vae.config)))):
+        state = module.state_dict()
+        assert set(read_back) == set(state)
+        assert all(read_back[key].numel() == tensor.numel() for key, tensor in state.items())
