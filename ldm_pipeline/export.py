@@ -163,19 +163,21 @@ def check_round_trip(pipe, checkpoint: dict) -> None:
         convert_ldm_vae_checkpoint,
     )
 
-    text_state = {key.removeprefix("text_model."): t for key, t in convert_ldm_clip_checkpoint(checkpoint).items()}
+    def unprefixed(state):  # transformers' CLIPTextModel keys, with or without the `text_model.` level
+        return {key.removeprefix("text_model."): tensor for key, tensor in state.items()}
+
     components = {
-        "UNet": (pipe.unet, convert_ldm_unet_checkpoint(checkpoint, dict(pipe.unet.config))),
-        "VAE": (pipe.vae, convert_ldm_vae_checkpoint(checkpoint, dict(pipe.vae.config))),
-        "text encoder": (pipe.text_encoder, text_state if not hasattr(pipe.text_encoder, "text_model")
-                         else convert_ldm_clip_checkpoint(checkpoint)),
+        "UNet": (pipe.unet.state_dict(), convert_ldm_unet_checkpoint(checkpoint, dict(pipe.unet.config))),
+        "VAE": (pipe.vae.state_dict(), convert_ldm_vae_checkpoint(checkpoint, dict(pipe.vae.config))),
+        "text encoder": (unprefixed(pipe.text_encoder.state_dict()),
+                         unprefixed(convert_ldm_clip_checkpoint(checkpoint))),
     }
-    for component, (module, read_back) in components.items():
-        for key, tensor in module.state_dict().items():
+    for component, (state, read_back) in components.items():
+        for key, tensor in state.items():
             back = read_back.get(key)
             if back is None or back.numel() != tensor.numel() or not torch.equal(back.reshape(tensor.shape), tensor):
                 _refuse(component, f"its weight {key} would not load back")
-        extra = sorted(set(read_back) - set(module.state_dict()))
+        extra = sorted(set(read_back) - set(state))
         if extra:
             _refuse(component, f"the checkpoint would give it an unknown weight {extra[0]}")
 
