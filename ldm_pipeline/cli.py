@@ -1,4 +1,4 @@
-"""`ldm-pipeline` command line: generate, evaluate, make-shapes, train.
+"""`ldm-pipeline` command line: generate, evaluate, make-shapes, train, export, demo.
 
 `generate` also runs under `accelerate launch -m ldm_pipeline.cli generate ...`: prompts are split
 across processes and every image is written once, by the main process, identical at any process
@@ -91,6 +91,29 @@ def cmd_train(args) -> int:
     return train_main(argv + (["--dry-run"] if args.dry_run else []))
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from .export import export_single_file
+
+    print(f"exporting {args.model} to the original Stable Diffusion single-file layout")
+    summary = export_single_file(args.model, args.out, dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
+    print(f"wrote {summary['path']}: {summary['tensors']} tensors (UNet {summary['unet_tensors']}, VAE "
+          f"{summary['vae_tensors']}, text encoder {summary['text_encoder_tensors']}), "
+          f"{summary['bytes'] / 1e6:.1f} MB, {args.dtype}")
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import import_gradio, serve
+
+    import_gradio()  # fail before the model loads when the extra is missing
+    serve(args.model, host=args.host, port=args.port, device=args.device, out_dir=args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm-pipeline", description="Latent diffusion text-to-image: train, "
                                      "generate and evaluate.")
@@ -139,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     tr.add_argument("--dry-run", action="store_true")
     tr.set_defaults(run=cmd_train)
+
+    ex = commands.add_parser("export", help="write a pipeline as one original-layout Stable Diffusion .safetensors")
+    ex.add_argument("--model", required=True, help="pipeline directory (e.g. outputs/shapes/pipeline) or hub id")
+    ex.add_argument("--out", required=True, help="the .safetensors file to write")
+    ex.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    ex.set_defaults(run=cmd_export)
+
+    demo = commands.add_parser("demo", help='a local web page to generate from a model (pip install -e ".[demo]")')
+    demo.add_argument("--model", required=True, help="pipeline directory (e.g. outputs/shapes/pipeline) or hub id")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best available)")
+    demo.add_argument("--out", default=None, help="directory the PNGs are added to (default: a temporary one)")
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 

@@ -53,7 +53,18 @@ def load_source(data: DataConfig) -> datasets.Dataset:
         if unused > 0:  # imagefolder drops images that its metadata file does not list
             logger.warning("%d image file(s) in %s have no row in its metadata file and are not used", unused, root)
     else:
-        dataset = datasets.load_dataset(data.dataset_name, data.dataset_config_name, split="train")
+        # A hub id, or a local directory in the hub's layout (parquet shards under data/, as push_to_hub
+        # writes them): the same call loads both.
+        name = data.dataset_name
+        local = Path(name).expanduser()
+        if name.startswith((".", "/", "~")) and not local.is_dir():
+            raise DataError(f"data.dataset_name: {name} is not a directory; give a hub dataset id or a local "
+                            "directory laid out like a hub dataset repo (e.g. data/train-00000-of-00001.parquet)")
+        try:
+            dataset = datasets.load_dataset(name, data.dataset_config_name, split="train")
+        except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
+            raise DataError(f"data.dataset_name: {name} holds no data files ({error}); a local dataset keeps "
+                            "its train split as parquet shards such as data/train-00000-of-00001.parquet") from error
     if len(dataset) == 0:
         raise DataError(f"the dataset {data.train_data_dir or data.dataset_name} is empty; add images")
     if data.image_column not in dataset.column_names:

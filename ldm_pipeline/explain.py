@@ -17,7 +17,7 @@ from PIL import Image
 
 from .config import ModelConfig
 from .data import image_to_tensor
-from .models import build_vae, count_parameters
+from .models import build_vae
 from .pipeline import decode_latents
 
 # Sobel kernels: a weighted difference across three rows (columns), so one pixel of noise does not
@@ -48,11 +48,9 @@ def layer_parameter_counts(side: int = 256, in_channels: int = 1, out_channels: 
     """Parameters of layers that map a side x side image to same-size feature maps, counted on the
     torch modules themselves (the dense one lives on the meta device: shapes only, no memory)."""
     with torch.device("meta"):
-        dense = torch.nn.Linear(side * side * in_channels, side * side * out_channels)
-    counts = {"fully connected": count_parameters(dense)}
-    for k in kernel_sizes:
-        counts[f"{k}x{k} convolution"] = count_parameters(torch.nn.Conv2d(in_channels, out_channels, k))
-    return counts
+        layers = {"fully connected": torch.nn.Linear(side * side * in_channels, side * side * out_channels)}
+        layers.update({f"{k}x{k} convolution": torch.nn.Conv2d(in_channels, out_channels, k) for k in kernel_sizes})
+    return {name: sum(p.numel() for p in layer.parameters()) for name, layer in layers.items()}
 
 
 def vae_latent_shape(preset: str, resolution: int) -> tuple[int, int, int]:
@@ -153,7 +151,7 @@ def preset_unet_shapes(preset: str = "sd15", resolution: int = 512, cross_attent
         unet = UNet2DConditionModel(sample_size=side, cross_attention_dim=cross_attention_dim, **UNET_PRESETS[preset])
         records = record_unet_shapes(unet, torch.empty(1, 4, side, side), torch.tensor([500]),
                                      torch.empty(1, text_length, cross_attention_dim))
-    return records, count_parameters(unet)
+    return records, unet.num_parameters()
 
 
 def _fmt(shape) -> str:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -239,6 +238,3 @@ def make_sampler(name: str, scheduler_config):
         raise ConfigError(f"sampling.scheduler: {name!r} is not one of {sorted(SAMPLERS)}")
     return SAMPLERS[name](scheduler_config)
 
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.utils import export_to_gif
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
@@ -35,12 +36,16 @@ def replace_directory(partial: Path, final: Path) -> None:
 
 
 def save_pipeline(directory, *, vae, text_encoder, tokenizer, unet, noise_scheduler, sampling: SamplingConfig,
-                  extra: dict | None = None) -> Path:
-    """Write a plain `StableDiffusionPipeline` directory (safetensors, no safety checker) atomically.
+                  extra: dict | None = None, card=None, sample_grid: Path | None = None) -> Path:
+    """Write a plain `StableDiffusionPipeline` directory (safetensors, no safety checker) atomically,
+    with a model card (`card`, a huggingface_hub `ModelCard`; a minimal one by default) as README.md
+    and the `sample_grid` image it shows.
 
     Its scheduler is the sampler from `sampling`, configured from the training noise schedule, so
     plain `StableDiffusionPipeline.from_pretrained` users get the fast sampler too.
     """
+    from .card import SAMPLE_GRID, minimal_card
+
     directory = Path(directory)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -54,6 +59,9 @@ def save_pipeline(directory, *, vae, text_encoder, tokenizer, unet, noise_schedu
     defaults = {"scheduler": sampling.scheduler, "num_inference_steps": sampling.num_inference_steps,
                 "guidance_scale": sampling.guidance_scale, **(extra or {})}
     (partial / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    (card or minimal_card(directory.name)).save(partial / "README.md")
+    if sample_grid is not None:
+        shutil.copyfile(sample_grid, partial / SAMPLE_GRID)
     replace_directory(partial, directory)
     return directory
 
@@ -245,19 +253,8 @@ def read_png_metadata(path) -> dict:
         return dict(image.text)
 
 
-def image_grid(images, rows: int) -> Image.Image:
-    """Tile equally sized images into `rows` rows."""
-    cols = -(-len(images) // rows)
-    width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * width, (i // cols) * height))
-    return grid
-
-
-def save_progress_gif(frames, path, duration_ms: int = 120) -> Path:
-    """An animated GIF of the decoded latents, one frame per denoising step (last frame held)."""
-    path = Path(path)
-    frames = list(frames) + [frames[-1]] * 5
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
-    return path
+def save_progress_gif(frames, path, fps: int = 8) -> Path:
+    """An animated GIF of the decoded latents, one frame per denoising step, the last frame held
+    (repeated: the GIF writer merges repeats into one long frame). 8 fps: 125 ms frames, which GIF's
+    centisecond clock stores as 120 ms."""
+    return Path(export_to_gif(list(frames) + [frames[-1]] * 5, str(path), fps=fps))

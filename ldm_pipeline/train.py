@@ -31,9 +31,11 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, pars
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from . import data as data_lib
+from .card import training_card
 from .checkpoints import (
     check_output_dir,
     checkpoint_steps,
@@ -49,13 +51,12 @@ from .models import (
     build_text_encoder,
     build_unet,
     build_vae,
-    count_parameters,
     load_tokenizer,
     make_sampler,
     resolve_source,
     vae_scale_factor,
 )
-from .pipeline import check_process_group, generate_across_processes, image_grid, replace_directory, save_pipeline
+from .pipeline import check_process_group, generate_across_processes, replace_directory, save_pipeline
 from .tokenizer import save_tokenizer
 
 
@@ -402,7 +403,7 @@ def save_vae_grid(vae: AutoencoderKL, heldout_set, path: Path, count: int = 8):
     with torch.no_grad():
         reconstruction = vae.decode(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean).sample
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = image_grid(to_pil(pixels) + to_pil(reconstruction), rows=2)
+    grid = make_image_grid(to_pil(pixels) + to_pil(reconstruction), rows=2, cols=len(pixels))
     grid.save(path)
     return grid
 
@@ -512,7 +513,7 @@ def make_validator(accelerator, config, pipeline_parts, heldout_loss):
         if accelerator.is_main_process:
             samples.mkdir(parents=True, exist_ok=True)
             path = samples / f"{name or f'step-{step:06d}'}.png"
-            grid = image_grid(images, rows=len(config.validation.seeds))
+            grid = make_image_grid(images, rows=len(config.validation.seeds), cols=len(prompts))
             grid.save(path)
             path.with_suffix(".txt").write_text("columns: " + " | ".join(prompts) + "\n")
             log_image(accelerator, "validation", grid, unet_log_offset(config) + step)
@@ -530,7 +531,7 @@ def unet_log_offset(config: Config) -> int:
 def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tokenizer, text_encoder, vae) -> Path:
     noise_scheduler = build_noise_scheduler(config.model, config.prediction_type)
     unet = seeded(config.seed, "unet", lambda: build_unet(config.model, config.resolution, vae, text_encoder))
-    accelerator.print(f"[unet] {count_parameters(unet) / 1e6:.2f}M parameters")
+    accelerator.print(f"[unet] {unet.num_parameters() / 1e6:.2f}M parameters")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
     text_encoder.requires_grad_(config.train_text_encoder)
@@ -685,9 +686,15 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
             ema.copy_to(unet.parameters())
         full = {m: m if m.dtype == torch.float32 else m.to(torch.float32)
                 for m in (vae, accelerator.unwrap_model(text_encoder), unet)}
+        grid = Path(config.output_dir) / "samples" / "final.png"
+        card = training_card(config, num_images=len(train.dataset), num_heldout=len(heldout_set),
+                             num_processes=accelerator.num_processes, metrics=final_metrics, sample_grid=grid.is_file(),
+                             parameters={"unet": unet.num_parameters(), "vae": vae.num_parameters(),
+                                         "text_encoder": accelerator.unwrap_model(text_encoder).num_parameters()})
         save_pipeline(pipeline_dir, vae=full[vae], text_encoder=full[accelerator.unwrap_model(text_encoder)],
                       tokenizer=tokenizer, unet=full[unet], noise_scheduler=noise_scheduler,
-                      sampling=config.sampling, extra={"resolution": config.resolution})
+                      sampling=config.sampling, extra={"resolution": config.resolution}, card=card,
+                      sample_grid=grid if grid.is_file() else None)
         print(f"saved the pipeline to {pipeline_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -785,7 +792,7 @@ def save_run_text_components(config: Config, train: data_lib.TrainData, tokenize
 
 def describe_run(config: Config, accelerator: Accelerator, components: dict, num_examples: int | None) -> str:
     global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
-    lines = [f"{name}: {count_parameters(module) / 1e6:.2f}M parameters" for name, module in components.items()]
+    lines = [f"{name}: {module.num_parameters() / 1e6:.2f}M parameters" for name, module in components.items()]
     lines.append(f"effective batch size: {global_batch} = {config.train_batch_size} per process x "
                  f"{accelerator.num_processes} processes x {config.gradient_accumulation_steps} accumulation")
     if "unet" in config.stages:
@@ -843,8 +850,8 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
     if config.resolution % factor:
         raise ConfigError(f"resolution: {config.resolution} is not divisible by the VAE's downsampling "
                           f"factor {factor}; use a multiple of {factor}")
-    accelerator.print(f"text_encoder: {count_parameters(text_encoder) / 1e6:.2f}M parameters, "
-                      f"vae: {count_parameters(vae) / 1e6:.2f}M parameters, "
+    accelerator.print(f"text_encoder: {text_encoder.num_parameters() / 1e6:.2f}M parameters, "
+                      f"vae: {vae.num_parameters() / 1e6:.2f}M parameters, "
                       f"{len(train_data.dataset)} training images")
     accelerator.print(describe_run(config, accelerator, {}, len(train_data.dataset)))
 

@@ -106,6 +106,23 @@ def tiny_config(output_dir: Path, data_dir: Path, **overrides):
     return config_from_dict(tiny_config_dict(output_dir, data_dir, **overrides))
 
 
+def save_tiny_pipeline(directory, unet_kwargs=None, vae_kwargs=None):
+    """An untrained pipeline of `tiny` components (preset overrides in *_kwargs), 32 px, 2 sampling steps."""
+    from ldm_pipeline.config import ModelConfig, SamplingConfig
+    from ldm_pipeline.models import build_noise_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
+    from ldm_pipeline.pipeline import save_pipeline
+
+    torch.manual_seed(0)
+    model = ModelConfig(unet_kwargs=unet_kwargs or {}, vae_kwargs=vae_kwargs or {})
+    tokenizer = load_tokenizer(model, lambda: ["a red square on the left", "a blue square on the right"])
+    text_encoder = build_text_encoder(model, tokenizer)
+    vae = build_vae(model)
+    unet = build_unet(model, 32, vae, text_encoder)
+    return save_pipeline(directory, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                         noise_scheduler=build_noise_scheduler(model, "epsilon"),
+                         sampling=SamplingConfig(num_inference_steps=2))
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One tiny two-stage run (VAE then UNet, EMA, checkpoints) shared by the tests that read it."""

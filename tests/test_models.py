@@ -12,7 +12,6 @@ from ldm_pipeline.models import (
     build_text_encoder,
     build_unet,
     build_vae,
-    count_parameters,
     load_tokenizer,
     vae_scale_factor,
 )
@@ -27,9 +26,9 @@ def test_sd15_presets_have_stable_diffusion_shapes():
         text_encoder = build_text_encoder(model, tokenizer)
         vae = build_vae(model)
         unet = build_unet(model, 512, vae, text_encoder)
-    assert count_parameters(unet) == pytest.approx(859.52e6, rel=1e-3)
-    assert count_parameters(vae) == pytest.approx(83.65e6, rel=1e-3)
-    assert count_parameters(text_encoder) == pytest.approx(123.06e6, rel=1e-3)
+    assert unet.num_parameters() == pytest.approx(859.52e6, rel=1e-3)
+    assert vae.num_parameters() == pytest.approx(83.65e6, rel=1e-3)
+    assert text_encoder.num_parameters() == pytest.approx(123.06e6, rel=1e-3)
     assert vae_scale_factor(vae) == 8 and unet.config.sample_size == 64
     assert unet.config.cross_attention_dim == 768 and vae.config.latent_channels == 4
 
@@ -52,7 +51,7 @@ def test_tiny_components_fit_together():
     states = text_encoder(ids)[0]
     latents = torch.randn(1, 4, 4, 4)
     assert unet(latents, torch.tensor([10]), states).sample.shape == latents.shape
-    assert count_parameters(unet) < 1e6
+    assert unet.num_parameters() < 1e6
 
 
 def test_components_load_from_directories(tmp_path):

@@ -11,6 +11,7 @@ from PIL import Image
 from ldm_pipeline import generate, load_pipeline, read_png_metadata, save_images
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ConfigError
+from ldm_pipeline.pipeline import save_progress_gif
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,12 @@ def test_progress_frames_and_gif(pipe, tmp_path):
                                 return_progress=True, show_progress=False)
     assert len(progress) == 1 and len(progress[0]) == 3
     assert progress[0][-1].size == images[0].size
+    with Image.open(save_progress_gif(progress[0], tmp_path / "steps.gif")) as gif:
+        durations = []
+        for k in range(gif.n_frames):
+            gif.seek(k)
+            durations.append(gif.info["duration"])
+    assert durations[:-1] == [120] * (len(durations) - 1) and durations[-1] >= 5 * 120  # last frame held
 
 
 def test_cli_generate_writes_numbered_pngs(trained_run, tmp_path, capsys):
@@ -88,5 +95,5 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
 def test_console_script_lists_every_command():
     result = subprocess.run([sys.executable, "-m", "ldm_pipeline.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("generate", "evaluate", "make-shapes", "train"):
+    for command in ("generate", "evaluate", "make-shapes", "train", "export", "demo"):
         assert command in result.stdout

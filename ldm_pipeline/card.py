@@ -1,0 +1,132 @@
+"""The model card saved as README.md with every pipeline, in the Hugging Face hub's form.
+
+The YAML header comes from huggingface_hub's `ModelCardData` (library, pipeline tag, tags, base
+model, data sets); the body says what a reader needs to trust or reproduce the model: the data,
+the steps of each stage, the settings, the evaluation numbers and a grid of samples. A training
+variant (e.g. LoRA) adds its tag, its `base_model` and a section in `training_card`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .config import Config
+from .models import resolve_source
+
+TAGS = ["ldm_pipeline", "text-to-image", "diffusers", "stable-diffusion-style"]
+SAMPLE_GRID = "sample_grid.png"  # the final validation grid, copied next to the card
+
+
+def _card(body: str, base_model: list[str] | None = None, datasets: list[str] | None = None) -> ModelCard:
+    if base_model is not None and len(base_model) < 2:  # the hub's usual form for one base model: a string
+        base_model = base_model[0] if base_model else None
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=list(TAGS),
+                         base_model=base_model, datasets=datasets or None)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def minimal_card(name: str) -> ModelCard:
+    """For a pipeline saved outside a training run: what it is and how to load it."""
+    return _card(f"# {name}\n\nA diffusers `StableDiffusionPipeline` saved by ldm_pipeline.\n\n{_usage(None)}")
+
+
+def _usage(sampling) -> str:
+    settings = "" if sampling is None else \
+        f", num_inference_steps={sampling.num_inference_steps}, guidance_scale={sampling.guidance_scale}"
+    return ("## Use\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
+            "pipe = StableDiffusionPipeline.from_pretrained(\"path/to/this/directory\")\n"
+            f"image = pipe(\"a prompt\"{settings}).images[0]\n```\n\n"
+            "or `ldm-pipeline generate --model path/to/this/directory --prompt \"a prompt\"`, which writes the "
+            "prompt, seed and settings into each PNG.")
+
+
+def _is_hub_id(value: str | None) -> bool:
+    """Only hub repositories go in the header; local directories are named in the body."""
+    return bool(value) and not Path(value).expanduser().exists()
+
+
+def _base_models(config: Config) -> list[str]:
+    sources = [resolve_source(config.model, name) for name in ("unet", "vae", "text_encoder")]
+    return sorted({source.path for source in sources if source.path and _is_hub_id(source.path)})
+
+
+def _data_section(config: Config, num_images: int, num_heldout: int) -> str:
+    data = config.data
+    if data.dataset_name:
+        source = f"the dataset `{data.dataset_name}`"
+        if data.dataset_config_name:
+            source += f" (config `{data.dataset_config_name}`)"
+    else:
+        source = f"the image folder `{data.train_data_dir}`"
+        if data.make_shapes is not None:
+            source += f" (synthetic shapes, {data.make_shapes.num_images} drawn with seed {data.make_shapes.seed})"
+    captions = "none (unconditional)" if data.caption_column is None else \
+        f"column `{data.caption_column}`, dropped {data.caption_dropout:.0%} of the time for classifier-free guidance"
+    return (f"## Training data\n\n- source: {source}\n- images: {num_images:,} ({num_heldout} of them held out "
+            f"for the validation loss)\n- captions: {captions}\n- preprocessing: {config.resolution}x"
+            f"{config.resolution}, {'center' if data.center_crop else 'random'} crop, "
+            f"{'random' if data.random_flip else 'no'} horizontal flips")
+
+
+def _training_section(config: Config, num_processes: int, parameters: dict[str, int]) -> str:
+    rows = []
+    if "vae" in config.stages:
+        vae = config.vae_training
+        rows.append(f"| vae | {vae.max_train_steps} | {vae.train_batch_size * num_processes} | "
+                    f"{vae.learning_rate:g} ({vae.lr_scheduler}) |")
+    global_batch = config.train_batch_size * num_processes * config.gradient_accumulation_steps
+    rows.append(f"| unet | {config.max_train_steps} | {global_batch} | {config.learning_rate:g} "
+                f"({config.lr_scheduler}) |")
+    trained = {"unet": True, "vae": "vae" in config.stages, "text_encoder": config.train_text_encoder}
+    components = "\n".join(f"- {name}: {parameters[name] / 1e6:.2f}M parameters, initialised from "
+                           f"{resolve_source(config.model, name).describe()}{'' if trained[name] else ', frozen'}"
+                           for name in ("unet", "vae", "text_encoder"))
+    settings = {"resolution": config.resolution, "mixed_precision": config.mixed_precision,
+                "prediction_type": config.prediction_type, "use_ema": config.use_ema, "snr_gamma": config.snr_gamma,
+                "noise_offset": config.noise_offset, "train_text_encoder": config.train_text_encoder,
+                "processes": num_processes, "seed": config.seed}
+    return ("## Training\n\n| stage | optimizer steps | global batch | learning rate |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n\n" + ", ".join(f"`{k}`: {v}" for k, v in settings.items())
+            + f"\n\n{components}")
+
+
+def _evaluation_section(config: Config, metrics: dict) -> str:
+    rows = []
+    calibration = Path(config.output_dir) / "vae" / "calibration.json"
+    if calibration.is_file():
+        psnr = json.loads(calibration.read_text()).get("heldout_psnr_db")
+        if psnr is not None:
+            rows.append(f"| VAE reconstruction PSNR, held-out images | {psnr:.2f} dB |")
+    if metrics.get("val_loss") is not None:
+        rows.append(f"| diffusion validation loss, held-out images (final) | {metrics['val_loss']:.4f} |")
+    if not rows:
+        return ""
+    return "## Evaluation\n\n| metric | value |\n|---|---|\n" + "\n".join(rows)
+
+
+def _samples_section(config: Config) -> str:
+    prompts = config.validation.prompts or [""]
+    return (f"## Samples\n\n![validation samples: one column per prompt, one row per seed]({SAMPLE_GRID})\n\n"
+            f"Columns: {' | '.join(repr(p) for p in prompts)}; rows: seeds {config.validation.seeds}; "
+            f"{config.sampling.scheduler}, {config.sampling.num_inference_steps} steps, guidance "
+            f"{config.sampling.guidance_scale}.")
+
+
+def training_card(config: Config, *, num_images: int, num_heldout: int, num_processes: int,
+                  parameters: dict[str, int], metrics: dict, sample_grid: bool) -> ModelCard:
+    """The card of a pipeline made by a training run."""
+    name = Path(config.output_dir).name
+    sections = [
+        f"# {name}\n\nA text-to-image latent diffusion model (a diffusers `StableDiffusionPipeline`: "
+        "`AutoencoderKL`, CLIP text encoder, `UNet2DConditionModel`) trained with ldm_pipeline.",
+        _usage(config.sampling),
+        _data_section(config, num_images, num_heldout),
+        _training_section(config, num_processes, parameters),
+        _evaluation_section(config, metrics),
+        _samples_section(config) if sample_grid else "",
+    ]
+    datasets = [config.data.dataset_name] if _is_hub_id(config.data.dataset_name) else []
+    return _card("\n\n".join(s for s in sections if s) + "\n", base_model=_base_models(config), datasets=datasets)
