@@ -141,7 +141,7 @@ class Config:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # the UNet (+ a trained text encoder) and the vae stage
     use_ema: bool = False
     ema_decay: float = 0.9999
     snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is the paper's

@@ -410,6 +410,8 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
                           f"{len(train.dataset)} images; at most a fifth is held out): the VAE is not checked")
 
     accelerator.gradient_accumulation_steps = 1
+    if config.gradient_checkpointing:  # at 512 px the decoder's full-size activations dominate memory
+        vae.enable_gradient_checkpointing()
     model = VAEForTraining(vae)
     optimizer, lr_scheduler = make_optimizer(config, model.parameters(), settings.learning_rate,
                                              settings.lr_scheduler, settings.lr_warmup_steps,
