@@ -2,10 +2,10 @@
 steps per stage: shrunk only by `--set` (steps, batches, widths, local text components), the resolution,
 stages, bf16, EMA and gradient checkpointing stay as the config has them."""
 
+import sys
 from pathlib import Path
 
 import torch
-from conftest import write_caption_folder
 from diffusers import StableDiffusionPipeline
 
 from ldm_pipeline import load_config
@@ -14,21 +14,8 @@ from ldm_pipeline.models import build_text_encoder, build_unet, build_vae, vae_s
 from ldm_pipeline.tokenizer import build_tokenizer
 from ldm_pipeline.train import train
 
-CONFIG = Path(__file__).resolve().parents[1] / "train_configs" / "sd_512.yaml"
-
-
-def shrink(data_dir: Path, output_dir: Path) -> list[str]:
-    """The sd15 block layouts (4 VAE blocks, 4 UNet blocks with cross-attention in 3) at dummy widths."""
-    return [
-        f"data.train_data_dir={data_dir}", f"output_dir={output_dir}", "data.dataloader_num_workers=0",
-        "model.text_encoder=tiny", "model.tokenizer=captions",
-        "model.vae_kwargs={block_out_channels: [8, 16, 16, 16], layers_per_block: 1, norm_num_groups: 4}",
-        "model.unet_kwargs={block_out_channels: [16, 16, 32, 32], layers_per_block: 1, attention_head_dim: 2, "
-        "norm_num_groups: 8}",
-        "vae_training.train_batch_size=1", "vae_training.max_train_steps=2", "vae_training.scaling_samples=4",
-        "vae_training.psnr_samples=1", "train_batch_size=1", "max_train_steps=2", "validation.num_heldout=1",
-        "validation.seeds=[0]", "sampling.num_inference_steps=2",
-    ]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from sd512_cpu import CONFIG, shrink_overrides, write_images  # noqa: E402  the run benchmarks/sd512_cpu.py times
 
 
 def test_sd_512_config_is_the_stable_diffusion_shape():
@@ -45,7 +32,7 @@ def test_sd_512_config_is_the_stable_diffusion_shape():
 
 
 def test_sd_512_trains_both_stages_at_512_px_in_bf16(tmp_path, monkeypatch):
-    data_dir = write_caption_folder(tmp_path / "data", count=6, size=512)
+    data_dir = write_images(tmp_path / "data")
     checkpointed = []  # (stage, block) of every gradient-checkpointed call
     checkpoint = torch.utils.checkpoint.checkpoint
 
@@ -54,7 +41,7 @@ def test_sd_512_trains_both_stages_at_512_px_in_bf16(tmp_path, monkeypatch):
         return checkpoint(function, *args, **kwargs)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
-    pipeline_dir = train(load_config(CONFIG, shrink(data_dir, tmp_path / "out")))
+    pipeline_dir = train(load_config(CONFIG, shrink_overrides(data_dir, tmp_path / "out", steps=2)))
 
     assert {"DownEncoderBlock2D", "UpDecoderBlock2D"} <= set(checkpointed)  # the VAE stage checkpointed too
     assert {"ResnetBlock2D", "BasicTransformerBlock"} <= set(checkpointed)
@@ -67,3 +54,15 @@ def test_sd_512_trains_both_stages_at_512_px_in_bf16(tmp_path, monkeypatch):
     assert latents.shape == (1, 4, 64, 64)
     image = pipe("a red square on the left", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert image.images[0].size == (512, 512)
+
+
+def test_the_sd15_size_arithmetic_behind_the_per_gpu_batches():
+    from sd512_cpu import estimate_sd15
+
+    rows = {row["component"]: row for row in estimate_sd15()}
+    vae, unet = rows["sd15 vae"], rows["sd15 unet"]
+    assert round(unet["parameters_M"], 1) == 859.5 and round(vae["parameters_M"], 1) == 83.7  # as the README says
+    for row in (vae, unet):  # checkpointing keeps block inputs and recomputes one block at a time
+        assert 0 < row["activations_checkpointed_gib"] < row["activations_gib"]
+    # At 512 px the VAE, whose decoder runs at full resolution, costs more per sample than the UNet at 64x64.
+    assert vae["tflop_per_sample"] > unet["tflop_per_sample"] > 0
