@@ -167,13 +167,17 @@ def count_activation_bytes(model, step, checkpointing: bool) -> int:
 
 def estimate_sd15(resolution: int = 512) -> list[dict]:
     """Parameters, training FLOPs and activation memory per sample of the sd15 VAE and UNet at `resolution`."""
+    from diffusers.utils import logging as diffusers_logging
     from torch.utils.flop_counter import FlopCounterMode
 
     dtype, side = torch.bfloat16, resolution // 8
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # .to(bf16) warns about modules to keep in fp32: there are none
     with torch.device("meta"):
         vae = build_vae(ModelConfig(vae="sd15")).to(dtype)
         text_encoder = build_text_encoder(ModelConfig(text_encoder="sd15"), build_tokenizer(["a photo"]))
         unet = build_unet(ModelConfig(unet="sd15"), resolution, vae, text_encoder).to(dtype)
+    diffusers_logging.set_verbosity(verbosity)
 
     def vae_step():
         pixels = torch.empty(1, 3, resolution, resolution, device="meta", dtype=dtype)
