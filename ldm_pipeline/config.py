@@ -140,7 +140,7 @@ class Config:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # the UNet (+ a trained text encoder) and the vae stage
     # NHWC weights and activations for the convolutions of the UNet and of the VAE stage: faster on
     # CPUs (oneDNN: 20% for the shapes VAE, 5% for its UNet) and on GPUs in mixed precision.
     channels_last: bool = True

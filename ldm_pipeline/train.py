@@ -433,6 +433,8 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
                           f"{len(train.dataset)} images; at most a fifth is held out): the VAE is not checked")
 
     accelerator.gradient_accumulation_steps = 1
+    if config.gradient_checkpointing:  # at 512 px the decoder's full-size activations dominate memory
+        vae.enable_gradient_checkpointing()
     model = VAEForTraining(vae)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -1,0 +1,246 @@
+"""The real-size path on a CPU: train_configs/sd_512.yaml shrunk only by `--set`, at 512 px, in bf16, both stages.
+
+    python benchmarks/sd512_cpu.py [--steps 4] [--set key=value ...] [--threads N] [--estimate]
+
+Writes a few 512x512 captioned images, trains the config with dummy widths (the sd15 block layouts),
+batch 1 and local text components (tests/test_sd512.py runs the same overrides), and prints for each
+stage the seconds per optimizer step (the first step, which allocates, left out) and the peak resident
+memory of its training loop (Linux VmHWM, reset when the stage starts), then the whole run's peak.
+
+`--estimate` also prints, for the unshrunk sd15 components at 512 px, the arithmetic behind
+sd_512.yaml's per-GPU batches: parameter counts, training FLOPs per sample (torch's FlopCounterMode)
+and activation memory per sample with and without gradient checkpointing. Those are counted on the
+meta device (no memory, no compute): every tensor a training step keeps for its backward pass, in
+bf16, with attention counted as flash attention keeps it (q, k, v, output, log-sum-exp). An estimate,
+not a measurement: autocast keeps norms in fp32, and allocators fragment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+BENCHMARKS = Path(__file__).resolve().parent
+ROOT = BENCHMARKS.parent
+sys.path[:0] = [str(ROOT), str(BENCHMARKS)]
+
+from step_speed import cpu_model  # noqa: E402
+
+import ldm_pipeline.train as train_module  # noqa: E402
+from ldm_pipeline.config import ModelConfig, load_config  # noqa: E402
+from ldm_pipeline.models import build_text_encoder, build_unet, build_vae, count_parameters  # noqa: E402
+from ldm_pipeline.tokenizer import build_tokenizer  # noqa: E402
+
+CONFIG = ROOT / "train_configs" / "sd_512.yaml"
+COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220)}
+
+
+def write_images(root: Path, count: int = 6, size: int = 512) -> Path:
+    """`count` size x size images of a colored square on white, captioned in metadata.jsonl."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "metadata.jsonl", "w") as handle:
+        for i in range(count):
+            name, left = list(COLORS)[i % 2], (i // 2) % 2 == 0
+            image = Image.new("RGB", (size, size), "white")
+            x0 = size // 8 if left else size // 2 + size // 8
+            ImageDraw.Draw(image).rectangle([x0, size // 4, x0 + size // 4, size // 2], fill=COLORS[name])
+            image.save(root / f"{i:03d}.png")
+            caption = f"a {name} square on the {'left' if left else 'right'}"
+            handle.write(json.dumps({"file_name": f"{i:03d}.png", "text": caption}) + "\n")
+    return root
+
+
+def shrink_overrides(data_dir: Path, output_dir: Path, steps: int = 2) -> list[str]:
+    """sd_512.yaml at dummy widths with the sd15 block layouts (4 VAE blocks; 4 UNet blocks, cross-attention in
+    3), batch 1, local text components; resolution, stages, bf16, EMA and gradient checkpointing stay."""
+    return [
+        f"data.train_data_dir={data_dir}", f"output_dir={output_dir}", "data.dataloader_num_workers=0",
+        "model.text_encoder=tiny", "model.tokenizer=captions",
+        "model.vae_kwargs={block_out_channels: [8, 16, 16, 16], layers_per_block: 1, norm_num_groups: 4}",
+        "model.unet_kwargs={block_out_channels: [16, 16, 32, 32], layers_per_block: 1, attention_head_dim: 2, "
+        "norm_num_groups: 8}",
+        "vae_training.train_batch_size=1", f"vae_training.max_train_steps={steps}", "vae_training.scaling_samples=4",
+        "vae_training.psnr_samples=1", "train_batch_size=1", f"max_train_steps={steps}", "validation.num_heldout=1",
+        "validation.seeds=[0]", "sampling.num_inference_steps=2",
+    ]
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory since start or the last reset_peak_rss (Linux VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: this measurement needs Linux")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM restarts from the current RSS
+
+
+def measure_stages(config) -> tuple[dict, int]:
+    """Train `config`. Per stage: seconds per step after the first and the training loop's peak RSS; and the
+    whole run's peak RSS (ru_maxrss cannot give it: resetting VmHWM resets it too)."""
+    stages, fit, after_step, whole = {}, train_module.fit, train_module.after_step, [0]
+
+    def measured_fit(accelerator, config, stage):
+        whole[0] = max(whole[0], peak_rss_bytes())
+        reset_peak_rss()
+        stages[stage.name] = {"step_times": []}
+        state = fit(accelerator, config, stage)
+        stages[stage.name]["peak_rss_bytes"] = peak_rss_bytes()
+        return state
+
+    def timed_after_step(accelerator, config, stage, *args):
+        stages[stage.name]["step_times"].append(time.perf_counter())
+        return after_step(accelerator, config, stage, *args)
+
+    train_module.fit, train_module.after_step = measured_fit, timed_after_step
+    try:
+        train_module.train(config)
+    finally:
+        train_module.fit, train_module.after_step = fit, after_step
+    for row in stages.values():
+        times = row.pop("step_times")
+        row["s_per_step"] = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
+    return stages, max(whole[0], peak_rss_bytes())
+
+
+def count_activation_bytes(model, step, checkpointing: bool) -> int:
+    """Bytes of the tensors one forward pass of `step()` keeps for backward, on the meta device. With
+    checkpointing: what is kept outside the checkpointed blocks, their inputs, and the largest block's own
+    activations (recomputed during backward)."""
+    seen, kept, largest_block = set(), [0], [0]
+
+    def new_bytes(tensor, seen):
+        storage = tensor.untyped_storage()
+        if storage._cdata in seen:  # views share a storage
+            return 0
+        seen.add(storage._cdata)
+        return storage.nbytes()
+
+    def keep(tensor):
+        kept[0] += new_bytes(tensor, seen)
+        return tensor
+
+    def checkpoint(module, *args):
+        kept[0] += sum(new_bytes(a, seen) for a in args if isinstance(a, torch.Tensor))
+        block, block_seen = [0], set()
+
+        def pack(tensor):
+            block[0] += new_bytes(tensor, block_seen)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            output = module(*args)
+        largest_block[0] = max(largest_block[0], block[0])
+        return output
+
+    class FlashAttention(torch.autograd.Function):
+        """Keeps what flash attention keeps; the meta device would count the (L, L) attention matrix."""
+
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out = torch.empty_like(q)
+            ctx.save_for_backward(q, k, v, out, torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device))
+            return out
+
+    if checkpointing:
+        model.enable_gradient_checkpointing(checkpoint)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: FlashAttention.apply(q, k, v)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            step()
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        if checkpointing:
+            model.disable_gradient_checkpointing()
+    return kept[0] + largest_block[0]
+
+
+def estimate_sd15(resolution: int = 512) -> list[dict]:
+    """Parameters, training FLOPs and activation memory per sample of the sd15 VAE and UNet at `resolution`."""
+    from diffusers.utils import logging as diffusers_logging
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dtype, side = torch.bfloat16, resolution // 8
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # .to(bf16) warns about modules to keep in fp32: there are none
+    with torch.device("meta"):
+        vae = build_vae(ModelConfig(vae="sd15")).to(dtype)
+        text_encoder = build_text_encoder(ModelConfig(text_encoder="sd15"), build_tokenizer(["a photo"]))
+        unet = build_unet(ModelConfig(unet="sd15"), resolution, vae, text_encoder).to(dtype)
+    diffusers_logging.set_verbosity(verbosity)
+
+    def vae_step():
+        pixels = torch.empty(1, 3, resolution, resolution, device="meta", dtype=dtype)
+        posterior = vae.encode(pixels).latent_dist
+        return (vae.decode(posterior.mean + posterior.std).sample - pixels).abs().mean()
+
+    def unet_step():
+        latents = torch.empty(1, 4, side, side, device="meta", dtype=dtype)
+        text = torch.empty(1, 77, text_encoder.config.hidden_size, device="meta", dtype=dtype)
+        return unet(latents, torch.zeros(1, dtype=torch.long, device="meta"), text).sample.float().pow(2).mean()
+
+    rows = []
+    for name, model, step in (("vae", vae, vae_step), ("unet", unet, unet_step)):
+        with FlopCounterMode(display=False) as flops:
+            step().backward()
+        rows.append({"component": f"sd15 {name}", "parameters_M": count_parameters(model) / 1e6,
+                     "tflop_per_sample": flops.get_total_flops() / 1e12,
+                     "activations_gib": count_activation_bytes(model, step, False) / 2**30,
+                     "activations_checkpointed_gib": count_activation_bytes(model, step, True) / 2**30})
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        vae.encode(torch.empty(1, 3, resolution, resolution, device="meta", dtype=dtype))
+    rows.append({"component": "sd15 vae encode (no grad)", "parameters_M": count_parameters(vae) / 1e6,
+                 "tflop_per_sample": flops.get_total_flops() / 1e12})
+    rows.append({"component": "sd15 text encoder (CLIP ViT-L/14 text)",
+                 "parameters_M": count_parameters(text_encoder) / 1e6})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per stage (default 4)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="further overrides, e.g. --set mixed_precision=\"'no'\"")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--estimate", action="store_true", help="also print the sd15 size arithmetic")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as work:
+        data_dir = write_images(Path(work) / "data")
+        config = load_config(CONFIG, shrink_overrides(data_dir, Path(work) / "out", args.steps) + args.overrides)
+        start = time.perf_counter()
+        stages, whole = measure_stages(config)
+        wall = time.perf_counter() - start
+    print(f"\n{cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+          f"sd_512.yaml shrunk, {config.resolution} px, mixed_precision {config.mixed_precision}, batch 1")
+    print(f"{'stage':>6} {'s/step':>8} {'peak RSS (training loop)':>26}")
+    for name, row in stages.items():
+        print(f"{name:>6} {row['s_per_step']:8.2f} {row['peak_rss_bytes'] / 2**20:22.0f} MiB")
+    print(f"whole run ({args.steps} steps per stage, loading, calibration, validation, saving): {wall:.1f} s, "
+          f"peak RSS {whole / 2**20:.0f} MiB")
+    if args.estimate:
+        print("\nsd15 at 512 px, per sample (estimates on the meta device; activations in bf16):")
+        for row in estimate_sd15():
+            cells = [f"{row['parameters_M']:.1f}M parameters"]
+            if "tflop_per_sample" in row:
+                cells.append(f"{row['tflop_per_sample']:.2f} TFLOP")
+            if "activations_gib" in row:
+                cells.append(f"activations {row['activations_gib']:.2f} GiB, "
+                             f"{row['activations_checkpointed_gib']:.2f} GiB with gradient checkpointing")
+            print(f"  {row['component']}: " + ", ".join(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
