@@ -35,7 +35,7 @@ from step_speed import cpu_model  # noqa: E402
 
 import ldm_pipeline.train as train_module  # noqa: E402
 from ldm_pipeline.config import ModelConfig, load_config  # noqa: E402
-from ldm_pipeline.models import build_text_encoder, build_unet, build_vae, count_parameters  # noqa: E402
+from ldm_pipeline.models import build_text_encoder, build_unet, build_vae  # noqa: E402
 from ldm_pipeline.tokenizer import build_tokenizer  # noqa: E402
 
 CONFIG = ROOT / "train_configs" / "sd_512.yaml"
@@ -193,16 +193,16 @@ def estimate_sd15(resolution: int = 512) -> list[dict]:
     for name, model, step in (("vae", vae, vae_step), ("unet", unet, unet_step)):
         with FlopCounterMode(display=False) as flops:
             step().backward()
-        rows.append({"component": f"sd15 {name}", "parameters_M": count_parameters(model) / 1e6,
+        rows.append({"component": f"sd15 {name}", "parameters_M": model.num_parameters() / 1e6,
                      "tflop_per_sample": flops.get_total_flops() / 1e12,
                      "activations_gib": count_activation_bytes(model, step, False) / 2**30,
                      "activations_checkpointed_gib": count_activation_bytes(model, step, True) / 2**30})
     with FlopCounterMode(display=False) as flops, torch.no_grad():
         vae.encode(torch.empty(1, 3, resolution, resolution, device="meta", dtype=dtype))
-    rows.append({"component": "sd15 vae encode (no grad)", "parameters_M": count_parameters(vae) / 1e6,
+    rows.append({"component": "sd15 vae encode (no grad)", "parameters_M": vae.num_parameters() / 1e6,
                  "tflop_per_sample": flops.get_total_flops() / 1e12})
     rows.append({"component": "sd15 text encoder (CLIP ViT-L/14 text)",
-                 "parameters_M": count_parameters(text_encoder) / 1e6})
+                 "parameters_M": text_encoder.num_parameters() / 1e6})
     return rows
 
 

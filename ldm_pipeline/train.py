@@ -275,10 +275,12 @@ def after_step(accelerator, config: Config, stage: Stage, state: Progress, bar, 
 def make_optimizer(config: Config, param_groups, learning_rate: float, lr_scheduler: str, warmup: int,
                    max_steps: int):
     # The fused kernel updates every tensor in one pass: ~10% faster UNet steps on a CPU
-    # (benchmarks/step_speed.py); torch has it for CPU and CUDA parameters.
+    # (benchmarks/step_speed.py); torch has it for CPU and CUDA parameters. Not under fp16: the GradScaler
+    # then hands a fused optimizer its overflow flag instead of skipping step(), and Accelerate's
+    # optimizer_step_was_skipped, which the loop needs to not count a skipped step, stays False.
     params = [p for group in param_groups for p in (group["params"] if isinstance(group, dict) else [group])]
-    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
-                for p in params)
+    fused = config.mixed_precision != "fp16" and all(
+        p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=fused)
     schedule = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
