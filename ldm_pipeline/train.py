@@ -206,6 +206,12 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
                     if not bad:
                         params = [p for group in stage.optimizer.param_groups for p in group["params"]]
                         grad_norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+                        # A finite loss can still give inf gradients (bf16, fp32); clipping would turn them
+                        # into NaN weights. The norm is of the reduced gradients: every process agrees.
+                        # Under fp16 the GradScaler handles overflow itself and must see the step.
+                        bad = accelerator.scaler is None and grad_norm is not None \
+                            and not torch.isfinite(grad_norm).item()
+                    if not bad:
                         stage.optimizer.step()
                         overflow = accelerator.optimizer_step_was_skipped  # fp16: the GradScaler skipped it
                         if not overflow:
@@ -219,8 +225,8 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
             micro, window_bad, state.windows = 0, torch.zeros((), device=accelerator.device), state.windows + 1
             if bad:
                 bad_in_a_row, state.skipped_steps = bad_in_a_row + 1, state.skipped_steps + 1
-                accelerator.print(f"[{stage.name}] step {state.step + 1}: non-finite loss, step skipped "
-                                  f"({bad_in_a_row} in a row, {state.skipped_steps} in all)")
+                accelerator.print(f"[{stage.name}] step {state.step + 1}: non-finite loss or gradient, step "
+                                  f"skipped ({bad_in_a_row} in a row, {state.skipped_steps} in all)")
                 if bad_in_a_row >= config.max_consecutive_bad_steps:
                     kept = checkpoint_steps(config, stage.checkpoint_prefix)
                     raise TrainingError(

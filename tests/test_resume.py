@@ -217,3 +217,25 @@ def test_metrics_keep_the_stage_and_its_own_step(tmp_path, data_dir):
     train(config_from_dict(config))
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["stage"] == "unet" and "loss" in r] == [1, 2]
+
+
+def test_an_infinite_gradient_with_a_finite_loss_is_skipped(data_dir, tmp_path, monkeypatch):
+    """Without a GradScaler (fp32, bf16) nothing else would catch it: clipping turns inf into NaN weights."""
+    build_unet, calls = train_module.build_unet, {"n": 0}
+
+    def unet_with_a_bad_gradient(*args, **kwargs):
+        unet = build_unet(*args, **kwargs)
+
+        def poison(grad):
+            calls["n"] += 1
+            return grad * float("inf") if calls["n"] == 2 else grad  # the second backward pass
+
+        unet.conv_in.bias.register_hook(poison)
+        return unet
+
+    monkeypatch.setattr(train_module, "build_unet", unet_with_a_bad_gradient)
+    out = tmp_path / "out"
+    train(config_from_dict(scale_config(out, data_dir)))
+    state = training_state(out / "checkpoints" / f"step-{STEPS}")
+    assert state["progress"] == {"step": STEPS, "windows": STEPS + 1, "skipped_steps": 1, "overflow_steps": 0}
+    assert all(torch.isfinite(tensor).all() for tensor in state["weights"].values())
