@@ -7,8 +7,13 @@ under `checkpoints/.partial-<name>` and renamed to `checkpoints/<name>` only whe
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import shutil
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -16,6 +21,59 @@ from accelerate import Accelerator
 
 from .config import Config, ConfigError, to_yaml
 from .pipeline import replace_directory
+
+LOCK_FILE = ".ldm_pipeline.lock"
+
+
+@contextmanager
+def output_dir_lock(output_dir, hold: bool = True):
+    """Hold an exclusive lock on `output_dir` for a whole run; only the main process takes it (`hold`).
+
+    The lock is `flock` on `<output_dir>/.ldm_pipeline.lock`: the OS drops it when the holding process
+    ends, however it ends (SIGKILL too), so a lock file left behind never blocks the next run. Folders
+    made here only to hold the lock are removed again if the run leaves them empty (a refused run
+    leaves nothing behind).
+    """
+    if not hold:
+        yield
+        return
+    out = Path(output_dir)
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    handle = _take_lock(path)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _take_lock(path: Path):
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has not written its pid yet"
+            handle.close()
+            raise ConfigError(
+                f"output_dir: {path.parent} is in use by another training run ({holder}; lock file {path}). "
+                "Wait for that run to finish, or choose another output_dir. The lock ends with its process, "
+                "even a killed one, so there is no stale lock to delete.") from None
+        # The holder removes the file when it finishes: if that happened between our open and our lock,
+        # we locked a file that no longer has this name, so take the lock again on the current one.
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
 
 
 def check_output_dir(config: Config) -> None:

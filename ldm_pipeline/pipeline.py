@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -225,19 +227,42 @@ def decode_latents(pipe, latents) -> list[Image.Image]:
     return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
+class ImageWriter:
+    """Numbered PNGs in one folder (`00000.png`, ... after the highest number already there), each
+    under a name claimed atomically: the image is written to a hidden temporary file, then hard-linked
+    to the next free number (a link never replaces an existing name). Generations writing into one
+    folder at once therefore never overwrite each other, and a numbered name only ever appears with a
+    complete image behind it."""
+
+    def __init__(self, out_dir, prefix: str = ""):
+        self.out_dir, self.prefix = Path(out_dir), prefix
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        pattern = re.compile(rf"{re.escape(prefix)}(\d+)\.png")
+        numbers = [int(m.group(1)) for path in self.out_dir.glob(f"{prefix}*.png")
+                   if (m := pattern.fullmatch(path.name))]
+        self.next_number = max(numbers, default=-1) + 1
+
+    def save(self, image: Image.Image) -> Path:
+        handle, temporary = tempfile.mkstemp(dir=self.out_dir, prefix=".", suffix=".png.partial")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                image.save(file, format="PNG")
+            while True:
+                path = self.out_dir / f"{self.prefix}{self.next_number:05d}.png"
+                self.next_number += 1
+                try:
+                    os.link(temporary, path)
+                    return path
+                except FileExistsError:  # taken since we looked, e.g. by another generation
+                    continue
+        finally:
+            os.unlink(temporary)
+
+
 def save_images(images, out_dir, prefix: str = "") -> list[Path]:
-    """Numbered PNGs (continuing after files already there: nothing is overwritten)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = len(list(out_dir.glob(f"{prefix}*.png")))
-    paths = []
-    for offset, image in enumerate(images):
-        number = start + offset
-        while (path := out_dir / f"{prefix}{number:05d}.png").exists():
-            number += 1
-        image.save(path)
-        paths.append(path)
-    return paths
+    """Numbered PNGs, continuing after the images already there; nothing is ever overwritten."""
+    writer = ImageWriter(out_dir, prefix)
+    return [writer.save(image) for image in images]
 
 
 def read_png_metadata(path) -> dict:
@@ -259,5 +284,7 @@ def save_progress_gif(frames, path, duration_ms: int = 120) -> Path:
     """An animated GIF of the decoded latents, one frame per denoising step (last frame held)."""
     path = Path(path)
     frames = list(frames) + [frames[-1]] * 5
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    frames[0].save(partial, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    os.replace(partial, path)  # complete or absent, never half-written
     return path

@@ -37,6 +37,7 @@ from .checkpoints import (
     check_output_dir,
     checkpoint_steps,
     find_resume_checkpoint,
+    output_dir_lock,
     prepare_output_dir,
     save_checkpoint,
 )
@@ -575,7 +576,12 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
         accelerator.print(to_yaml(config))
         accelerator.print(describe_run(config, accelerator, components, None))
         return None
+    with output_dir_lock(config.output_dir, hold=accelerator.is_main_process):  # one run per output_dir
+        return train_stages(accelerator, config)
 
+
+def train_stages(accelerator: Accelerator, config: Config) -> Path | None:
+    """`train` after the dry-run branch, holding the output_dir lock."""
     # Every input is checked before output_dir is written, so a refused run leaves nothing behind.
     check_output_dir(config)
     ensure_shapes_data(accelerator, config)
