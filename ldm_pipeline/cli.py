@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def _prompts(args) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from .pipeline import generate_across_processes, load_pipeline, process_state, save_images, save_progress_gif
+    from .pipeline import ImageWriter, generate_batches, load_pipeline, process_state, save_progress_gif
 
     if args.num_images < 1:
         raise ConfigError("--num-images must be at least 1")
@@ -40,20 +41,34 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(args.model, device=args.device or state.device, scheduler=args.scheduler)
     # Image k of a prompt uses seed + k, whichever process makes it.
     jobs = [(prompt, args.seed + k) for prompt in prompts for k in range(args.num_images)]
-    result = generate_across_processes(
-        state, pipe, [p for p, _ in jobs], [s for _, s in jobs], num_inference_steps=args.steps,
-        guidance_scale=args.guidance, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
-        return_progress=args.save_progress, show_progress=state.is_main_process)
-    images, progress = result if args.save_progress else (result, [None] * len(result))
-    if state.is_main_process:
-        paths = save_images(images, out)
-        for path, frames in zip(paths, progress):
-            if frames:
-                save_progress_gif(frames, path.with_suffix(".gif"))
+    writer = ImageWriter(out) if state.is_main_process else None
+    paths = []
+    # SIGTERM ends the run like Ctrl-C: the images already written stay, the one being written is removed.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        for batch in generate_batches(
+                pipe, [p for p, _ in jobs], [s for _, s in jobs], num_inference_steps=args.steps,
+                guidance_scale=args.guidance, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
+                return_progress=args.save_progress, show_progress=state.is_main_process, state=state):
+            if writer is None:
+                continue
+            for image, frames in batch:  # written as each batch finishes
+                paths.append(writer.save(image))
+                if frames:
+                    save_progress_gif(frames, paths[-1].with_suffix(".gif"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if writer and len(paths) < len(jobs):
+            print(f"stopped after writing {len(paths)} of {len(jobs)} images to {out}", file=sys.stderr)
+    if writer:
         extra = " (+ a denoising GIF each)" if args.save_progress else ""
         print(f"wrote {len(paths)} images{extra} to {out}: {paths[0].name} .. {paths[-1].name}")
     state.wait_for_everyone()
     return 0
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def cmd_evaluate(args) -> int:

@@ -191,14 +191,13 @@ def evaluate_model(model, seeds_per_prompt: int = 2, num_inference_steps: int | 
 
     Under `accelerate launch` the prompts are split across processes; every image depends only on its
     prompt and seed, so the numbers are the same at any process count."""
-    from .pipeline import generate_across_processes, load_pipeline, process_state  # heavy; only this function needs it
+    from .pipeline import generate, load_pipeline, process_state  # heavy; only this function needs it
 
     state = process_state()
     pipe = load_pipeline(model, device=device or state.device)
     prompts, seeds = evaluation_prompts(seeds_per_prompt, first_seed)
-    images = generate_across_processes(state, pipe, prompts, seeds, num_inference_steps=num_inference_steps,
-                                       guidance_scale=guidance_scale, batch_size=batch_size,
-                                       show_progress=state.is_main_process)
+    images = generate(pipe, prompts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      batch_size=batch_size, show_progress=state.is_main_process, state=state)
     report = score_images(images, prompts)
     resolution = images[0].width  # the model's own output size, so the VAE sees what it was trained on
     report["vae_psnr_db"] = vae_psnr(pipe.vae, [image for image, _ in heldout_images(resolution, psnr_images)],

@@ -139,44 +139,75 @@ def _seed_list(seeds, count: int) -> list[int]:
     return seeds
 
 
-def generate(pipe, prompts, seeds=None, num_inference_steps: int | None = None,
-             guidance_scale: float | None = None, batch_size: int = 8, negative_prompt: str | None = None,
-             return_progress: bool = False, show_progress: bool = True):
+def generate(pipe, prompts, seeds=None, **kwargs):
     """Generate one image per prompt, each from its own seed, so an image depends only on
-    (prompt, seed, settings), never on batching or on which process made it.
+    (prompt, seed, settings), never on batching or on which process made it. Returns the images
+    (PIL, carrying their settings as PNG metadata), or (images, progress) with `return_progress`.
 
-    `seeds`: None (0, 1, ...), an int (seed, seed + 1, ...) or one per prompt. With
-    `return_progress`, also returns for each image the list of decoded intermediate images.
+    `seeds`: None (0, 1, ...), an int (seed, seed + 1, ...) or one per prompt. Keyword arguments
+    are those of `generate_batches`, which yields the same images batch by batch as they are made.
     """
+    made = [item for batch in generate_batches(pipe, prompts, seeds, **kwargs) for item in batch]
+    images = [image for image, _ in made]
+    return (images, [frames for _, frames in made]) if kwargs.get("return_progress") else images
+
+
+def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None = None,
+                     guidance_scale: float | None = None, batch_size: int = 8, negative_prompt: str | None = None,
+                     return_progress: bool = False, show_progress: bool = True, state=None):
+    """Yield the images of `generate` in prompt order, one batch at a time, as soon as it is made: a list
+    of (image, frames) pairs, where frames are the decoded intermediate images with `return_progress`
+    (else None). Nothing is held back, so a caller can write each batch before the next one starts.
+
+    With an Accelerate `state` (a `PartialState` or `Accelerator`), every process must iterate: each
+    round of batch_size x processes prompts is split across the processes and gathered, so every
+    process yields every image, the same at any process count.
+    """
+    from accelerate.utils import gather_object
+
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = _seed_list(seeds, len(prompts))
     defaults = getattr(pipe, "generation_defaults", FALLBACK_DEFAULTS)
     steps = num_inference_steps or defaults["num_inference_steps"]
     guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     scheduler_name = getattr(pipe, "scheduler_name", type(pipe.scheduler).__name__)
-    images, progress = [], []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not show_progress or None,
-                      leave=False):
-        batch_prompts, batch_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
+    settings = {"num_inference_steps": steps, "guidance_scale": guidance, "scheduler": scheduler_name,
+                "negative_prompt": negative_prompt or ""}
+
+    def make(jobs):  # [(index, prompt, seed)] -> [(index, image, frames)], one pipeline call
         steps_latents = []
 
-        def keep_latents(pipeline, step, timestep, tensors, store=steps_latents):
-            store.append(tensors["latents"].detach().clone())
+        def keep_latents(pipeline, step, timestep, tensors):
+            steps_latents.append(tensors["latents"].detach().clone())
             return tensors
 
         output = pipe(
-            batch_prompts, num_inference_steps=steps, guidance_scale=guidance,
-            negative_prompt=[negative_prompt] * len(batch_prompts) if negative_prompt else None,
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch_seeds],
+            [prompt for _, prompt, _ in jobs], num_inference_steps=steps, guidance_scale=guidance,
+            negative_prompt=[negative_prompt] * len(jobs) if negative_prompt else None,
+            generator=[torch.Generator("cpu").manual_seed(seed) for _, _, seed in jobs],
             callback_on_step_end=keep_latents if return_progress else None,
         )
-        for i, (image, prompt, seed) in enumerate(zip(output.images, batch_prompts, batch_seeds)):
-            images.append(_as_generated(image, {
-                "prompt": prompt, "seed": seed, "num_inference_steps": steps, "guidance_scale": guidance,
-                "scheduler": scheduler_name, "negative_prompt": negative_prompt or ""}))
-            if return_progress:
-                progress.append([decode_latents(pipe, latents[i:i + 1])[0] for latents in steps_latents])
-    return (images, progress) if return_progress else images
+        made = []
+        for i, (image, (index, prompt, seed)) in enumerate(zip(output.images, jobs)):
+            frames = [decode_latents(pipe, latents[i:i + 1])[0] for latents in steps_latents] or None
+            made.append((index, _as_generated(image, {"prompt": prompt, "seed": seed, **settings}), frames))
+        return made
+
+    jobs = [(i, prompt, seed) for i, (prompt, seed) in enumerate(zip(prompts, seeds))]
+    per_round = batch_size * (state.num_processes if state is not None else 1)
+    is_main = state is None or state.is_main_process
+    with tqdm(total=len(jobs), desc="generating", unit="image", disable=not (show_progress and is_main) or None,
+              leave=False) as bar:
+        for start in range(0, len(jobs), per_round):
+            round_jobs = jobs[start:start + per_round]
+            if state is None:
+                made = make(round_jobs)
+            else:
+                with state.split_between_processes(round_jobs) as mine:
+                    made = make(mine) if mine else []
+                made = sorted(gather_object(made), key=lambda item: item[0])
+            bar.update(len(made))
+            yield [(image, frames) for _, image, frames in made]
 
 
 def process_state():
@@ -199,25 +230,6 @@ def check_process_group(num_processes: int) -> None:
         raise ConfigError(f"{launched} processes were launched but they did not join one process group "
                           f"(each sees {num_processes}); on a machine without GPUs set ACCELERATE_USE_CPU=1, "
                           "which accelerate launch does not pass on from use_cpu: true")
-
-
-def generate_across_processes(state, pipe, prompts, seeds, **kwargs):
-    """`generate` with the (prompt, seed) pairs split across processes (an Accelerate `PartialState`
-    or `Accelerator`). Every process must call it; every process gets all images, in prompt order,
-    the same at any process count. With `return_progress`, returns (images, progress) likewise."""
-    from accelerate.utils import gather_object
-
-    with_progress = kwargs.get("return_progress", False)
-    jobs = list(enumerate(zip(prompts, seeds)))
-    with state.split_between_processes(jobs) as mine:
-        made = []
-        if mine:
-            result = generate(pipe, [p for _, (p, _) in mine], seeds=[s for _, (_, s) in mine], **kwargs)
-            images, progress = result if with_progress else (result, [None] * len(mine))
-            made = [(i, image, frames) for (i, _), image, frames in zip(mine, images, progress)]
-    made = sorted(gather_object(made), key=lambda item: item[0])
-    images = [image for _, image, _ in made]
-    return (images, [frames for _, _, frames in made]) if with_progress else images
 
 
 @torch.no_grad()

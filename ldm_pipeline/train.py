@@ -54,7 +54,7 @@ from .models import (
     resolve_source,
     vae_scale_factor,
 )
-from .pipeline import check_process_group, generate_across_processes, image_grid, replace_directory, save_pipeline
+from .pipeline import check_process_group, generate, image_grid, replace_directory, save_pipeline
 
 
 class TrainingError(RuntimeError):
@@ -331,8 +331,8 @@ def make_validator(accelerator, config, pipeline_parts, heldout_loss):
         pipe = StableDiffusionPipeline(**pipeline_parts(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        images = generate_across_processes(
-            accelerator, pipe, [p for p, _ in jobs], [s for _, s in jobs], show_progress=False,
+        images = generate(
+            pipe, [p for p, _ in jobs], [s for _, s in jobs], show_progress=False, state=accelerator,
             num_inference_steps=config.sampling.num_inference_steps, guidance_scale=config.sampling.guidance_scale)
         if accelerator.is_main_process:
             samples.mkdir(parents=True, exist_ok=True)

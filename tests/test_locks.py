@@ -135,3 +135,27 @@ def test_two_generations_into_one_folder_write_every_image_completely(trained_ru
             assert image.size == (32, 32)
         seeds.append(int(read_png_metadata(path)["seed"]))
     assert sorted(seeds) == [*range(6), *range(100, 106)]
+
+
+def test_generate_writes_each_batch_as_it_finishes_and_a_sigterm_keeps_them(trained_run, tmp_path):
+    out = tmp_path / "images"
+    run = start("import sys\nfrom ldm_pipeline.cli import main\nsys.exit(main(sys.argv[1:]))\n", "generate",
+                "--model", trained_run / "pipeline", "--prompt", "a red square on the left", "--num-images", "500",
+                "--steps", "2", "--batch-size", "1", "--device", "cpu", "--out", out)
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(out.glob("*.png"))) < 3 and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.05)
+        assert len(list(out.glob("*.png"))) >= 3, run.stderr.read()[-3000:]  # on disk long before the end
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        run.kill()
+    files = sorted(out.iterdir())
+    assert files and all(path.suffix == ".png" for path in files)  # no partial file left behind
+    for i, path in enumerate(files):
+        assert path.name == f"{i:05d}.png"
+        with Image.open(path) as image:
+            image.load()
+        assert read_png_metadata(path)["seed"] == str(i)
+    assert f"stopped after writing {len(files)} of 500 images" in run.stderr.read()
