@@ -29,10 +29,18 @@ def _prompts(args) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from .pipeline import ImageWriter, generate_batches, load_pipeline, process_state, save_progress_gif
+    from .pipeline import (
+        ImageWriter,
+        check_generation_settings,
+        generate_batches,
+        load_pipeline,
+        process_state,
+        save_progress_gif,
+    )
 
     if args.num_images < 1:
         raise ConfigError("--num-images must be at least 1")
+    check_generation_settings(args.steps, args.guidance, args.height, args.width, args.batch_size)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory for the images")
@@ -48,7 +56,8 @@ def cmd_generate(args) -> int:
     try:
         for batch in generate_batches(
                 pipe, [p for p, _ in jobs], [s for _, s in jobs], num_inference_steps=args.steps,
-                guidance_scale=args.guidance, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
+                guidance_scale=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
+                negative_prompt=args.negative_prompt,
                 return_progress=args.save_progress, show_progress=state.is_main_process, state=state):
             if writer is None:
                 continue
@@ -118,10 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale (default: the model's; 1 turns it off)")
+    gen.add_argument("--height", type=int, default=None,
+                     help="image height in pixels, a multiple of 8 (default: the resolution the model was trained at)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels (as --height)")
     gen.add_argument("--scheduler", choices=["dpmsolver++", "ddim", "euler", "ddpm"], default=None)
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best available)")
     gen.add_argument("--save-progress", action="store_true",
                      help="also write a GIF of the decoded latents at every denoising step")

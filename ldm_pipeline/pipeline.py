@@ -7,6 +7,7 @@ file, `ldm_pipeline.json`, with the sampling defaults the model was validated wi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -40,10 +41,17 @@ def save_pipeline(directory, *, vae, text_encoder, tokenizer, unet, noise_schedu
                   extra: dict | None = None) -> Path:
     """Write a plain `StableDiffusionPipeline` directory (safetensors, no safety checker) atomically.
 
-    Its scheduler is the sampler from `sampling`, configured from the training noise schedule, so
-    plain `StableDiffusionPipeline.from_pretrained` users get the fast sampler too.
+    Its scheduler is the sampler from `sampling`, configured from the training noise schedule, and
+    with `extra={"resolution": R}` the UNet's `sample_size` is R / 8, so plain
+    `StableDiffusionPipeline.from_pretrained` users get the fast sampler and the trained image size too
+    (steps and guidance are arguments of diffusers' `__call__`, which no saved file sets).
     """
     directory = Path(directory)
+    resolution = (extra or {}).get("resolution")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution and unet.config.sample_size != resolution // factor:
+        # Plain diffusers sizes its images from the UNet's sample_size: make that the trained resolution.
+        unet.register_to_config(sample_size=resolution // factor)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=make_sampler(sampling.scheduler, noise_scheduler.config),
@@ -79,9 +87,10 @@ def best_dtype(device: torch.device) -> torch.dtype:
 def load_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, scheduler: str | None = None):
     """A ready `StableDiffusionPipeline`: best device and dtype, our fast sampler.
 
-    `pipe.generation_defaults` holds the steps / guidance / scheduler the model was trained to be
-    sampled with; `generate` and the CLI use them, and `pipe(prompt, **pipe.generation_defaults)`
-    does the same by hand.
+    `pipe.generation_defaults` holds the steps, guidance and (for models trained here) image size the
+    model was trained to be sampled with; `generate` and the CLI use them, and
+    `pipe(prompt, **pipe.generation_defaults)` does the same by hand. A bare `pipe(prompt)` is diffusers'
+    own call: our sampler and the UNet's size, but diffusers' 50 steps and guidance 7.5.
     """
     path = Path(path_or_id).expanduser()
     if not path.exists() and str(path_or_id).startswith((".", "/", "~")):
@@ -105,6 +114,8 @@ def load_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, schedu
     defaults["scheduler"] = scheduler or defaults["scheduler"]
     pipe.scheduler = make_sampler(defaults["scheduler"], pipe.scheduler.config)
     pipe.generation_defaults = {k: defaults[k] for k in ("num_inference_steps", "guidance_scale")}
+    if defaults.get("resolution"):  # saved by training; without it diffusers' default size is used
+        pipe.generation_defaults.update(height=defaults["resolution"], width=defaults["resolution"])
     pipe.scheduler_name = defaults["scheduler"]
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -153,11 +164,14 @@ def generate(pipe, prompts, seeds=None, **kwargs):
 
 
 def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None = None,
-                     guidance_scale: float | None = None, batch_size: int = 8, negative_prompt: str | None = None,
-                     return_progress: bool = False, show_progress: bool = True, state=None):
+                     guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+                     batch_size: int = 8, negative_prompt: str | None = None, return_progress: bool = False,
+                     show_progress: bool = True, state=None):
     """Yield the images of `generate` in prompt order, one batch at a time, as soon as it is made: a list
     of (image, frames) pairs, where frames are the decoded intermediate images with `return_progress`
     (else None). Nothing is held back, so a caller can write each batch before the next one starts.
+    Settings left None take the model's defaults (`pipe.generation_defaults`: steps, guidance, and
+    the trained resolution as height and width).
 
     With an Accelerate `state` (a `PartialState` or `Accelerator`), every process must iterate: each
     round of batch_size x processes prompts is split across the processes and gathered, so every
@@ -167,12 +181,14 @@ def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None 
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = _seed_list(seeds, len(prompts))
-    defaults = getattr(pipe, "generation_defaults", FALLBACK_DEFAULTS)
-    steps = num_inference_steps or defaults["num_inference_steps"]
+    check_generation_settings(num_inference_steps, guidance_scale, height, width, batch_size, pipe.vae_scale_factor)
+    defaults = {**FALLBACK_DEFAULTS, **getattr(pipe, "generation_defaults", {})}
+    steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
     guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-    scheduler_name = getattr(pipe, "scheduler_name", type(pipe.scheduler).__name__)
-    settings = {"num_inference_steps": steps, "guidance_scale": guidance, "scheduler": scheduler_name,
-                "negative_prompt": negative_prompt or ""}
+    height, width = height or defaults.get("height"), width or defaults.get("width")
+    settings = {"negative_prompt": negative_prompt or "", "num_inference_steps": steps, "guidance_scale": guidance,
+                "scheduler": getattr(pipe, "scheduler_name", type(pipe.scheduler).__name__),
+                "model": pipe.name_or_path or ""}
 
     def make(jobs):  # [(index, prompt, seed)] -> [(index, image, frames)], one pipeline call
         steps_latents = []
@@ -182,7 +198,8 @@ def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None 
             return tensors
 
         output = pipe(
-            [prompt for _, prompt, _ in jobs], num_inference_steps=steps, guidance_scale=guidance,
+            [prompt for _, prompt, _ in jobs], num_inference_steps=steps, guidance_scale=guidance, height=height,
+            width=width,
             negative_prompt=[negative_prompt] * len(jobs) if negative_prompt else None,
             generator=[torch.Generator("cpu").manual_seed(seed) for _, _, seed in jobs],
             callback_on_step_end=keep_latents if return_progress else None,
@@ -190,7 +207,8 @@ def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None 
         made = []
         for i, (image, (index, prompt, seed)) in enumerate(zip(output.images, jobs)):
             frames = [decode_latents(pipe, latents[i:i + 1])[0] for latents in steps_latents] or None
-            made.append((index, _as_generated(image, {"prompt": prompt, "seed": seed, **settings}), frames))
+            parameters = {"prompt": prompt, "seed": seed, **settings, "width": image.width, "height": image.height}
+            made.append((index, _as_generated(image, parameters), frames))
         return made
 
     jobs = [(i, prompt, seed) for i, (prompt, seed) in enumerate(zip(prompts, seeds))]
@@ -208,6 +226,24 @@ def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None 
                 made = sorted(gather_object(made), key=lambda item: item[0])
             bar.update(len(made))
             yield [(image, frames) for _, image, frames in made]
+
+
+def check_generation_settings(num_inference_steps=None, guidance_scale=None, height=None, width=None,
+                              batch_size: int = 1, factor: int = 8) -> None:
+    """Refuse settings that would silently give other images than asked for (None: the model's default)."""
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or
+                                            not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        raise ConfigError(f"num_inference_steps (--steps): {num_inference_steps!r} must be a whole number of "
+                          "at least 1; leave it out for the model's default")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise ConfigError(f"guidance_scale (--guidance): {guidance_scale} must be a finite number (1 turns "
+                          "guidance off); leave it out for the model's default")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value < factor or value % factor):
+            raise ConfigError(f"{name} (--{name}): {value} must be a positive multiple of {factor}, the VAE's "
+                              "downsampling factor; leave it out for the size the model was trained at")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size (--batch-size): {batch_size} must be at least 1")
 
 
 def process_state():
@@ -249,6 +285,8 @@ class ImageWriter:
     def __init__(self, out_dir, prefix: str = ""):
         self.out_dir, self.prefix = Path(out_dir), prefix
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.out_dir):  # a read-only folder fails here, before any generation
+            pass
         pattern = re.compile(rf"{re.escape(prefix)}(\d+)\.png")
         numbers = [int(m.group(1)) for path in self.out_dir.glob(f"{prefix}*.png")
                    if (m := pattern.fullmatch(path.name))]

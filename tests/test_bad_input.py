@@ -268,6 +268,12 @@ def test_train_command_reports_a_data_error_in_one_line(tmp_path, caption_folder
     (["--model", "/nope", "--prompt", "a red square"], "model /nope does not exist"),
     (["--model", "/nope"], "give at least one --prompt"),
     (["--model", "/nope", "--prompt", "x", "--num-images", "0"], "--num-images must be at least 1"),
+    (["--model", "/nope", "--prompt", "x", "--steps", "0"], r"num_inference_steps (--steps): 0 must be"),
+    (["--model", "/nope", "--prompt", "x", "--guidance", "nan"], r"guidance_scale (--guidance): nan must be"),
+    (["--model", "/nope", "--prompt", "x", "--guidance", "inf"], r"guidance_scale (--guidance): inf must be"),
+    (["--model", "/nope", "--prompt", "x", "--height", "100"], "height (--height): 100 must be a positive multiple"),
+    (["--model", "/nope", "--prompt", "x", "--batch-size", "0"], "batch_size (--batch-size): 0 must be at least 1"),
+    (["--model", "/nope", "--prompt", "x", "--batch-size", "-1"], "batch_size (--batch-size): -1 must be at least"),
 ])
 def test_generate_command_reports_errors_in_one_line(tmp_path, capsys, args, message):
     assert cli.main(["generate", *args, "--out", str(tmp_path / "images")]) == 2
