@@ -8,16 +8,19 @@ under `checkpoints/.partial-<name>` and renamed to `checkpoints/<name>` only whe
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
 import socket
 import time
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
 
 from .config import Config, ConfigError, to_yaml
 from .pipeline import replace_directory
@@ -87,7 +90,30 @@ def check_output_dir(config: Config) -> None:
     for prefix in ("vae-", ""):
         checkpoint = find_resume_checkpoint(config, prefix)
         if checkpoint is not None:
+            check_checkpoint_files(checkpoint)
             check_checkpoint_config(checkpoint, config)
+
+
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """Read the header of every file of a checkpoint before resuming from it, so that a damaged one is
+    named with the way out instead of failing deep inside `load_state`. (The data of a file is not
+    checksummed: bytes flipped inside a tensor go unnoticed here.)"""
+    for path in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt"):  # checks the header and that the file holds every tensor
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".yaml":
+                yaml.safe_load(path.read_text())
+            elif path.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(path):
+                raise ValueError("not a complete torch.save file")
+        except (SafetensorError, ValueError, yaml.YAMLError) as error:
+            raise ConfigError(
+                f"resume_from_checkpoint: {checkpoint} is damaged: {path.name} cannot be read "
+                f"({' '.join(str(error).split())}). Delete that folder to resume from the checkpoint before "
+                "it, or set resume_from_checkpoint to another checkpoint") from error
 
 
 def prepare_output_dir(accelerator: Accelerator, config: Config) -> None:

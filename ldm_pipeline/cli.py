@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, os_error_message
 
 
 def _prompts(args) -> list[str]:
@@ -174,8 +174,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as error:
+    except ValueError as error:  # ConfigError and the other bad-input errors
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full or read-only disk, a missing permission
+        print(f"error: {os_error_message(error)}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image, PngImagePlugin
@@ -99,7 +100,9 @@ def load_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, schedu
     if path.exists() and not (path / "model_index.json").is_file():
         raise ConfigError(f"model {path_or_id} is not a diffusers pipeline directory (no model_index.json); "
                           "give <output_dir>/pipeline of a finished training run")
-    device = torch.device(device) if device is not None else best_device()
+    if path.exists():
+        check_pipeline_folders(path)
+    device = check_device(device) if device is not None else best_device()
     dtype = dtype or best_dtype(device)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -119,6 +122,39 @@ def load_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, schedu
     pipe.scheduler_name = defaults["scheduler"]
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def check_pipeline_folders(path: Path) -> None:
+    """Every component model_index.json lists must have its folder (a copy that missed tokenizer/ would
+    otherwise fail with an unrelated error deep inside transformers)."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except ValueError as error:
+        raise ConfigError(f"model {path}: model_index.json cannot be read ({error}); copy the pipeline "
+                          "directory again") from error
+    missing = [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)
+               and value[0] is not None and not (path / name).is_dir()]
+    if missing:
+        raise ConfigError(f"model {path} is incomplete: model_index.json lists {', '.join(missing)} but there is "
+                          f"no {missing[0]}/ folder; copy the whole pipeline directory")
+
+
+def check_device(device) -> torch.device:
+    """A device this torch build can use, or an error saying which ones it can."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ConfigError(f"device {device!r} is not a device name ({' '.join(str(error).split())}); use cpu, "
+                          "cuda, cuda:1, mps ... or leave it out for the best available") from error
+    usable = {"cpu": True, "cuda": torch.cuda.is_available(),
+              "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not usable.get(device.type, True):
+        raise ConfigError(f"device {device}: this torch build has no {device.type.upper()} device it can use "
+                          f"(torch {torch.__version__}); use --device cpu, or leave --device out for the best "
+                          "available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 class GeneratedImage(Image.Image):
@@ -166,7 +202,7 @@ def generate(pipe, prompts, seeds=None, **kwargs):
 def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None = None,
                      guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                      batch_size: int = 8, negative_prompt: str | None = None, return_progress: bool = False,
-                     show_progress: bool = True, state=None):
+                     show_progress: bool = True, state=None, check_finite: bool = True):
     """Yield the images of `generate` in prompt order, one batch at a time, as soon as it is made: a list
     of (image, frames) pairs, where frames are the decoded intermediate images with `return_progress`
     (else None). Nothing is held back, so a caller can write each batch before the next one starts.
@@ -176,6 +212,10 @@ def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None 
     With an Accelerate `state` (a `PartialState` or `Accelerator`), every process must iterate: each
     round of batch_size x processes prompts is split across the processes and gathered, so every
     process yields every image, the same at any process count.
+
+    An image with NaN/inf pixels (weights holding NaN, an overflow) stops the generation with an error
+    unless `check_finite` is off (training's validation grids: a diverging run should go on to its
+    loss guard, not stop at a picture).
     """
     from accelerate.utils import gather_object
 
@@ -197,15 +237,20 @@ def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None 
             steps_latents.append(tensors["latents"].detach().clone())
             return tensors
 
-        output = pipe(
+        pixels = pipe(
             [prompt for _, prompt, _ in jobs], num_inference_steps=steps, guidance_scale=guidance, height=height,
             width=width,
             negative_prompt=[negative_prompt] * len(jobs) if negative_prompt else None,
             generator=[torch.Generator("cpu").manual_seed(seed) for _, _, seed in jobs],
             callback_on_step_end=keep_latents if return_progress else None,
-        )
+            output_type="np",  # (B, H, W, 3) in [0, 1]; NaN stays NaN here, while as a PIL image it is black
+        ).images
         made = []
-        for i, (image, (index, prompt, seed)) in enumerate(zip(output.images, jobs)):
+        for i, (index, prompt, seed) in enumerate(jobs):
+            if check_finite and not np.isfinite(pixels[i]).all():
+                made.append((index, None, None))
+                continue
+            image = pipe.image_processor.numpy_to_pil(pixels[i:i + 1])[0]  # as diffusers' output_type="pil"
             frames = [decode_latents(pipe, latents[i:i + 1])[0] for latents in steps_latents] or None
             parameters = {"prompt": prompt, "seed": seed, **settings, "width": image.width, "height": image.height}
             made.append((index, _as_generated(image, parameters), frames))
@@ -224,6 +269,14 @@ def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None 
                 with state.split_between_processes(round_jobs) as mine:
                     made = make(mine) if mine else []
                 made = sorted(gather_object(made), key=lambda item: item[0])
+            failed = [jobs[index] for index, image, _ in made if image is None]
+            if failed:  # every process sees the gathered list, so all of them stop here together
+                _, prompt, seed = failed[0]
+                raise ValueError(
+                    f"model {settings['model'] or 'in use'} made {len(failed)} image(s) of NaN/inf pixels (saved, "
+                    f"they would be black), e.g. prompt {prompt!r} seed {seed}: its weights hold NaN/inf values "
+                    f"(a damaged or diverged model), or {pipe.dtype} overflowed; check the model's files, or "
+                    "generate in float32 (e.g. --device cpu)")
             bar.update(len(made))
             yield [(image, frames) for _, image, frames in made]
 

@@ -29,6 +29,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, pars
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from . import data as data_lib
@@ -41,7 +42,7 @@ from .checkpoints import (
     prepare_output_dir,
     save_checkpoint,
 )
-from .config import Config, ConfigError, load_config, to_yaml
+from .config import Config, ConfigError, load_config, os_error_message, to_yaml
 from .losses import diffusion_loss, diffusion_target, vae_loss
 from .models import (
     build_noise_scheduler,
@@ -253,6 +254,15 @@ def calibrate_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> dict:
             "scaling_factor": 1.0 / std}
 
 
+def load_trained_vae(folder: Path) -> AutoencoderKL:
+    """The VAE stage's result (<output_dir>/vae); a damaged one is named with the way out."""
+    try:
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ConfigError(f"{folder} holds a damaged VAE ({' '.join(str(error).split())}). Delete that folder "
+                          "to train the VAE again (stage vae), or restore it") from error
+
+
 def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.TrainData, vae: AutoencoderKL):
     """Train the autoencoder, calibrate its latents, save it to <output_dir>/vae; skip if done."""
     from .evaluate import psnr
@@ -260,7 +270,7 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
     out = Path(config.output_dir) / "vae"
     if (out / "config.json").is_file():
         accelerator.print(f"[vae] using the finished VAE in {out}")
-        return AutoencoderKL.from_pretrained(out, use_safetensors=True)
+        return load_trained_vae(out)
     settings = config.vae_training
     rows, heldout = data_lib.split_heldout(len(train.dataset), settings.psnr_samples, config.seed)
     input_ids = torch.zeros(len(train.dataset), 1, dtype=torch.long)  # captions are not used here
@@ -333,7 +343,8 @@ def make_validator(accelerator, config, pipeline_parts, heldout_loss):
         pipe.set_progress_bar_config(disable=True)
         images = generate(
             pipe, [p for p, _ in jobs], [s for _, s in jobs], show_progress=False, state=accelerator,
-            num_inference_steps=config.sampling.num_inference_steps, guidance_scale=config.sampling.guidance_scale)
+            num_inference_steps=config.sampling.num_inference_steps, guidance_scale=config.sampling.guidance_scale,
+            check_finite=False)
         if accelerator.is_main_process:
             samples.mkdir(parents=True, exist_ok=True)
             path = samples / f"{name or f'step-{step:06d}'}.png"
@@ -595,8 +606,7 @@ def train_stages(accelerator: Accelerator, config: Config) -> Path | None:
     if config.report_to:
         accelerator.init_trackers("ldm_pipeline")
     vae_dir = Path(config.output_dir) / "vae"
-    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True) if (vae_dir / "config.json").is_file() \
-        else build_vae(config.model)
+    vae = load_trained_vae(vae_dir) if (vae_dir / "config.json").is_file() else build_vae(config.model)
     factor = vae_scale_factor(vae)
     if config.resolution % factor:
         raise ConfigError(f"resolution: {config.resolution} is not divisible by the VAE's downsampling "
@@ -640,8 +650,12 @@ def main(argv=None) -> int:
         config = load_config(args.config, args.overrides)
         set_cpu_threads(config)
         train(config, dry_run=args.dry_run)
-    except (ConfigError, data_lib.DataError, TrainingError, FileExistsError) as error:
+    except (ConfigError, data_lib.DataError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as error:  # a full or read-only disk: what failed, and the way out
+        print(f"error: {os_error_message(error)}; a run resumes from its last complete checkpoint with "
+              "resume_from_checkpoint: latest", file=sys.stderr)
         return 2
     return 0
 
