@@ -126,19 +126,50 @@ def prepare_output_dir(accelerator: Accelerator, config: Config) -> None:
     previous = out / "config.yaml"
     if accelerator.is_main_process:
         if previous.is_file() and config.overwrite_output_dir and not config.resume_from_checkpoint:
-            # The latent cache survives (it is keyed by what it was built from), unless this run
-            # retrains the VAE that made it: then it would only be refused as stale after that stage.
-            names = ["checkpoints", "pipeline", "samples", "vae", "logs", "config.yaml", "metrics.jsonl"]
-            if "vae" in config.stages and config.data.latent_cache_dir is None:
-                names.append("latent_cache")
-            for name in names:
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            kept = clear_previous_run(out, config)
+            if kept:
+                print(f"overwrite_output_dir: removed the previous run's files from {out}; kept what it did not "
+                      f"write: {', '.join(kept[:10])}" + (f" and {len(kept) - 10} more" if len(kept) > 10 else ""))
         out.mkdir(parents=True, exist_ok=True)
         previous.write_text(to_yaml(config))
         for partial in (out / "checkpoints").glob(".partial-*"):
             shutil.rmtree(partial)  # written by a run killed mid-save: incomplete by construction
     accelerator.wait_for_everyone()
+
+
+# What a run writes into its output_dir, and so all that overwrite_output_dir removes: its files, the
+# folders it writes whole, its own entries in folders a user may add files to, and the temporary names
+# of interrupted writes (`pipeline.tmp-<pid>`, `vae.old-<pid>` ...).
+RUN_FILES = re.compile(r"config\.yaml|metrics\.jsonl|(pipeline|vae|latent_cache)\.(tmp|old)(-\d+)?")
+RUN_FOLDERS = ("pipeline", "vae")
+RUN_ENTRIES = {
+    "checkpoints": re.compile(r"(\.partial-)?(vae-)?step-\d+"),
+    "samples": re.compile(r"(step-\d+|final)\.(png|txt)"),  # the validation grids
+    "logs": re.compile(r"ldm_pipeline"),  # the trackers' folder, named by init_trackers
+}
+
+
+def clear_previous_run(out: Path, config: Config) -> list[str]:
+    """Remove what the previous run in `out` wrote (see RUN_FILES ...); returns what was kept."""
+    targets = [out / name for name in RUN_FOLDERS]
+    # The latent cache survives (it is keyed by what it was built from), unless this run retrains the
+    # VAE that made it: then it would only be refused as stale after that stage.
+    if "vae" in config.stages and config.data.latent_cache_dir is None:
+        targets.append(out / "latent_cache")
+    targets += [path for path in out.iterdir() if RUN_FILES.fullmatch(path.name)]
+    for folder, pattern in RUN_ENTRIES.items():
+        if (out / folder).is_dir():
+            targets += [path for path in (out / folder).iterdir() if pattern.fullmatch(path.name)]
+    for target in targets:
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    kept = []
+    for folder in RUN_ENTRIES:
+        if (out / folder).is_dir():
+            left = sorted(path.name for path in (out / folder).iterdir())
+            kept += [f"{folder}/{name}" for name in left]
+            if not left:
+                (out / folder).rmdir()
+    return sorted(kept)
 
 
 def checkpoint_steps(config: Config, prefix: str) -> list[tuple[int, Path]]:
@@ -195,8 +226,33 @@ def save_checkpoint(accelerator: Accelerator, config: Config, prefix: str, step:
     if accelerator.is_main_process:
         (partial / "config.yaml").write_text(to_yaml(config))
         replace_directory(partial, final)
-        limit = config.checkpoints_total_limit
-        if limit is not None:
-            for _, old in checkpoint_steps(config, prefix)[:-limit]:  # never the newest
-                shutil.rmtree(old)
+        prune_checkpoints(config, prefix, step)
     accelerator.wait_for_everyone()
+
+
+def prune_checkpoints(config: Config, prefix: str, step: int) -> None:
+    """Keep at most `checkpoints_total_limit` checkpoints up to the one just written (`step`).
+
+    Only checkpoints older than it are removed, and of those only ones this run wrote or ones older than
+    the checkpoint it resumed from; never that checkpoint, never a newer step. A run rolled back to an
+    older checkpoint (resume_from_checkpoint: <path>) thus keeps its starting point and the newer
+    checkpoints of the line it left, however it ends."""
+    limit = config.checkpoints_total_limit
+    if limit is None:
+        return
+    base = None if config.resume_from_checkpoint in (None, "latest") else Path(config.resume_from_checkpoint).resolve()
+    base_step = int(base.name.rsplit("-", 1)[1]) if base and base.name.startswith(f"{prefix}step-") else None
+    every = config.vae_training.checkpointing_steps if prefix == "vae-" else config.checkpointing_steps
+
+    def removable(number: int, path: Path) -> bool:
+        if number >= step or path.resolve() == base:
+            return False
+        # Past the base, this run saved (and so replaced) every multiple of `every` up to `step`.
+        return base_step is None or number < base_step or (every > 0 and number % every == 0)
+
+    found = checkpoint_steps(config, prefix)
+    excess = sum(number <= step for number, _ in found) - limit
+    for number, path in found:  # oldest first
+        if excess > 0 and removable(number, path):
+            shutil.rmtree(path)
+            excess -= 1

@@ -377,6 +377,17 @@ def validate(config: Config) -> None:
     output = Path(c.output_dir)
     _require(not output.exists() or output.is_dir(),
              f"output_dir: {output} is a file; choose a directory path for the run's outputs")
+    where = output.expanduser().resolve()
+    for place, name in ((Path(where.anchor), "the filesystem root"), (Path.home().resolve(), "your home directory")):
+        _require(where != place, f"output_dir: {c.output_dir} is {name}; a run writes there and, with "
+                 "overwrite_output_dir, clears folders there. Give the run a folder of its own, e.g. outputs/my_run")
+    if d.train_data_dir:
+        data = Path(d.train_data_dir).expanduser().resolve()
+        overlap = ("is the data folder" if where == data else "is inside the data folder" if data in where.parents
+                   else "holds the data folder" if where in data.parents else None)
+        _require(overlap is None, f"output_dir: {c.output_dir} {overlap} (data.train_data_dir: {d.train_data_dir}): "
+                 "the run's images (samples/) would be read as training images on the next run, and the data would "
+                 "sit among files the run replaces. Keep them apart, e.g. data/my_images and outputs/my_run")
     if c.report_to is not None:
         from accelerate.utils import LoggerType
 

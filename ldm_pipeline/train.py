@@ -210,6 +210,29 @@ def make_optimizer(config: Config, param_groups, learning_rate: float, lr_schedu
     return optimizer, schedule
 
 
+def check_sizes(config: Config, vae: AutoencoderKL, num_examples: int, num_processes: int) -> None:
+    """What would otherwise fail only after the VAE stage, checked before anything is written (and by
+    --dry-run): the VAE's downsampling must divide the resolution, and every stage needs the examples
+    for one optimizer step."""
+    factor = vae_scale_factor(vae)
+    if config.resolution % factor:
+        raise ConfigError(f"resolution: {config.resolution} is not divisible by the VAE's downsampling "
+                          f"factor {factor}; use a multiple of {factor}")
+    stages = {"vae": ("vae_training.train_batch_size", config.vae_training.train_batch_size, 1,
+                      config.vae_training.psnr_samples),
+              "unet": ("train_batch_size", config.train_batch_size, config.gradient_accumulation_steps,
+                       config.validation.num_heldout)}
+    for stage in config.stages:
+        key, batch, accumulation, heldout = stages[stage]
+        rows = len(data_lib.split_heldout(num_examples, heldout, config.seed)[0])
+        if rows < batch * num_processes * accumulation:
+            raise ConfigError(
+                f"{key}: one optimizer step of the {stage} stage takes {batch * num_processes * accumulation} "
+                f"examples ({batch} per process x {num_processes} processes x {accumulation} accumulation), "
+                f"but it trains on {rows} ({num_examples} minus {num_examples - rows} held out); lower {key} "
+                "or add data")
+
+
 def make_loader(config: Config, dataset, batch_size: int):
     if len(dataset) < batch_size:
         raise ConfigError(f"the training set has {len(dataset)} examples, fewer than one batch of {batch_size}; "
@@ -602,15 +625,14 @@ def train_stages(accelerator: Accelerator, config: Config) -> Path | None:
     text_encoder = build_text_encoder(config.model, tokenizer)
     for component in ("vae", "unet"):  # a missing or pickle-only model directory fails here, not mid-run
         resolve_source(config.model, component)
+    vae = build_vae(config.model)
+    check_sizes(config, vae, len(train_data.dataset), accelerator.num_processes)
     prepare_output_dir(accelerator, config)  # after the checks; overwrite_output_dir clears vae/ here
     if config.report_to:
         accelerator.init_trackers("ldm_pipeline")
     vae_dir = Path(config.output_dir) / "vae"
-    vae = load_trained_vae(vae_dir) if (vae_dir / "config.json").is_file() else build_vae(config.model)
-    factor = vae_scale_factor(vae)
-    if config.resolution % factor:
-        raise ConfigError(f"resolution: {config.resolution} is not divisible by the VAE's downsampling "
-                          f"factor {factor}; use a multiple of {factor}")
+    if (vae_dir / "config.json").is_file():  # the VAE stage of this run is done (the same model config)
+        vae = load_trained_vae(vae_dir)
     accelerator.print(f"text_encoder: {count_parameters(text_encoder) / 1e6:.2f}M parameters, "
                       f"vae: {count_parameters(vae) / 1e6:.2f}M parameters, "
                       f"{len(train_data.dataset)} training images")

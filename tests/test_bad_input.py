@@ -291,6 +291,61 @@ def test_an_existing_run_continues_with_resume_or_is_replaced_with_overwrite(fin
     assert not (out / "checkpoints").exists()
 
 
+def test_overwrite_removes_only_what_the_previous_run_wrote(finished_run, tmp_path, capsys):
+    out, data_dir = shutil.copytree(finished_run / "out", tmp_path / "out"), finished_run / "data"
+    mine = {"checkpoints/my_notes.txt": "notes", "samples/keep.png": "a picture", "logs/mine.txt": "log",
+            "notes.md": "top level", "pipeline.tmp-123/x": "leftover of a killed save", "logs/ldm_pipeline/events": "t"}
+    for name, text in mine.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    train(tiny_config(out, data_dir, max_train_steps=1, validation__num_heldout=0, overwrite_output_dir=True))
+    assert ("overwrite_output_dir: removed the previous run's files from " + str(out) + "; kept what it did not write: "
+            "checkpoints/my_notes.txt, logs/mine.txt, samples/keep.png") in capsys.readouterr().out
+    for name in ("checkpoints/my_notes.txt", "samples/keep.png", "logs/mine.txt", "notes.md"):
+        assert (out / name).read_text() == mine[name], name
+    assert not (out / "pipeline.tmp-123").exists() and not (out / "logs" / "ldm_pipeline").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["my_notes.txt"]  # step-1 was the run's
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["final.png", "final.txt", "keep.png"]
+
+
+@pytest.mark.parametrize("output_dir, data_dir, message", [
+    ("/", "data", "output_dir: / is the filesystem root; a run writes there and, with overwrite_output_dir, clears"),
+    ("~", "data", "output_dir: ~ is your home directory; .* Give the run a folder of its own"),
+    ("data", "data", r"output_dir: .*data is the data folder \(data.train_data_dir: .*data\): the run's images"),
+    ("data/out", "data", "output_dir: .*data/out is inside the data folder"),
+    ("out", "out/data", "output_dir: .*out holds the data folder"),
+])
+def test_an_output_dir_that_would_clash_is_refused(tmp_path, monkeypatch, output_dir, data_dir, message):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_caption_folder(tmp_path / data_dir, count=4)
+    paths = {key: value if value in ("/", "~") else str(tmp_path / value)
+             for key, value in (("output_dir", output_dir), ("data", data_dir))}
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(paths["output_dir"], paths["data"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train_batch_size": 16}, r"train_batch_size: one optimizer step of the unet stage takes 16 examples \(16 per "
+                               r"process x 1 processes x 1 accumulation\), but it trains on 14 \(16 minus 2 held "
+                               r"out\); lower train_batch_size or add data"),
+    ({"stages": ["vae", "unet"], "vae_training__train_batch_size": 15}, "vae_training.train_batch_size: one optimizer "
+                                                                        "step of the vae stage takes 15 examples"),
+    ({"resolution": 40, "model__vae_kwargs": {"block_out_channels": [8, 16, 16, 16, 16]}},
+     "resolution: 40 is not divisible by the VAE's downsampling factor 16"),
+])
+def test_a_run_refused_for_its_sizes_writes_nothing_so_the_fixed_rerun_starts(tmp_path, caption_folder, change,
+                                                                              message):
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_config(tmp_path / "out", caption_folder, **change))
+    assert not (tmp_path / "out").exists()  # no config.yaml that would make the corrected run "an existing run"
+
+
+def test_the_fixed_rerun_of_a_refused_run_starts(tmp_path, caption_folder):
+    with pytest.raises(ConfigError, match="train_batch_size: one optimizer step"):
+        train(tiny_config(tmp_path / "out", caption_folder, train_batch_size=16, max_train_steps=1))
+    assert (train(tiny_config(tmp_path / "out", caption_folder, max_train_steps=1)) / "model_index.json").is_file()
+
+
 # --- the command lines: one `error:` line, exit code 2, no traceback ------------------------------------
 
 

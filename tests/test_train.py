@@ -141,3 +141,49 @@ def test_command_line_runs_on_cpu_use_the_cores(tmp_path, caption_folder, monkey
     config.write_text(yaml.safe_dump({**tiny_config_dict(tmp_path / "out", caption_folder), "cpu_threads": configured}))
     assert train_module.main(["--config", str(config), "--dry-run"]) == 0
     assert chosen == [expected]
+
+
+def test_a_rolled_back_run_never_prunes_its_starting_point_or_newer_checkpoints(tmp_path, caption_folder,
+                                                                             monkeypatch):
+    def names(out):
+        return sorted((p.name for p in (out / "checkpoints").iterdir()), key=lambda name: int(name.split("-")[1]))
+
+    out = tmp_path / "out"
+    common = dict(max_train_steps=6, checkpoints_total_limit=2, validation__num_heldout=0)
+    train(tiny_config(out, caption_folder, checkpointing_steps=2, **common))
+    assert names(out) == ["step-4", "step-6"]
+    old_six = (out / "checkpoints" / "step-6" / "model.safetensors").read_bytes()
+
+    # Roll back to step-4, checkpoint every step, and crash right after step-5 is saved.
+    step_4 = str(out / "checkpoints" / "step-4")
+    rollback = tiny_config(out, caption_folder, checkpointing_steps=1, resume_from_checkpoint=step_4, **common)
+    save_checkpoint = train_module.save_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(accelerator, config, prefix, step):
+        save_checkpoint(accelerator, config, prefix, step)
+        if step == 5:
+            raise Crash
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train(rollback)
+    monkeypatch.undo()
+    # Keeping 2 up to step 5 removes nothing: step-4 is where the run started, step-6 is newer.
+    assert names(out) == ["step-4", "step-5", "step-6"]
+    assert (out / "checkpoints" / "step-6" / "model.safetensors").read_bytes() == old_six
+
+    train(rollback)  # to the end: step-6 is saved again, and of the older ones only this run's step-5 goes
+    assert names(out) == ["step-4", "step-6"]
+
+
+def test_pruning_keeps_the_newest_checkpoints(tmp_path, caption_folder):
+    out = tmp_path / "out"
+    train(tiny_config(out, caption_folder, max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2,
+                      validation__num_heldout=0))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-5"]
+    train(tiny_config(out, caption_folder, max_train_steps=7, checkpointing_steps=1, checkpoints_total_limit=2,
+                      validation__num_heldout=0, resume_from_checkpoint="latest"))  # a plain continuation
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6", "step-7"]
