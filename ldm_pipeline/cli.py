@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import ConfigError, os_error_message
+from .config import ConfigError, add_run_arguments, os_error_message
 
 
 def _prompts(args) -> list[str]:
@@ -50,6 +50,8 @@ def cmd_generate(args) -> int:
     # Image k of a prompt uses seed + k, whichever process makes it.
     jobs = [(prompt, args.seed + k) for prompt in prompts for k in range(args.num_images)]
     writer = ImageWriter(out) if state.is_main_process else None
+    if writer:
+        print(f"generating {len(jobs)} images on {state.num_processes} process(es) into {out}")
     paths = []
     # SIGTERM ends the run like Ctrl-C: the images already written stay, the one being written is removed.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -162,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='a caption never drawn, e.g. "a red circle in the top left" (repeatable)')
     shapes.set_defaults(run=cmd_make_shapes)
 
-    tr = commands.add_parser("train", help="train in this process (for several, use accelerate launch train.py)")
-    tr.add_argument("--config", required=True)
-    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    tr.add_argument("--dry-run", action="store_true")
+    tr = commands.add_parser("train", help="train in this process (for several, use accelerate launch train.py)",
+                             description="Train a latent diffusion text-to-image model in this process; "
+                             "`accelerate launch train.py` takes the same options.")
+    add_run_arguments(tr)
     tr.set_defaults(run=cmd_train)
     return parser
 

@@ -295,6 +295,17 @@ def os_error_message(error: Exception) -> str:
     return message + (f" ({hints[code]})" if code in hints else "")
 
 
+def add_run_arguments(parser) -> None:
+    """The options of a training run, shared by `accelerate launch train.py` and `ldm-pipeline train`."""
+    parser.add_argument("--config", required=True, help="YAML config, e.g. train_configs/shapes.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set max_train_steps=100 or --set "
+                        "data.train_data_dir=path/to/images (repeatable; the value is read as YAML)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config, parameter counts and batch sizes, and check that the data "
+                        "fills a batch, then exit without writing anything")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), **values) -> Config:
     """Load a YAML config (or none: all defaults), apply `--set` overrides and keyword values."""
     data = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -42,7 +43,7 @@ from .checkpoints import (
     prepare_output_dir,
     save_checkpoint,
 )
-from .config import Config, ConfigError, load_config, os_error_message, to_yaml
+from .config import Config, ConfigError, add_run_arguments, load_config, os_error_message, to_yaml
 from .losses import diffusion_loss, diffusion_target, vae_loss
 from .models import (
     build_noise_scheduler,
@@ -593,22 +594,23 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
     """Run every configured stage; returns <output_dir>/pipeline (None for a dry run)."""
     accelerator = build_accelerator(config)
     set_seed(config.seed)
-    if dry_run:
-        captions_source = None
+    if dry_run:  # everything a run checks before writing, without writing
         if config.data.train_data_dir and Path(config.data.train_data_dir).is_dir() or config.data.dataset_name:
             train_data = data_lib.load_train_data(config)
-            captions_source = train_data.captions
-        elif config.data.make_shapes is not None:
+            captions_source, num_examples = train_data.captions, len(train_data.dataset)
+        else:  # validation allows only the shapes data to be absent: it is made on the first run
             from .shapes import all_captions
 
             captions_source = all_captions()
+            num_examples = min(config.data.make_shapes.num_images, config.data.max_train_samples or math.inf)
         tokenizer = load_tokenizer(config.model, lambda: captions_source)
         text_encoder = build_text_encoder(config.model, tokenizer)
         vae = build_vae(config.model)
         components = {"text_encoder": text_encoder, "vae": vae,
                       "unet": build_unet(config.model, config.resolution, vae, text_encoder)}
         accelerator.print(to_yaml(config))
-        accelerator.print(describe_run(config, accelerator, components, None))
+        accelerator.print(describe_run(config, accelerator, components, num_examples))
+        check_sizes(config, vae, num_examples, accelerator.num_processes)
         return None
     with output_dir_lock(config.output_dir, hold=accelerator.is_main_process):  # one run per output_dir
         return train_stages(accelerator, config)
@@ -648,22 +650,30 @@ def train_stages(accelerator: Accelerator, config: Config) -> Path | None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a latent diffusion text-to-image model.")
-    parser.add_argument("--config", required=True, help="YAML config, e.g. train_configs/shapes.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set max_train_steps=100 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config, parameter counts and batch sizes, then exit")
+    add_run_arguments(parser)
     return parser.parse_args(argv)
 
 
 def set_cpu_threads(config: Config) -> None:
     """Give a CPU run the machine's cores: `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise,
-    which halves the speed of the embedded default on 2 cores. On GPUs the host threads barely matter."""
+    which halves the speed of the embedded default on 2 cores. On GPUs the host threads barely matter.
+
+    Cores that other programs keep busy (over a quarter second measured now) are left out: torch's threads
+    wait for each other at every operation, so a thread that has to share its core holds up all of them
+    (issue 13: all cores of a busy 2-core machine ran 6x slower than 1 thread)."""
     if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
         return
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(config.cpu_threads or max(1, cores // local_processes))
+    busy = round(psutil.cpu_percent(interval=0.25) / 100 * cores)  # in cores; this process sleeps meanwhile
+    threads = max(1, (cores - busy) // local_processes)
+    torch.set_num_threads(threads)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"cpu_threads: {threads} per process ({cores} physical cores, ~{busy} busy with other work, "
+              f"{local_processes} local process(es)); set cpu_threads to choose")
 
 
 def main(argv=None) -> int:

@@ -130,6 +130,11 @@ BAD_RUNS = [
      r"data.caption_column: 'text' is not a column.*text columns are \['caption'\]"),
     ("model.unet ./nope", lambda tmp, data: {"model": {"unet": "./nope"}}, ConfigError,
      r"model.unet: ./nope does not exist; give a preset \(.*tiny\), an existing directory or a hub id"),
+    ("preset typo", lambda tmp, data: {"model": {"unet": "smal"}}, ConfigError,
+     r"model.unet: 'smal' is not a preset \(base, sd15, small, tiny\), not an existing directory, and not a hub id "
+     r"\(those read owner/name\); did you mean 'small'\?"),
+    ("pretrained typo", lambda tmp, data: {"model": {"pretrained_model_name_or_path": "sd15"}}, ConfigError,
+     r"model.pretrained_model_name_or_path: 'sd15' is not an existing directory, and not a hub id"),
     ("pretrained /nope", lambda tmp, data: {"model": {"pretrained_model_name_or_path": "/nope"}}, ConfigError,
      r"model.pretrained_model_name_or_path: /nope does not exist"),
     ("pickled unet", lambda tmp, data: {"model": {"unet": str(pickled_unet_dir(tmp / "bin_unet"))}}, ConfigError,

@@ -117,8 +117,22 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
         load_pipeline(tmp_path)
 
 
-def test_console_script_lists_every_command():
+def test_console_script_lists_every_command_without_loading_torch():
     result = subprocess.run([sys.executable, "-m", "ldm_pipeline.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for command in ("generate", "evaluate", "make-shapes", "train"):
         assert command in result.stdout
+    # --help must answer at once: torch, diffusers & co. take seconds to import, so only the commands do.
+    code = ("import sys\nfrom ldm_pipeline.cli import build_parser\nbuild_parser().format_help()\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'datasets') "
+            "if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert loaded.stdout.strip() == "[]", loaded.stderr
+
+
+def test_train_help_describes_its_options(capsys):
+    with pytest.raises(SystemExit):
+        cli(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "YAML config, e.g. train_configs/shapes.yaml" in text and "override a config value" in text
+    assert "then exit without writing anything" in text
