@@ -15,6 +15,7 @@ from test_bad_input import assert_one_error_line, files_of
 from test_launch import ROOT
 
 from ldm_pipeline.checkpoints import LOCK_FILE, output_dir_lock
+from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ConfigError
 from ldm_pipeline.pipeline import ImageWriter, read_png_metadata
 from ldm_pipeline.train import main as train_main
@@ -36,6 +37,9 @@ sys.exit(t.main(["--config", sys.argv[1]]))
 """
 
 
+GENERATE = "import sys\nfrom ldm_pipeline.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
 def start(code: str, *args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env, text=True,
@@ -54,7 +58,8 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 60) -> 
     pytest.fail(f"the subprocess never printed {text!r}: {process.stderr.read()[-3000:]}")
 
 
-def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_first_finishes(tmp_path, caption_folder, capsys):
+def test_a_second_run_on_a_busy_output_dir_is_refused_and_a_killed_runs_lock_blocks_nothing(
+        tmp_path, caption_folder, capsys):
     out, go = tmp_path / "out", tmp_path / "go"
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tiny_config_dict(out, caption_folder, max_train_steps=2,
@@ -72,31 +77,13 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_first_finishes(tmp
         assert train_main(["--config", str(path), "--set", "overwrite_output_dir=true"]) == 2
         assert_one_error_line(capsys.readouterr().err, f"output_dir: {out} is in use by another training run")
         assert files_of(out) == before  # the refused runs wrote nothing, cleared nothing
-        go.touch()
-        assert first.wait(timeout=120) == 0, first.stderr.read()[-3000:]
+        assert first.poll() is None  # and the first one runs on
     finally:
-        first.kill()
-    assert (out / "pipeline" / "model_index.json").is_file()
-    assert yaml.safe_load((out / "config.yaml").read_text())["overwrite_output_dir"] is False  # the first run's
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (out / LOCK_FILE).exists()  # left behind by the killed run: a file, no longer a lock
+    assert (train(second) / "model_index.json").is_file()
     assert not (out / LOCK_FILE).exists()
-
-
-def test_the_lock_of_a_killed_run_does_not_block_the_next_one(tmp_path):
-    holder = start("import sys, time\nfrom ldm_pipeline.checkpoints import output_dir_lock\n"
-                   "with output_dir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(300)\n",
-                   tmp_path / "out")
-    try:
-        wait_for_line(holder, "locked")
-        with pytest.raises(ConfigError, match=f"pid {holder.pid} on "):
-            with output_dir_lock(tmp_path / "out"):
-                pass
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    assert (tmp_path / "out" / LOCK_FILE).exists()  # left behind by the killed process: not a lock any more
-    with output_dir_lock(tmp_path / "out"):
-        assert (tmp_path / "out" / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} ")
-    assert not (tmp_path / "out" / LOCK_FILE).exists()
 
 
 def test_a_refused_run_removes_the_folders_it_made_for_the_lock(tmp_path):
@@ -120,26 +107,31 @@ def test_writers_sharing_a_folder_never_overwrite_each_other(tmp_path):
 
 def test_two_generations_into_one_folder_write_every_image_completely(trained_run, tmp_path):
     out = tmp_path / "shared"
-    code = ("import sys\nfrom ldm_pipeline.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    args = ["generate", "--model", trained_run / "pipeline", "--prompt", "a red square on the left",
-            "--num-images", "6", "--steps", "2", "--batch-size", "1", "--device", "cpu", "--out", out]
-    runs = [start(code, *args, "--seed", str(seed)) for seed in (0, 100)]
-    for run in runs:
-        assert run.wait(timeout=120) == 0, run.stderr.read()[-3000:]
+    args = ["generate", "--model", trained_run / "pipeline", "--prompt", "a red square on the left", "--steps", "2",
+            "--batch-size", "1", "--device", "cpu", "--out", out]
+    other = start(GENERATE, *args, "--num-images", "40", "--seed", "100")
+    try:
+        deadline = time.monotonic() + 90
+        while not list(out.glob("*.png")) and time.monotonic() < deadline and other.poll() is None:
+            time.sleep(0.05)
+        assert cli(list(map(str, args)) + ["--num-images", "8"]) == 0  # while the other one writes
+        assert other.wait(timeout=120) == 0, other.stderr.read()[-3000:]
+    finally:
+        other.kill()
     files = sorted(out.iterdir())
-    assert [p.name for p in files] == [f"{i:05d}.png" for i in range(12)]  # no partial files left either
+    assert [p.name for p in files] == [f"{i:05d}.png" for i in range(48)]  # no partial files left either
     seeds = []
     for path in files:
         with Image.open(path) as image:
             image.load()
             assert image.size == (32, 32)
         seeds.append(int(read_png_metadata(path)["seed"]))
-    assert sorted(seeds) == [*range(6), *range(100, 106)]
+    assert sorted(seeds) == [*range(8), *range(100, 140)]
 
 
 def test_generate_writes_each_batch_as_it_finishes_and_a_sigterm_keeps_them(trained_run, tmp_path):
     out = tmp_path / "images"
-    run = start("import sys\nfrom ldm_pipeline.cli import main\nsys.exit(main(sys.argv[1:]))\n", "generate",
+    run = start(GENERATE, "generate",
                 "--model", trained_run / "pipeline", "--prompt", "a red square on the left", "--num-images", "500",
                 "--steps", "2", "--batch-size", "1", "--device", "cpu", "--out", out)
     try:
