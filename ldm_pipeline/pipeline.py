@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from .config import ConfigError, SamplingConfig
-from .models import make_sampler
+from .models import make_sampler, vae_scale_factor
 from .tokenizer import save_tokenizer
 
 DEFAULTS_FILE = "ldm_pipeline.json"
@@ -49,10 +49,9 @@ def save_pipeline(directory, *, vae, text_encoder, tokenizer, unet, noise_schedu
     """
     directory = Path(directory)
     resolution = (extra or {}).get("resolution")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution and unet.config.sample_size != resolution // factor:
+    if resolution and unet.config.sample_size != resolution // vae_scale_factor(vae):
         # Plain diffusers sizes its images from the UNet's sample_size: make that the trained resolution.
-        unet.register_to_config(sample_size=resolution // factor)
+        unet.register_to_config(sample_size=resolution // vae_scale_factor(vae))
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=make_sampler(sampling.scheduler, noise_scheduler.config),
