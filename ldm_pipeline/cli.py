@@ -53,7 +53,7 @@ def cmd_generate(args) -> int:
     if writer:
         print(f"generating {len(jobs)} images on {state.num_processes} process(es) into {out}")
     paths = []
-    # SIGTERM ends the run like Ctrl-C: the images already written stay, the one being written is removed.
+    # SIGTERM ends the run like Ctrl-C (a file being written is finished first): the written images stay.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         for batch in generate_batches(
@@ -64,9 +64,13 @@ def cmd_generate(args) -> int:
             if writer is None:
                 continue
             for image, frames in batch:  # written as each batch finishes
-                paths.append(writer.save(image))
-                if frames:
-                    save_progress_gif(frames, paths[-1].with_suffix(".gif"))
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # each file written and counted whole
+                try:
+                    paths.append(writer.save(image))
+                    if frames:
+                        save_progress_gif(frames, paths[-1].with_suffix(".gif"))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     finally:
         signal.signal(signal.SIGTERM, previous)
         if writer and len(paths) < len(jobs):
