@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,7 +87,9 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
 
-    config = load_config(args.config, args.overrides + ["data.make_shapes=null", "data.train_data_dir=."])
+    # Only the model settings are used: any existing folder, apart from output_dir, stands in for the data.
+    config = load_config(args.config, args.overrides + ["data.make_shapes=null",
+                                                        f"data.train_data_dir={tempfile.mkdtemp()}"])
     from ldm_pipeline.shapes import all_captions
 
     tokenizer = build_tokenizer(all_captions())

@@ -24,10 +24,19 @@ for _name in ("transformers.utils.import_utils", "diffusers.models.modeling_util
     logging.getLogger(_name).addFilter(_DropNoise())
 
 from .config import Config, ConfigError, load_config  # noqa: E402
-from .pipeline import generate, load_pipeline, read_png_metadata, save_images  # noqa: E402
 
-__all__ = ["Config", "ConfigError", "generate", "load_config", "load_pipeline", "read_png_metadata",
-           "save_images", "train"]
+__all__ = ["Config", "ConfigError", "generate", "generate_batches", "load_config", "load_pipeline",
+           "read_png_metadata", "save_images", "train"]
+
+
+def __getattr__(name):
+    # torch and diffusers load in seconds; import them on first use, so that `ldm-pipeline --help` and
+    # everything that needs only the config stay fast.
+    if name in ("generate", "generate_batches", "load_pipeline", "read_png_metadata", "save_images"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'ldm_pipeline' has no attribute {name!r}")
 
 
 def train(config, dry_run: bool = False):

@@ -9,9 +9,15 @@ mid-save loses nothing but that save.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import shutil
+import socket
+import time
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from pickle import UnpicklingError  # what a weights_only load raises; nothing here unpickles
 
@@ -19,9 +25,10 @@ import torch
 import yaml
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import Config, ConfigError, to_yaml
+from .config import Config, ConfigError, _safe_yaml, to_yaml
 from .pipeline import replace_directory
 
 # A run resumes only with the settings it was started with where they shape the model, the data it
@@ -36,6 +43,60 @@ RESUME_KEYS = ("model", "resolution", "prediction_type", "stages", "seed", "trai
 FINISHED_VAE_KEYS = tuple(f"vae_training.{key}" for key in (
     "train_batch_size", "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "kl_weight",
     "foreground_weight", "max_grad_norm", "scaling_samples", "psnr_samples"))
+
+LOCK_FILE = ".ldm_pipeline.lock"
+
+
+@contextmanager
+def output_dir_lock(output_dir, hold: bool = True):
+    """Hold an exclusive lock on `output_dir` for a whole run; only the main process takes it (`hold`).
+
+    The lock is `flock` on `<output_dir>/.ldm_pipeline.lock`: the OS drops it when the holding process
+    ends, however it ends (SIGKILL too), so a lock file left behind never blocks the next run. Folders
+    made here only to hold the lock are removed again if the run leaves them empty (a refused run
+    leaves nothing behind).
+    """
+    if not hold:
+        yield
+        return
+    out = Path(output_dir)
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    handle = _take_lock(path)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _take_lock(path: Path):
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has not written its pid yet"
+            handle.close()
+            raise ConfigError(
+                f"output_dir: {path.parent} is in use by another training run ({holder}; lock file {path}). "
+                "Wait for that run to finish, or choose another output_dir. The lock ends with its process, "
+                "even a killed one, so there is no stale lock to delete.") from None
+        # The holder removes the file when it finishes: if that happened between our open and our lock,
+        # we locked a file that no longer has this name, so take the lock again on the current one.
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
 
 
 def check_output_dir(config: Config, num_processes: int = 1) -> None:
@@ -63,13 +124,14 @@ def check_output_dir(config: Config, num_processes: int = 1) -> None:
         if stage == "unet" and "vae" in config.stages and not vae_finished:
             raise ConfigError(f"resume_from_checkpoint: {checkpoint} is a UNet checkpoint but {out / 'vae'} holds no "
                               "finished VAE; resume a run whose VAE stage is done, or use 'latest'")
+        check_checkpoint_files(checkpoint)
         _refuse_changes(checkpoint / "config.yaml", config, RESUME_KEYS, f"resume_from_checkpoint: {checkpoint} was "
                         "written with", "checkpoint")
         _check_position(checkpoint, config, stage, num_processes)
 
 
 def _refuse_changes(saved_file: Path, config: Config, keys, what: str, kind: str) -> None:
-    saved = yaml.safe_load(saved_file.read_text()) or {}
+    saved = _safe_yaml(saved_file.read_text(), str(saved_file)) or {}  # bounded: a hostile file cannot hang it
     current = yaml.safe_load(to_yaml(config))  # the same round trip as the saved one (tuples become lists)
     different = []
     for key in keys:
@@ -115,6 +177,30 @@ def _check_position(checkpoint: Path, config: Config, stage: str, num_processes:
                           "give an earlier checkpoint (resume_from_checkpoint: <output_dir>/checkpoints/step-N)")
 
 
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """Read the header of every file of a checkpoint before resuming from it, so that a damaged one is
+    named with the way out instead of failing deep inside `load_state`. (The data of a file is not
+    checksummed: bytes flipped inside a tensor go unnoticed here.)"""
+    refuse_pickled_state(checkpoint)
+    for path in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt"):  # checks the header and that the file holds every tensor
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".yaml":
+                yaml.safe_load(path.read_text())
+            elif path.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(path):
+                raise ValueError("not a complete torch.save file: damaged, or a plain pickle, which is refused "
+                                 "because loading it could run code")
+        except (SafetensorError, ValueError, yaml.YAMLError) as error:
+            raise ConfigError(
+                f"resume_from_checkpoint: {checkpoint} is damaged: {path.name} cannot be read "
+                f"({' '.join(str(error).split())}). Delete that folder to resume from the checkpoint before "
+                "it, or set resume_from_checkpoint to another checkpoint") from error
+
+
 def prepare_output_dir(accelerator: Accelerator, config: Config) -> None:
     """Clear a replaced run and write the resolved config; call after `check_output_dir`.
 
@@ -125,20 +211,50 @@ def prepare_output_dir(accelerator: Accelerator, config: Config) -> None:
     previous = out / "config.yaml"
     if accelerator.is_main_process:
         if previous.is_file() and config.overwrite_output_dir and not config.resume_from_checkpoint:
-            # The latent cache survives (it is keyed by what it was built from), unless this run
-            # retrains the VAE that made it: then it would only be refused as stale after that stage.
-            names = ["checkpoints", "pipeline", "samples", "vae", "logs", "config.yaml", "metrics.jsonl",
-                     "text_encoder", "tokenizer", "run_data.json"]
-            if "vae" in config.stages and config.data.latent_cache_dir is None:
-                names.append("latent_cache")
-            for name in names:
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            kept = clear_previous_run(out, config)
+            if kept:
+                print(f"overwrite_output_dir: removed the previous run's files from {out}; kept what it did not "
+                      f"write: {', '.join(kept[:10])}" + (f" and {len(kept) - 10} more" if len(kept) > 10 else ""))
         out.mkdir(parents=True, exist_ok=True)
         previous.write_text(to_yaml(config))
         for partial in (out / "checkpoints").glob(".partial-*"):
             shutil.rmtree(partial)  # written by a run killed mid-save: incomplete by construction
     accelerator.wait_for_everyone()
+
+
+# What a run writes into its output_dir, and so all that overwrite_output_dir removes: its files, the
+# folders it writes whole, its own entries in folders a user may add files to, and the temporary names
+# of interrupted writes (`pipeline.tmp-<pid>`, `vae.old-<pid>` ...).
+RUN_FILES = re.compile(r"config\.yaml|metrics\.jsonl|run_data\.json|(pipeline|vae|latent_cache)\.(tmp|old)(-\d+)?")
+RUN_FOLDERS = ("pipeline", "vae", "text_encoder", "tokenizer")
+RUN_ENTRIES = {
+    "checkpoints": re.compile(r"(\.partial-)?(vae-)?step-\d+"),
+    "samples": re.compile(r"(step-\d+|final)\.(png|txt)|vae\.png"),  # the validation grids, the VAE's
+    "logs": re.compile(r"ldm_pipeline"),  # the trackers' folder, named by init_trackers
+}
+
+
+def clear_previous_run(out: Path, config: Config) -> list[str]:
+    """Remove what the previous run in `out` wrote (see RUN_FILES ...); returns what was kept."""
+    targets = [out / name for name in RUN_FOLDERS]
+    # The latent cache survives (it is keyed by what it was built from), unless this run retrains the
+    # VAE that made it: then it would only be refused as stale after that stage.
+    if "vae" in config.stages and config.data.latent_cache_dir is None:
+        targets.append(out / "latent_cache")
+    targets += [path for path in out.iterdir() if RUN_FILES.fullmatch(path.name)]
+    for folder, pattern in RUN_ENTRIES.items():
+        if (out / folder).is_dir():
+            targets += [path for path in (out / folder).iterdir() if pattern.fullmatch(path.name)]
+    for target in targets:
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    kept = []
+    for folder in RUN_ENTRIES:
+        if (out / folder).is_dir():
+            left = sorted(path.name for path in (out / folder).iterdir())
+            kept += [f"{folder}/{name}" for name in left]
+            if not left:
+                (out / folder).rmdir()
+    return sorted(kept)
 
 
 def checkpoint_steps(config: Config, prefix: str) -> list[tuple[int, Path]]:
@@ -197,14 +313,36 @@ def save_checkpoint(accelerator: Accelerator, config: Config, prefix: str, step:
         (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
         (partial / "config.yaml").write_text(to_yaml(config))
         replace_directory(partial, final)
-        limit = config.checkpoints_total_limit
-        if limit is not None:
-            # Only checkpoints older than this one count: after resuming from an older checkpoint
-            # (a rollback), the newer ones are someone's work and are never pruned here.
-            older = [path for number, path in checkpoint_steps(config, prefix) if number < step]
-            for old in older[:max(0, len(older) - (limit - 1))]:
-                shutil.rmtree(old)
+        prune_checkpoints(config, prefix, step)
     accelerator.wait_for_everyone()
+
+
+def prune_checkpoints(config: Config, prefix: str, step: int) -> None:
+    """Keep at most `checkpoints_total_limit` checkpoints up to the one just written (`step`).
+
+    Only checkpoints older than it are removed, and of those only ones this run wrote or ones older than
+    the checkpoint it resumed from; never that checkpoint, never a newer step. A run rolled back to an
+    older checkpoint (resume_from_checkpoint: <path>) thus keeps its starting point and the newer
+    checkpoints of the line it left, however it ends."""
+    limit = config.checkpoints_total_limit
+    if limit is None:
+        return
+    base = None if config.resume_from_checkpoint in (None, "latest") else Path(config.resume_from_checkpoint).resolve()
+    base_step = int(base.name.rsplit("-", 1)[1]) if base and base.name.startswith(f"{prefix}step-") else None
+    every = config.vae_training.checkpointing_steps if prefix == "vae-" else config.checkpointing_steps
+
+    def removable(number: int, path: Path) -> bool:
+        if number >= step or path.resolve() == base:
+            return False
+        # Past the base, this run saved (and so replaced) every multiple of `every` up to `step`.
+        return base_step is None or number < base_step or (every > 0 and number % every == 0)
+
+    found = checkpoint_steps(config, prefix)
+    excess = sum(number <= step for number, _ in found) - limit
+    for number, path in found:  # oldest first
+        if excess > 0 and removable(number, path):
+            shutil.rmtree(path)
+            excess -= 1
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path, ema: EMAModel | None = None) -> dict:
@@ -213,11 +351,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, ema: EMAModel | 
     Pickled state is refused, not loaded: Accelerate reads its .bin/.pkl files with
     `weights_only=True` (tensors and plain containers only), and a file it cannot read that way
     stops the resume here with the file's name."""
-    pickled = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*.pkl"))
-    if pickled:
-        raise ConfigError(f"resume_from_checkpoint: {checkpoint} holds pickled training state ({', '.join(pickled)}), "
-                          "which can run code when loaded; it was written by an older ldm_pipeline or modified. "
-                          "Resume from a checkpoint written by this version, or start a new output_dir")
+    refuse_pickled_state(checkpoint)
     state_file = checkpoint / STATE_FILE
     if not state_file.is_file():
         raise ConfigError(f"resume_from_checkpoint: {checkpoint} has no {STATE_FILE}; it is incomplete or was "
@@ -243,6 +377,14 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, ema: EMAModel | 
             for i, tensor in enumerate(ema.shadow_params):
                 tensor.copy_(shadow[f"shadow.{i}"])
     return state
+
+
+def refuse_pickled_state(checkpoint: Path) -> None:
+    pickled = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*.pkl"))
+    if pickled:
+        raise ConfigError(f"resume_from_checkpoint: {checkpoint} holds pickled training state ({', '.join(pickled)}), "
+                          "which can run code when loaded; it was written by an older ldm_pipeline or modified. "
+                          "Resume from a checkpoint written by this version, or start a new output_dir")
 
 
 def _safe_load(path: Path):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, add_run_arguments, os_error_message
 
 
 def _prompts(args) -> list[str]:
@@ -28,10 +29,18 @@ def _prompts(args) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from .pipeline import generate_across_processes, load_pipeline, process_state, save_images, save_progress_gif
+    from .pipeline import (
+        ImageWriter,
+        check_generation_settings,
+        generate_batches,
+        load_pipeline,
+        process_state,
+        save_progress_gif,
+    )
 
     if args.num_images < 1:
         raise ConfigError("--num-images must be at least 1")
+    check_generation_settings(args.steps, args.guidance, args.height, args.width, args.batch_size)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory for the images")
@@ -40,20 +49,41 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(args.model, device=args.device or state.device, scheduler=args.scheduler)
     # Image k of a prompt uses seed + k, whichever process makes it.
     jobs = [(prompt, args.seed + k) for prompt in prompts for k in range(args.num_images)]
-    result = generate_across_processes(
-        state, pipe, [p for p, _ in jobs], [s for _, s in jobs], num_inference_steps=args.steps,
-        guidance_scale=args.guidance, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
-        return_progress=args.save_progress, show_progress=state.is_main_process)
-    images, progress = result if args.save_progress else (result, [None] * len(result))
-    if state.is_main_process:
-        paths = save_images(images, out)
-        for path, frames in zip(paths, progress):
-            if frames:
-                save_progress_gif(frames, path.with_suffix(".gif"))
+    writer = ImageWriter(out) if state.is_main_process else None
+    if writer:
+        print(f"generating {len(jobs)} images on {state.num_processes} process(es) into {out}")
+    paths = []
+    # SIGTERM ends the run like Ctrl-C (a file being written is finished first): the written images stay.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        for batch in generate_batches(
+                pipe, [p for p, _ in jobs], [s for _, s in jobs], num_inference_steps=args.steps,
+                guidance_scale=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
+                negative_prompt=args.negative_prompt,
+                return_progress=args.save_progress, show_progress=state.is_main_process, state=state):
+            if writer is None:
+                continue
+            for image, frames in batch:  # written as each batch finishes
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # each file written and counted whole
+                try:
+                    paths.append(writer.save(image))
+                    if frames:
+                        save_progress_gif(frames, paths[-1].with_suffix(".gif"))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if writer and len(paths) < len(jobs):
+            print(f"stopped after writing {len(paths)} of {len(jobs)} images to {out}", file=sys.stderr)
+    if writer:
         extra = " (+ a denoising GIF each)" if args.save_progress else ""
         print(f"wrote {len(paths)} images{extra} to {out}: {paths[0].name} .. {paths[-1].name}")
     state.wait_for_everyone()
     return 0
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def cmd_evaluate(args) -> int:
@@ -126,10 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale (default: the model's; 1 turns it off)")
+    gen.add_argument("--height", type=int, default=None,
+                     help="image height in pixels, a multiple of 8 (default: the resolution the model was trained at)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels (as --height)")
     gen.add_argument("--scheduler", choices=["dpmsolver++", "ddim", "euler", "ddpm"], default=None)
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best available)")
     gen.add_argument("--save-progress", action="store_true",
                      help="also write a GIF of the decoded latents at every denoising step")
@@ -157,10 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='a caption never drawn, e.g. "a red circle in the top left" (repeatable)')
     shapes.set_defaults(run=cmd_make_shapes)
 
-    tr = commands.add_parser("train", help="train in this process (for several, use accelerate launch train.py)")
-    tr.add_argument("--config", required=True)
-    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    tr.add_argument("--dry-run", action="store_true")
+    tr = commands.add_parser("train", help="train in this process (for several, use accelerate launch train.py)",
+                             description="Train a latent diffusion text-to-image model in this process; "
+                             "`accelerate launch train.py` takes the same options.")
+    add_run_arguments(tr)
     tr.set_defaults(run=cmd_train)
 
     ex = commands.add_parser("export", help="write a pipeline as one original-layout Stable Diffusion .safetensors")
@@ -184,8 +218,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as error:
+    except ValueError as error:  # ConfigError and the other bad-input errors
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full or read-only disk, a missing permission
+        print(f"error: {os_error_message(error)}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,8 @@ Defaults live here and nowhere else; YAML files hold only what differs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import errno
 import re
 import types
 import typing
@@ -253,10 +255,32 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
                               list("tTfF"))
 
 
+# A config is a few hundred values; aliases (`*name`) that expand to more are an "alias bomb", which
+# would otherwise hang whatever walks the loaded values (a few kB of YAML can stand for 10^9 strings).
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """Values under `node` with every alias expanded; each node is counted once (memoized), so this is
+    linear in the YAML text however far its aliases expand."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a recursive alias counts once
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode) else []
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
 def _safe_yaml(text: str, where: str):
-    """YAML through a safe loader: tags that build Python objects (`!!python/...`) are refused, never run."""
+    """YAML through a safe loader: tags that build Python objects (`!!python/...`) are refused, never run,
+    and so are aliases that expand to more than MAX_YAML_VALUES values."""
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values; "
+                              "write the values out instead")
+        return loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""
@@ -264,6 +288,35 @@ def _safe_yaml(text: str, where: str):
                 if isinstance(error, yaml.constructor.ConstructorError) else "")
         problem = getattr(error, "problem", None) or " ".join(str(error).split())
         raise ConfigError(f"{where}{at}: {problem}{hint}") from error
+    finally:
+        loader.dispose()
+
+
+def os_error_message(error: Exception) -> str:
+    """One line for a failed file operation: what failed where, and for a full or read-only disk or a
+    missing permission, the way out."""
+    message = f"{error.strerror}: {error.filename}" if getattr(error, "strerror", None) and error.filename \
+        else " ".join(str(error).split())
+    hints = {errno.ENOSPC: "the disk is full; free some space or choose a folder on another disk",
+             errno.EDQUOT: "the disk quota is used up; free some space or choose a folder on another disk",
+             errno.EROFS: "the filesystem is read-only; choose a writable folder",
+             errno.EACCES: "no permission to write there; choose a folder you can write to",
+             errno.EPERM: "no permission to write there; choose a folder you can write to"}
+    code = getattr(error, "errno", None)
+    if code is None and "No space left on device" in str(error):  # safetensors reports IO errors as text
+        code = errno.ENOSPC
+    return message + (f" ({hints[code]})" if code in hints else "")
+
+
+def add_run_arguments(parser) -> None:
+    """The options of a training run, shared by `accelerate launch train.py` and `ldm-pipeline train`."""
+    parser.add_argument("--config", required=True, help="YAML config, e.g. train_configs/shapes.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set max_train_steps=100 or --set "
+                        "data.train_data_dir=path/to/images (repeatable; the value is read as YAML)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config, parameter counts and batch sizes, and check that the data "
+                        "fills a batch, then exit without writing anything")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), **values) -> Config:
@@ -353,3 +406,23 @@ def validate(config: Config) -> None:
     output = Path(c.output_dir)
     _require(not output.exists() or output.is_dir(),
              f"output_dir: {output} is a file; choose a directory path for the run's outputs")
+    where = output.expanduser().resolve()
+    for place, name in ((Path(where.anchor), "the filesystem root"), (Path.home().resolve(), "your home directory")):
+        _require(where != place, f"output_dir: {c.output_dir} is {name}; a run writes there and, with "
+                 "overwrite_output_dir, clears folders there. Give the run a folder of its own, e.g. outputs/my_run")
+    if d.train_data_dir:
+        data = Path(d.train_data_dir).expanduser().resolve()
+        overlap = ("is the data folder" if where == data else "is inside the data folder" if data in where.parents
+                   else "holds the data folder" if where in data.parents else None)
+        _require(overlap is None, f"output_dir: {c.output_dir} {overlap} (data.train_data_dir: {d.train_data_dir}): "
+                 "the run's images (samples/) would be read as training images on the next run, and the data would "
+                 "sit among files the run replaces. Keep them apart, e.g. data/my_images and outputs/my_run")
+    if c.report_to not in (None, "none"):
+        from accelerate.utils import LoggerType
+
+        known = [tracker.value for tracker in LoggerType]
+        for name in [c.report_to] if isinstance(c.report_to, str) else c.report_to:
+            guess = difflib.get_close_matches(name, known, n=1)
+            _require(name in known, f"report_to: {name!r} is not a tracker Accelerate knows ({', '.join(known)}; "
+                     "or none)"
+                     + (f"; did you mean {guess[0]!r}?" if guess else ""))

@@ -7,6 +7,7 @@ folder without captions (unconditional), or a hub dataset name.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -21,6 +22,7 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageFile
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -40,6 +42,7 @@ def load_source(data: DataConfig) -> datasets.Dataset:
         root = Path(data.train_data_dir)
         if not root.is_dir():
             raise DataError(f"data.train_data_dir: {root} does not exist or is not a directory")
+        check_metadata(root)
         try:
             # Split folders (train/, test/ ...): let datasets find them. Otherwise one pattern: finding
             # splits walks the folder dozens of times (8 s of a 6,000-image folder's 10 s load).
@@ -86,6 +89,39 @@ def _quietly(function, *args, **kwargs):
     finally:
         if not was_disabled:
             datasets.utils.enable_progress_bars()
+
+
+def check_metadata(root: Path) -> None:
+    """Read the folder's metadata.jsonl / metadata.csv files before `datasets` does: it fails on a file
+    that is not UTF-8 with a traceback and on rows without `file_name` with a misleading message, and
+    it takes an image listed twice as two training examples."""
+    for path in sorted([*root.rglob("metadata.jsonl"), *root.rglob("metadata.csv")]):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as "
+                            "UTF-8") from error
+        if path.suffix == ".csv":
+            rows = list(enumerate(csv.DictReader(io.StringIO(text)), start=2))
+        else:
+            rows = []
+            for number, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        rows.append((number, json.loads(line)))
+                    except ValueError as error:
+                        raise DataError(f"{path} line {number} is not a JSON object ({error}); each line "
+                                        'holds one, like {"file_name": "0001.png", "text": "a caption"}') from error
+        seen = {}
+        for number, row in rows:
+            name = row.get("file_name") if isinstance(row, dict) else None
+            if not isinstance(name, str) or not name:
+                raise DataError(f'{path} line {number} has no "file_name"; every row names its image, like '
+                                '{"file_name": "0001.png", "text": "a caption"}')
+            if name in seen:
+                raise DataError(f"{path} lists {name} twice (lines {seen[name]} and {number}); keep one row per "
+                                "image")
+            seen[name] = number
 
 
 def _count_images(root: Path) -> int:
@@ -148,7 +184,7 @@ def find_bad_images(dataset: datasets.Dataset, image_column: str) -> list[tuple[
     for row, value in enumerate(tqdm(dataset[image_column], desc="checking images", disable=None, leave=False)):
         try:
             open_rgb(value)
-        except (OSError, ValueError, SyntaxError) as error:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             bad.append((row, f"{value.get('path') or 'row ' + str(row)}: {error}"))
     return bad
 
@@ -322,6 +358,28 @@ def _encode_rows(accelerator, rows: list[int], encode, batch_size: int, desc: st
     return torch.cat(gathered)
 
 
+def _unreadable_cache(cache_dir: Path, path: Path, error: Exception) -> DataError:
+    return DataError(f"the latent cache at {cache_dir} is damaged: {path.name} cannot be read "
+                     f"({' '.join(str(error).split())}). Delete that directory to rebuild it")
+
+
+def check_cache_shapes(cache_dir: Path, tensors: dict, config: Config, rows: int, vae, text_encoder) -> None:
+    """The key says what a cache was built from; the shapes say that its tensors are the ones built then
+    (a latents file copied in from another run has another number of rows, or another latent size)."""
+    from .models import vae_scale_factor
+
+    side = config.resolution // vae_scale_factor(vae)
+    latent = (rows, 2 if config.data.random_flip else 1, vae.config.latent_channels, side, side)
+    expected = {"latent_mean": latent, "latent_std": latent}
+    if text_encoder is not None:
+        expected["caption_index"] = (rows,)
+    wrong = [f"{name} {tuple(tensors[name].shape) if name in tensors else 'missing'} instead of {shape}"
+             for name, shape in expected.items() if name not in tensors or tuple(tensors[name].shape) != shape]
+    if wrong:
+        raise DataError(f"the latent cache at {cache_dir} does not fit this run's {rows} images: "
+                        f"{'; '.join(wrong)} (a file from another run?). Delete that directory to rebuild it")
+
+
 @torch.no_grad()
 def build_latent_cache(accelerator, config: Config, train: TrainData, input_ids, vae, text_encoder, tokenizer):
     """Load the cache at `latent_cache_dir` if its key matches, else build it; refuse a stale one.
@@ -333,7 +391,10 @@ def build_latent_cache(accelerator, config: Config, train: TrainData, input_ids,
     key = cache_key(config, train, vae, text_encoder, tokenizer)
     manifest = cache_dir / "manifest.json"
     if manifest.is_file():
-        stored = json.loads(manifest.read_text())["key"]
+        try:
+            stored = json.loads(manifest.read_text())["key"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise _unreadable_cache(cache_dir, manifest, error) from error
         changed = [name for name in key if stored.get(name) != key[name]]
         if changed:
             raise DataError(
@@ -341,7 +402,12 @@ def build_latent_cache(accelerator, config: Config, train: TrainData, input_ids,
                 "Delete that directory to rebuild it, or set data.latent_cache_dir to a new path.")
         if accelerator.is_main_process:
             print(f"reusing latent cache {cache_dir}")
-        return load_file(str(cache_dir / "latents.safetensors"))
+        try:
+            tensors = load_file(str(cache_dir / "latents.safetensors"))
+        except (SafetensorError, OSError) as error:
+            raise _unreadable_cache(cache_dir, cache_dir / "latents.safetensors", error) from error
+        check_cache_shapes(cache_dir, tensors, config, len(train.dataset), vae, text_encoder)
+        return tensors
     if cache_dir.exists() and any(cache_dir.iterdir()):
         raise DataError(f"data.latent_cache_dir: {cache_dir} exists but holds no latent cache "
                         "(no manifest.json); point it at a new or empty directory")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import ConfigError
 from .shapes import COLORS, POSITIONS, all_captions, balanced_combinations, caption, draw_shape, parse_caption
 
 # A pixel is foreground when its darkest channel is this far below 255. Every palette colour is >= 195 below
@@ -217,6 +218,22 @@ def heldout_images(resolution: int, num_images: int = 256, seed: int = 12345) ->
             for c, s, p in balanced_combinations(num_images, rng)]
 
 
+def check_shapes_tokenizer(tokenizer, model) -> None:
+    """Refuse a model not trained on shapes captions, told by its tokenizer (saved with every pipeline):
+    a model trained here on other captions has a tokenizer learned from them, which splits shapes words
+    such as "triangle" into byte pieces or is too short for the captions. A pretrained CLIP tokenizer
+    knows every shapes word, so a model fine-tuned from one passes."""
+    captions = all_captions()
+    words = sorted({word for text in captions for word in text.split()})
+    unknown = [word for word in words if len(tokenizer.tokenize(word)) != 1]
+    longest = max(len(ids) for ids in tokenizer(captions, verbose=False)["input_ids"])
+    if unknown or longest > tokenizer.model_max_length:
+        reason = (f"its tokenizer does not know the shapes words {', '.join(unknown[:6])}" if unknown else
+                  f"its tokenizer cuts the shapes captions at {tokenizer.model_max_length} tokens")
+        raise ConfigError(f"evaluate scores models trained on the shapes data set (captions like "
+                          f"'{captions[0]}'), and {model} was not: {reason}. Use `ldm-pipeline generate` for it")
+
+
 def evaluate_model(model, seeds_per_prompt: int = 2, num_inference_steps: int | None = None,
                    guidance_scale: float | None = None, batch_size: int = 30, psnr_images: int = 256,
                    device=None, first_seed: int = 1000) -> dict:
@@ -225,14 +242,14 @@ def evaluate_model(model, seeds_per_prompt: int = 2, num_inference_steps: int | 
 
     Under `accelerate launch` the prompts are split across processes; every image depends only on its
     prompt and seed, so the numbers are the same at any process count."""
-    from .pipeline import generate_across_processes, load_pipeline, process_state  # heavy; only this function needs it
+    from .pipeline import generate, load_pipeline, process_state  # heavy; only this function needs it
 
     state = process_state()
     pipe = load_pipeline(model, device=device or state.device)
+    check_shapes_tokenizer(pipe.tokenizer, model)
     prompts, seeds = evaluation_prompts(seeds_per_prompt, first_seed)
-    images = generate_across_processes(state, pipe, prompts, seeds, num_inference_steps=num_inference_steps,
-                                       guidance_scale=guidance_scale, batch_size=batch_size,
-                                       show_progress=state.is_main_process)
+    images = generate(pipe, prompts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      batch_size=batch_size, show_progress=state.is_main_process, state=state)
     report = score_images(images, prompts)
     resolution = images[0].width  # the model's own output size, so the VAE sees what it was trained on
     report["vae_psnr_db"] = vae_psnr(pipe.vae, [image for image, _ in heldout_images(resolution, psnr_images)],

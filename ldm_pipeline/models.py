@@ -7,6 +7,7 @@ hub ids. Weights are read as safetensors only.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from dataclasses import dataclass
@@ -112,10 +113,16 @@ def _checked_path(value: str, key: str, subfolder: str | None) -> Source:
                               "code when loaded; weights are read as safetensors only. Re-save the model with "
                               "save_pretrained(..., safe_serialization=True) from a source you trust")
         return Source(path=str(path), subfolder=subfolder)
+    component = key.split(".")[-1]
+    presets = sorted(PRESETS.get(component, {})) + ([CAPTIONS_TOKENIZER] if component == "tokenizer" else [])
     if value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
-        presets = sorted(PRESETS.get(key.split(".")[-1], {}))
         hint = f"a preset ({', '.join(presets)}), " if presets else ""
         raise ConfigError(f"{key}: {value} does not exist; give {hint}an existing directory or a hub id")
+    if "/" not in value:  # hub ids are owner/name: a bare word is a preset name, likely misspelt
+        guess = difflib.get_close_matches(value, presets, n=1)
+        raise ConfigError(f"{key}: {value!r} is " + (f"not a preset ({', '.join(presets)}), " if presets else "")
+                          + "not an existing directory, and not a hub id (those read owner/name)"
+                          + (f"; did you mean {guess[0]!r}?" if guess else ""))
     return Source(path=value, subfolder=subfolder)
 
 

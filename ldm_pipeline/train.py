@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -32,6 +33,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from . import data as data_lib
@@ -41,10 +43,11 @@ from .checkpoints import (
     checkpoint_steps,
     find_resume_checkpoint,
     load_checkpoint,
+    output_dir_lock,
     prepare_output_dir,
     save_checkpoint,
 )
-from .config import Config, ConfigError, ModelConfig, load_config, to_yaml
+from .config import Config, ConfigError, ModelConfig, add_run_arguments, load_config, os_error_message, to_yaml
 from .losses import diffusion_loss, diffusion_target, vae_loss
 from .models import (
     build_noise_scheduler,
@@ -56,7 +59,7 @@ from .models import (
     resolve_source,
     vae_scale_factor,
 )
-from .pipeline import check_process_group, generate_across_processes, replace_directory, save_pipeline
+from .pipeline import check_process_group, generate, replace_directory, save_pipeline
 from .tokenizer import save_tokenizer
 
 
@@ -293,6 +296,29 @@ def make_optimizer(config: Config, param_groups, learning_rate: float, lr_schedu
     return optimizer, schedule
 
 
+def check_sizes(config: Config, vae: AutoencoderKL, num_examples: int, num_processes: int) -> None:
+    """What would otherwise fail only after the VAE stage, checked before anything is written (and by
+    --dry-run): the VAE's downsampling must divide the resolution, and every stage needs the examples
+    for one optimizer step."""
+    factor = vae_scale_factor(vae)
+    if config.resolution % factor:
+        raise ConfigError(f"resolution: {config.resolution} is not divisible by the VAE's downsampling "
+                          f"factor {factor}; use a multiple of {factor}")
+    stages = {"vae": ("vae_training.train_batch_size", config.vae_training.train_batch_size, 1,
+                      config.vae_training.psnr_samples),
+              "unet": ("train_batch_size", config.train_batch_size, config.gradient_accumulation_steps,
+                       config.validation.num_heldout)}
+    for stage in config.stages:
+        key, batch, accumulation, heldout = stages[stage]
+        rows = len(data_lib.split_heldout(num_examples, heldout, config.seed)[0])
+        if rows < batch * num_processes * accumulation:
+            raise ConfigError(
+                f"{key}: one optimizer step of the {stage} stage takes {batch * num_processes * accumulation} "
+                f"examples ({batch} per process x {num_processes} processes x {accumulation} accumulation), "
+                f"but it trains on {rows} ({num_examples} minus {num_examples - rows} held out); lower {key} "
+                "or add data")
+
+
 def make_loader(config: Config, dataset, batch_size: int):
     if len(dataset) < batch_size:
         raise ConfigError(f"the training set has {len(dataset)} examples, fewer than one batch of {batch_size}; "
@@ -416,6 +442,15 @@ def save_vae_grid(vae: AutoencoderKL, heldout_set, path: Path, count: int = 8):
     return grid
 
 
+def load_trained_vae(folder: Path) -> AutoencoderKL:
+    """The VAE stage's result (<output_dir>/vae); a damaged one is named with the way out."""
+    try:
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ConfigError(f"{folder} holds a damaged VAE ({' '.join(str(error).split())}). Delete that folder "
+                          "to train the VAE again (stage vae), or restore it") from error
+
+
 def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.TrainData, vae: AutoencoderKL):
     """Train the autoencoder, check and calibrate it, save it to <output_dir>/vae; skip if done."""
     from .evaluate import is_shapes_data
@@ -427,7 +462,7 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
         calibration = out / "calibration.json"
         report = json.loads(calibration.read_text()) if calibration.is_file() else {}
         report_vae_check(accelerator, config, out, vae_check_failures(settings, report))
-        return AutoencoderKL.from_pretrained(out, use_safetensors=True)
+        return load_trained_vae(out)
     rows, heldout = data_lib.split_heldout(len(train.dataset), settings.psnr_samples, config.seed)
     input_ids = torch.zeros(len(train.dataset), 1, dtype=torch.long)  # captions are not used here
     dataset = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, rows)
@@ -516,10 +551,10 @@ def make_validator(accelerator, config, pipeline_parts, heldout_loss):
         # Under mixed precision the frozen VAE and text encoder hold bf16/fp16 weights while the UNet keeps
         # fp32 ones; autocast runs each layer in one dtype, as in training.
         with accelerator.autocast():
-            images = generate_across_processes(
-                accelerator, pipe, [p for p, _ in jobs], [s for _, s in jobs], show_progress=False,
+            images = generate(
+                pipe, [p for p, _ in jobs], [s for _, s in jobs], show_progress=False, state=accelerator,
                 num_inference_steps=config.sampling.num_inference_steps,
-                guidance_scale=config.sampling.guidance_scale)
+                guidance_scale=config.sampling.guidance_scale, check_finite=False)
         if accelerator.is_main_process:
             samples.mkdir(parents=True, exist_ok=True)
             path = samples / f"{name or f'step-{step:06d}'}.png"
@@ -822,24 +857,30 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
     """Run every configured stage; returns <output_dir>/pipeline (None for a dry run)."""
     accelerator = build_accelerator(config)
     set_seed(config.seed)
-    if dry_run:
-        captions_source = None
+    if dry_run:  # everything a run checks before writing, without writing
         if config.data.train_data_dir and Path(config.data.train_data_dir).is_dir() or config.data.dataset_name:
             train_data = data_lib.load_train_data(config)
-            captions_source = train_data.captions
-        elif config.data.make_shapes is not None:
+            captions_source, num_examples = train_data.captions, len(train_data.dataset)
+        else:  # validation allows only the shapes data to be absent: it is made on the first run
             from .shapes import all_captions
 
             captions_source = all_captions()
+            num_examples = min(config.data.make_shapes.num_images, config.data.max_train_samples or math.inf)
         tokenizer = load_tokenizer(config.model, lambda: captions_source)
         text_encoder = build_text_encoder(config.model, tokenizer)
         vae = build_vae(config.model)
         components = {"text_encoder": text_encoder, "vae": vae,
                       "unet": build_unet(config.model, config.resolution, vae, text_encoder)}
         accelerator.print(to_yaml(config))
-        accelerator.print(describe_run(config, accelerator, components, None))
+        accelerator.print(describe_run(config, accelerator, components, num_examples))
+        check_sizes(config, vae, num_examples, accelerator.num_processes)
         return None
+    with output_dir_lock(config.output_dir, hold=accelerator.is_main_process):  # one run per output_dir
+        return train_stages(accelerator, config)
 
+
+def train_stages(accelerator: Accelerator, config: Config) -> Path | None:
+    """`train` after the dry-run branch, holding the output_dir lock."""
     # Every input is checked before output_dir is written, so a refused run leaves nothing behind.
     check_output_dir(config, accelerator.num_processes)
     ensure_shapes_data(accelerator, config)
@@ -848,18 +889,16 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
     tokenizer, text_encoder, built = run_text_components(config, train_data)
     for component in ("vae", "unet"):  # a missing or pickle-only model directory fails here, not mid-run
         resolve_source(config.model, component)
+    vae = seeded(config.seed, "vae", lambda: build_vae(config.model))
+    check_sizes(config, vae, len(train_data.dataset), accelerator.num_processes)
     prepare_output_dir(accelerator, config)  # after the checks; overwrite_output_dir clears vae/ here
     if built and accelerator.is_main_process:
         save_run_text_components(config, train_data, tokenizer, text_encoder)
     if config.report_to not in (None, "none"):
         accelerator.init_trackers("ldm_pipeline")  # tensorboard: <output_dir>/logs/ldm_pipeline
     vae_dir = Path(config.output_dir) / "vae"
-    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True) if (vae_dir / "config.json").is_file() \
-        else seeded(config.seed, "vae", lambda: build_vae(config.model))
-    factor = vae_scale_factor(vae)
-    if config.resolution % factor:
-        raise ConfigError(f"resolution: {config.resolution} is not divisible by the VAE's downsampling "
-                          f"factor {factor}; use a multiple of {factor}")
+    if (vae_dir / "config.json").is_file():  # the VAE stage of this run is done (the same model config)
+        vae = load_trained_vae(vae_dir)
     accelerator.print(f"text_encoder: {text_encoder.num_parameters() / 1e6:.2f}M parameters, "
                       f"vae: {vae.num_parameters() / 1e6:.2f}M parameters, "
                       f"{len(train_data.dataset)} training images")
@@ -875,22 +914,30 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a latent diffusion text-to-image model.")
-    parser.add_argument("--config", required=True, help="YAML config, e.g. train_configs/shapes.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set max_train_steps=100 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config, parameter counts and batch sizes, then exit")
+    add_run_arguments(parser)
     return parser.parse_args(argv)
 
 
 def set_cpu_threads(config: Config) -> None:
     """Give a CPU run the machine's cores: `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise,
-    which halves the speed of the embedded default on 2 cores. On GPUs the host threads barely matter."""
+    which halves the speed of the embedded default on 2 cores. On GPUs the host threads barely matter.
+
+    Cores that other programs keep busy (over a quarter second measured now) are left out: torch's threads
+    wait for each other at every operation, so a thread that has to share its core holds up all of them
+    (issue 13: all cores of a busy 2-core machine ran 6x slower than 1 thread)."""
     if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
         return
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(config.cpu_threads or max(1, cores // local_processes))
+    busy = round(psutil.cpu_percent(interval=0.25) / 100 * cores)  # in cores; this process sleeps meanwhile
+    threads = max(1, (cores - busy) // local_processes)
+    torch.set_num_threads(threads)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"cpu_threads: {threads} per process ({cores} physical cores, ~{busy} busy with other work, "
+              f"{local_processes} local process(es)); set cpu_threads to choose")
 
 
 def main(argv=None) -> int:
@@ -899,8 +946,12 @@ def main(argv=None) -> int:
         config = load_config(args.config, args.overrides)
         set_cpu_threads(config)
         train(config, dry_run=args.dry_run)
-    except (ConfigError, data_lib.DataError, TrainingError, FileExistsError) as error:
+    except (ConfigError, data_lib.DataError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as error:  # a full or read-only disk: what failed, and the way out
+        print(f"error: {os_error_message(error)}; a run resumes from its last complete checkpoint with "
+              "resume_from_checkpoint: latest", file=sys.stderr)
         return 2
     return 0
 

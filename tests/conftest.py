@@ -134,3 +134,21 @@ def trained_run(tmp_path_factory):
                          use_ema=True, ema_decay=0.9, snr_gamma=5.0, validation__validation_steps=2)
     train(config)
     return root / "out"
+
+
+def save_untrained_pipeline(directory: Path, captions: list[str], resolution: int = 32, sample_size=None) -> Path:
+    """A tiny pipeline straight from the presets (no training), with a tokenizer learned from `captions`."""
+    from ldm_pipeline.config import ModelConfig, SamplingConfig
+    from ldm_pipeline.models import build_noise_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
+    from ldm_pipeline.pipeline import save_pipeline
+
+    model = ModelConfig(unet="tiny", vae="tiny", text_encoder="tiny",
+                        unet_kwargs={"sample_size": sample_size} if sample_size else {})
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(model, lambda: captions)
+    text_encoder = build_text_encoder(model, tokenizer)
+    vae = build_vae(model)
+    return save_pipeline(directory, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         unet=build_unet(model, resolution, vae, text_encoder),
+                         noise_scheduler=build_noise_scheduler(model, "epsilon"),
+                         sampling=SamplingConfig(num_inference_steps=2), extra={"resolution": resolution})

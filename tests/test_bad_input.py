@@ -1,8 +1,14 @@
 """The bad-input sweep (issue 4): each wrong input a user can hand us ends in an error that names the
 problem and the way out, or is handled as documented; a refused run leaves nothing behind."""
 
+import errno
+import importlib
+import io
 import json
+import re
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +18,18 @@ import yaml
 from conftest import draw_square, tiny_config, tiny_config_dict, write_caption_folder, write_flat_folder
 from diffusers import UNet2DConditionModel
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from ldm_pipeline import cli
 from ldm_pipeline import data as data_lib
-from ldm_pipeline.config import ConfigError, config_from_dict, load_config
+from ldm_pipeline import pipeline as pipeline_module
+from ldm_pipeline.config import ConfigError, _safe_yaml, config_from_dict, load_config
 from ldm_pipeline.models import UNET_PRESETS
 from ldm_pipeline.pipeline import load_pipeline
 from ldm_pipeline.train import main as train_main
 from ldm_pipeline.train import train
 
+train_module = importlib.import_module("ldm_pipeline.train")  # the package exports train(), the function
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -77,16 +86,55 @@ def _caption_column_missing(tmp_path, data_dir):
     return {"data": {"train_data_dir": str(captioned)}}
 
 
+def huge_png(path: Path, side: int = 15000) -> None:
+    """A 1x1 PNG whose header says side x side pixels: PIL refuses it on opening, as it would the real one."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", side, side)  # IHDR's width and height, after the signature and chunk head
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def _huge_image(tmp_path, data_dir):
+    huge_png(data_dir / "003.png")
+    return {}
+
+
+def _metadata(lines):
+    def make(tmp_path, data_dir):
+        (data_dir / "metadata.jsonl").write_bytes(b"\n".join(lines))
+        return {}
+    return make
+
+
 BAD_RUNS = [
     ("undecodable images", _corrupt_images, data_lib.DataError,
      r"2 image\(s\) failed to decode \(.*003.png.*005.png.*remove or fix them, or set data.on_bad_image: skip"),
     ("empty dataset", _no_images, data_lib.DataError, r"no_images holds no readable images.*put .png/.jpg files"),
+    ("15000x15000 image", _huge_image, data_lib.DataError, r"1 image\(s\) failed to decode \(.*003.png: Image size "
+     r"\(225000000 pixels\) exceeds limit .*decompression bomb.*or set data.on_bad_image: skip"),
+    ("metadata without file_name", _metadata([b'{"name": "000.png", "text": "a"}']), data_lib.DataError,
+     r'metadata.jsonl line 1 has no "file_name"; every row names its image'),
+    ("metadata not UTF-8", _metadata([json.dumps({"file_name": "000.png", "text": "caf\u00e9"},
+                                                 ensure_ascii=False).encode("latin-1")]),
+     data_lib.DataError, r"metadata.jsonl is not UTF-8 text \(invalid continuation byte at byte 37\); save it as"),
+    ("metadata not JSON", _metadata([b'{"file_name": "000.png",']), data_lib.DataError,
+     r"metadata.jsonl line 1 is not a JSON object"),
+    ("an image listed twice", _metadata([b'{"file_name": "000.png", "text": "a"}', b"",
+                                         b'{"file_name": "000.png", "text": "b"}']),
+     data_lib.DataError, r"metadata.jsonl lists 000.png twice \(lines 1 and 3\); keep one row per image"),
     ("misnamed caption column", lambda tmp, data: {"data": {"caption_column": "caption"}}, data_lib.DataError,
      r"data.caption_column: 'caption' is not a column.*text columns are \['text'\]"),
     ("missing caption column", _caption_column_missing, data_lib.DataError,
      r"data.caption_column: 'text' is not a column.*text columns are \['caption'\]"),
     ("model.unet ./nope", lambda tmp, data: {"model": {"unet": "./nope"}}, ConfigError,
      r"model.unet: ./nope does not exist; give a preset \(.*tiny\), an existing directory or a hub id"),
+    ("preset typo", lambda tmp, data: {"model": {"unet": "smal"}}, ConfigError,
+     r"model.unet: 'smal' is not a preset \(base, sd15, small, tiny\), not an existing directory, and not a hub id "
+     r"\(those read owner/name\); did you mean 'small'\?"),
+    ("pretrained typo", lambda tmp, data: {"model": {"pretrained_model_name_or_path": "sd15"}}, ConfigError,
+     r"model.pretrained_model_name_or_path: 'sd15' is not an existing directory, and not a hub id"),
     ("pretrained /nope", lambda tmp, data: {"model": {"pretrained_model_name_or_path": "/nope"}}, ConfigError,
      r"model.pretrained_model_name_or_path: /nope does not exist"),
     ("pickled unet", lambda tmp, data: {"model": {"unet": str(pickled_unet_dir(tmp / "bin_unet"))}}, ConfigError,
@@ -153,6 +201,13 @@ def test_odd_images_train_as_rgb_and_bad_files_are_skipped_with_a_count(tmp_path
     assert (train(config) / "unet" / "config.json").is_file()
 
 
+def test_a_decompression_bomb_is_skipped_with_on_bad_image_skip(tmp_path, caption_folder):
+    huge_png(caption_folder / "005.png")
+    config = tiny_config(tmp_path / "out", caption_folder, data__on_bad_image="skip")
+    train_data = data_lib.load_train_data(config)
+    assert len(train_data.dataset) == 15 and "005.png" not in str(train_data.dataset["image"])
+
+
 def test_empty_and_overlong_captions_train_with_one_warning(tmp_path, caplog, capfd):
     long = " ".join(["word"] * 100)  # past CLIP's 77 tokens, the cap of our captions tokenizer
     captions = ["", None, "a red square", long, long + " more", "a blue square", "", "a red square"]
@@ -175,6 +230,8 @@ def test_empty_and_overlong_captions_train_with_one_warning(tmp_path, caplog, ca
     ({"data": {"caption_colum": "text"}}, "unknown config key 'data.caption_colum'"),
     ({"train_batch_size": "four"}, "train_batch_size: expected int, got 'four'"),
     ({"model": {"unet_kwargs": [1, 2]}}, "model.unet_kwargs: expected a mapping"),
+    ({"report_to": "tensorbord"}, r"report_to: 'tensorbord' is not a tracker Accelerate knows \(all, .*tensorboard"
+                                  r".*\); did you mean 'tensorboard'\?"),
 ])
 def test_config_typos_and_wrong_types_name_the_key(tmp_path, caption_folder, change, message):
     data = tiny_config_dict(tmp_path / "out", caption_folder)
@@ -239,6 +296,62 @@ def test_an_existing_run_continues_with_resume_or_is_replaced_with_overwrite(fin
     assert not (out / "checkpoints").exists()
 
 
+def test_overwrite_removes_only_what_the_previous_run_wrote(finished_run, tmp_path, capsys):
+    out, data_dir = shutil.copytree(finished_run / "out", tmp_path / "out"), finished_run / "data"
+    mine = {"checkpoints/my_notes.txt": "notes", "samples/keep.png": "a picture", "logs/mine.txt": "log",
+            "notes.md": "top level", "pipeline.tmp-123/x": "leftover of a killed save", "logs/ldm_pipeline/events": "t"}
+    for name, text in mine.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    train(tiny_config(out, data_dir, max_train_steps=1, validation__num_heldout=0, overwrite_output_dir=True))
+    assert ("overwrite_output_dir: removed the previous run's files from " + str(out) + "; kept what it did not write: "
+            "checkpoints/my_notes.txt, logs/mine.txt, samples/keep.png") in capsys.readouterr().out
+    for name in ("checkpoints/my_notes.txt", "samples/keep.png", "logs/mine.txt", "notes.md"):
+        assert (out / name).read_text() == mine[name], name
+    # The old tracker files went with the old run (the new run logs to TensorBoard afresh).
+    assert not (out / "pipeline.tmp-123").exists() and not (out / "logs" / "ldm_pipeline" / "events").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["my_notes.txt"]  # step-1 was the run's
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["final.png", "final.txt", "keep.png"]
+
+
+@pytest.mark.parametrize("output_dir, data_dir, message", [
+    ("/", "data", "output_dir: / is the filesystem root; a run writes there and, with overwrite_output_dir, clears"),
+    ("~", "data", "output_dir: ~ is your home directory; .* Give the run a folder of its own"),
+    ("data", "data", r"output_dir: .*data is the data folder \(data.train_data_dir: .*data\): the run's images"),
+    ("data/out", "data", "output_dir: .*data/out is inside the data folder"),
+    ("out", "out/data", "output_dir: .*out holds the data folder"),
+])
+def test_an_output_dir_that_would_clash_is_refused(tmp_path, monkeypatch, output_dir, data_dir, message):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_caption_folder(tmp_path / data_dir, count=4)
+    paths = {key: value if value in ("/", "~") else str(tmp_path / value)
+             for key, value in (("output_dir", output_dir), ("data", data_dir))}
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(paths["output_dir"], paths["data"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train_batch_size": 16}, r"train_batch_size: one optimizer step of the unet stage takes 16 examples \(16 per "
+                               r"process x 1 processes x 1 accumulation\), but it trains on 14 \(16 minus 2 held "
+                               r"out\); lower train_batch_size or add data"),
+    ({"stages": ["vae", "unet"], "vae_training__train_batch_size": 15}, "vae_training.train_batch_size: one optimizer "
+                                                                        "step of the vae stage takes 15 examples"),
+    ({"resolution": 40, "model__vae_kwargs": {"block_out_channels": [8, 16, 16, 16, 16]}},
+     "resolution: 40 is not divisible by the VAE's downsampling factor 16"),
+])
+def test_a_run_refused_for_its_sizes_writes_nothing_so_the_fixed_rerun_starts(tmp_path, caption_folder, change,
+                                                                              message):
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_config(tmp_path / "out", caption_folder, **change))
+    assert not (tmp_path / "out").exists()  # no config.yaml that would make the corrected run "an existing run"
+
+
+def test_the_fixed_rerun_of_a_refused_run_starts(tmp_path, caption_folder):
+    with pytest.raises(ConfigError, match="train_batch_size: one optimizer step"):
+        train(tiny_config(tmp_path / "out", caption_folder, train_batch_size=16, max_train_steps=1))
+    assert (train(tiny_config(tmp_path / "out", caption_folder, max_train_steps=1)) / "model_index.json").is_file()
+
+
 # --- the command lines: one `error:` line, exit code 2, no traceback ------------------------------------
 
 
@@ -268,8 +381,181 @@ def test_train_command_reports_a_data_error_in_one_line(tmp_path, caption_folder
     (["--model", "/nope", "--prompt", "a red square"], "model /nope does not exist"),
     (["--model", "/nope"], "give at least one --prompt"),
     (["--model", "/nope", "--prompt", "x", "--num-images", "0"], "--num-images must be at least 1"),
+    (["--model", "/nope", "--prompt", "x", "--steps", "0"], r"num_inference_steps (--steps): 0 must be"),
+    (["--model", "/nope", "--prompt", "x", "--guidance", "nan"], r"guidance_scale (--guidance): nan must be"),
+    (["--model", "/nope", "--prompt", "x", "--guidance", "inf"], r"guidance_scale (--guidance): inf must be"),
+    (["--model", "/nope", "--prompt", "x", "--height", "100"], "height (--height): 100 must be a positive multiple"),
+    (["--model", "/nope", "--prompt", "x", "--batch-size", "0"], "batch_size (--batch-size): 0 must be at least 1"),
+    (["--model", "/nope", "--prompt", "x", "--batch-size", "-1"], "batch_size (--batch-size): -1 must be at least"),
 ])
 def test_generate_command_reports_errors_in_one_line(tmp_path, capsys, args, message):
     assert cli.main(["generate", *args, "--out", str(tmp_path / "images")]) == 2
     assert_one_error_line(capsys.readouterr().err, message)
     assert not (tmp_path / "images").exists()
+
+
+# --- damaged files, full or read-only disks, odd options (issue 13): one `error:` line, nothing lost -------
+
+
+def write_config(path: Path, output_dir: Path, data_dir: Path, **overrides) -> str:
+    path.write_text(yaml.safe_dump(tiny_config_dict(output_dir, data_dir, **overrides)))
+    return str(path)
+
+
+def _random_bytes(path):
+    path.write_bytes(np.random.default_rng(0).bytes(200))
+
+
+def _truncated(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("name, damage", [("model.safetensors", _random_bytes), ("model.safetensors", _truncated),
+                                          ("optimizer.bin", _random_bytes), ("config.yaml", _random_bytes)])
+def test_a_damaged_checkpoint_is_named_before_anything_is_written(finished_run, tmp_path, capsys, name, damage):
+    out = shutil.copytree(finished_run / "out", tmp_path / "out")
+    damage(out / "checkpoints" / "step-1" / name)
+    before = files_of(out)
+    config = write_config(tmp_path / "run.yaml", out, finished_run / "data", max_train_steps=2, checkpointing_steps=1,
+                          validation__num_heldout=0, resume_from_checkpoint="latest")
+    assert train_main(["--config", config]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"resume_from_checkpoint: {out / 'checkpoints' / 'step-1'} is "
+                                                   f"damaged: {name} cannot be read (")
+    assert files_of(out) == before
+
+
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory):
+    """A finished run with a trained VAE (vae/) and a latent cache, and no checkpoints."""
+    root = tmp_path_factory.mktemp("cached")
+    data_dir = write_caption_folder(root / "data")
+    train(tiny_config(root / "out", data_dir, stages=["vae", "unet"], max_train_steps=1, data__cache_latents=True,
+                      validation__num_heldout=0))
+    return root
+
+
+def _swap_latents(path):
+    tensors = load_file(path)
+    tensors["latent_mean"] = torch.cat([tensors["latent_mean"]] * 2)  # another run's data set, twice as big
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("vae/diffusion_pytorch_model.safetensors", _random_bytes, r"{out}/vae holds a damaged VAE \(.*Delete that folder "
+                                                               "to train the VAE again"),
+    ("vae/config.json", _truncated, "{out}/vae holds a damaged VAE"),
+    ("latent_cache/latents.safetensors", _random_bytes, "the latent cache at {out}/latent_cache is damaged: "
+                                                        "latents.safetensors cannot be read .*Delete that directory"),
+    ("latent_cache/manifest.json", _truncated, "the latent cache at {out}/latent_cache is damaged: manifest.json"),
+    ("latent_cache/latents.safetensors", _swap_latents,
+     r"the latent cache at {out}/latent_cache does not fit this run's 16 images: latent_mean \(32, 1, 4, 4, 4\) "
+     r"instead of \(16, 1, 4, 4, 4\) \(a file from another run\?\). Delete that directory"),
+])
+def test_a_damaged_vae_or_latent_cache_is_named_with_the_way_out(cached_run, tmp_path, capsys, name, damage, message):
+    out = shutil.copytree(cached_run / "out", tmp_path / "out")
+    damage(out / name)
+    config = write_config(tmp_path / "run.yaml", out, cached_run / "data", stages=["vae", "unet"], max_train_steps=2,
+                          data__cache_latents=True, validation__num_heldout=0, resume_from_checkpoint="latest")
+    assert train_main(["--config", config]) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err, "")
+    assert re.search(message.format(out=re.escape(str(out))), err.strip().splitlines()[-1]), err[-1000:]
+
+
+def test_a_full_disk_during_training_is_one_line(tmp_path, caption_folder, capsys, monkeypatch):
+    def disk_full(directory, **parts):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(train_module, "save_pipeline", disk_full)
+    config = write_config(tmp_path / "run.yaml", tmp_path / "out", caption_folder, max_train_steps=1,
+                          validation__num_heldout=0)
+    assert train_main(["--config", config]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"No space left on device: {tmp_path / 'out' / 'pipeline'} (the "
+                                                   "disk is full; free some space or choose a folder on another disk)")
+
+
+def test_generate_on_a_full_disk_keeps_the_images_already_written(trained_run, tmp_path, capsys, monkeypatch):
+    save, saved = pipeline_module.GeneratedImage.save, []
+
+    def fill_up(image, fp, format=None, **params):
+        if len(saved) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", getattr(fp, "name", None))
+        save(image, fp, format, **params)
+        saved.append(fp)
+
+    monkeypatch.setattr(pipeline_module.GeneratedImage, "save", fill_up)
+    args = ["generate", "--model", str(trained_run / "pipeline"), "--prompt", "a red square on the left",
+            "--num-images", "4", "--batch-size", "1", "--device", "cpu", "--out", str(tmp_path / "images")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err, "No space left on device: ")
+    assert "(the disk is full; free some space" in err and "stopped after writing 2 of 4 images" in err
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["00000.png", "00001.png"]  # no partial file
+    for path in (tmp_path / "images").iterdir():
+        with Image.open(path) as image:
+            image.load()
+
+
+def test_generate_into_a_read_only_folder_fails_before_generating(trained_run, tmp_path, capsys, monkeypatch):
+    def read_only(dir=None, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(dir))
+
+    def never(*args, **kwargs):
+        raise AssertionError("generated before checking that the images can be written")
+
+    monkeypatch.setattr(pipeline_module.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(pipeline_module, "generate_batches", never)
+    args = ["generate", "--model", str(trained_run / "pipeline"), "--prompt", "a red square on the left",
+            "--device", "cpu", "--out", str(tmp_path / "images")]
+    assert cli.main(args) == 2
+    assert_one_error_line(capsys.readouterr().err, f"Read-only file system: {tmp_path / 'images'} (the filesystem "
+                                                   "is read-only; choose a writable folder)")
+
+
+def _no_tokenizer(pipeline: Path) -> None:
+    shutil.rmtree(pipeline / "tokenizer")
+
+
+def _unet_header(pipeline: Path) -> None:
+    weights = pipeline / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(np.random.default_rng(0).bytes(8) + weights.read_bytes()[8:])
+
+
+def _nan_unet(pipeline: Path) -> None:
+    weights = pipeline / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_out.bias"][0] = float("nan")
+    save_file(tensors, weights)
+
+
+@pytest.mark.parametrize("damage, extra, message", [
+    (_no_tokenizer, [], "model {model} is incomplete: model_index.json lists tokenizer but there is no tokenizer/ "
+                        "folder; copy the whole pipeline directory"),
+    (_unet_header, [], "could not load model {model}: Unable to load weights"),
+    (_nan_unet, [], "model {model} made 1 image(s) of NaN/inf pixels (saved, they would be black), e.g. prompt "
+                    "'a red square on the left' seed 0: its weights hold NaN/inf values"),
+    (None, ["--device", "cuda"], "device cuda: this torch build has no CUDA device it can use"),
+    (None, ["--device", "tpu9"], "device 'tpu9' is not a device name"),
+])
+def test_generate_from_a_damaged_model_or_on_a_missing_device_is_one_line(trained_run, tmp_path, capsys, damage,
+                                                                          extra, message):
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    model = shutil.copytree(trained_run / "pipeline", tmp_path / "pipeline")
+    if damage:
+        damage(model)
+    args = ["generate", "--model", str(model), "--prompt", "a red square on the left", "--out", str(tmp_path / "out")]
+    assert cli.main(args + (extra or ["--device", "cpu"])) == 2
+    assert_one_error_line(capsys.readouterr().err, message.format(model=model))
+    assert not list((tmp_path / "out").glob("*.png")) if (tmp_path / "out").exists() else True
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(levels) + "\nseed: *i\n")  # 9^9 = 387,420,489 strings
+    with pytest.raises(ConfigError, match=f"config file {path}: its aliases \\(\\*name\\) expand to more than "
+                                          "100,000 values; write the values out instead"):
+        load_config(path)
+    assert _safe_yaml("a: &x [1, 2]\nb: *x\n", "test") == {"a": [1, 2], "b": [1, 2]}  # small aliases still work

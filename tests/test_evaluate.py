@@ -7,9 +7,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import save_untrained_pipeline
 from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw, ImageFilter
+from test_bad_input import assert_one_error_line
 
+from ldm_pipeline.cli import main as cli
+from ldm_pipeline.config import ConfigError
 from ldm_pipeline.evaluate import (
     PSNR_CAP_DB,
     classify_image,
@@ -176,14 +180,31 @@ def test_heldout_images_are_fresh_deterministic_and_balanced():
     assert [image.tobytes() for image, _ in pairs] != [image.tobytes() for image, _ in other]
 
 
-def test_evaluate_model_reports_scores_for_a_saved_pipeline(trained_run):
+@pytest.fixture(scope="module")
+def shapes_pipeline(tmp_path_factory):
+    """Untrained, but with a tokenizer learned from the shapes captions, as a shapes run's pipeline has."""
+    return save_untrained_pipeline(tmp_path_factory.mktemp("shapes") / "pipeline", all_captions())
+
+
+def test_evaluate_model_reports_scores_for_a_saved_pipeline(shapes_pipeline):
     from ldm_pipeline.evaluate import evaluate_model
 
-    report = evaluate_model(trained_run / "pipeline", seeds_per_prompt=1, batch_size=45, psnr_images=8,
-                            device="cpu")
+    report = evaluate_model(shapes_pipeline, seeds_per_prompt=1, batch_size=45, psnr_images=8, device="cpu")
     assert report["num_images"] == 90 and len(report["per_image"]) == 90
     assert all(0.0 <= report[f"{field}_accuracy"] <= 1.0 for field in ("color", "shape", "position", "all"))
     assert math.isfinite(report["vae_psnr_db"])
     assert report["settings"] | {"scheduler": None} == {
-        "model": str(trained_run / "pipeline"), "seeds_per_prompt": 1, "first_seed": 1000, "resolution": 32,
+        "model": str(shapes_pipeline), "seeds_per_prompt": 1, "first_seed": 1000, "resolution": 32,
         "psnr_images": 8, "num_inference_steps": 2, "guidance_scale": 5.0, "scheduler": None}
+
+
+def test_evaluate_refuses_a_model_not_trained_on_shapes(trained_run, capsys):
+    from ldm_pipeline.evaluate import evaluate_model
+
+    # trained_run's tokenizer was learned from "a red square on the left"-style captions
+    with pytest.raises(ConfigError, match="evaluate scores models trained on the shapes data set .*, and "
+                                          ".*pipeline was not: its tokenizer does not know the shapes words "
+                                          "bottom, center, circle, green, in, orange"):
+        evaluate_model(trained_run / "pipeline", device="cpu")
+    assert cli(["evaluate", "--model", str(trained_run / "pipeline"), "--device", "cpu"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "evaluate scores models trained on the shapes data set")

@@ -9,6 +9,7 @@ schedule (a different LR at every step), EMA on.
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -136,15 +137,31 @@ def test_heldout_loss_is_the_same_at_one_and_two_processes(reference, two_proces
         assert two[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
 
 
+def readme_cpu_generate_command() -> list[str]:
+    """The README's command for generating on 2 CPU processes, as words."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if line.startswith("ACCELERATE_USE_CPU=1 accelerate launch")
+               and "ldm_pipeline.cli generate" in line]
+    return shlex.split(line)
+
+
 def test_generate_at_two_processes_writes_every_image_once_as_one_process_does(trained_run, tmp_path):
     prompts = ["a red square on the left", "a blue square on the right", "a red square on the right",
-               "a blue square on the left", "a square"]  # 5 jobs: 3 + 2 across the processes
+               "a blue square on the left", "a square"]  # 5 jobs: rounds of 2 + 2, then 1
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    common = ["generate", "--model", str(trained_run / "pipeline"), "--prompts-file", str(tmp_path / "prompts.txt"),
-              "--seed", "11", "--steps", "2", "--batch-size", "2"]
-    assert cli(common + ["--device", "cpu", "--out", str(tmp_path / "one")]) == 0
-    result = accelerate_launch("-m", "ldm_pipeline.cli", *common, "--out", str(tmp_path / "two"), processes=2)
+    settings = ["--seed", "11", "--steps", "2", "--batch-size", "2"]
+    assert cli(["generate", "--model", str(trained_run / "pipeline"), "--prompts-file", str(tmp_path / "prompts.txt"),
+                *settings, "--device", "cpu", "--out", str(tmp_path / "one")]) == 0
+    # The README's command, word for word but for the paths
+    words = readme_cpu_generate_command()
+    assert words[:3] == ["ACCELERATE_USE_CPU=1", "accelerate", "launch"]
+    paths = {"DIR": str(trained_run / "pipeline"), "prompts.txt": str(tmp_path / "prompts.txt"),
+             "gen/": str(tmp_path / "two")}
+    command = [sys.executable, "-m", "accelerate.commands.launch", *[paths.get(w, w) for w in words[3:]], *settings]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "generating 5 images on 2 process(es)" in result.stdout
     assert result.stdout.count("wrote 5 images") == 1  # the main process alone writes
     names = [f"{i:05d}.png" for i in range(len(prompts))]
     for folder in ("one", "two"):

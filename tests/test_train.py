@@ -9,7 +9,7 @@ import yaml
 from conftest import tiny_config, tiny_config_dict
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from ldm_pipeline.config import ConfigError, ModelConfig
+from ldm_pipeline.config import Config, ConfigError, ModelConfig
 from ldm_pipeline.losses import diffusion_loss, diffusion_target
 from ldm_pipeline.models import build_noise_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
 from ldm_pipeline.train import train
@@ -128,16 +128,86 @@ def test_dry_run_prints_counts_and_writes_nothing(tmp_path, caption_folder, caps
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("configured, local_processes, expected", [(None, "1", 2), (None, "2", 1), (3, "2", 3)])
-def test_command_line_runs_on_cpu_use_the_cores(tmp_path, caption_folder, monkeypatch, configured, local_processes,
-                                                expected):
-    # accelerate launch leaves each process OMP_NUM_THREADS=1; on 2 cores that halves CPU training speed.
+def test_dry_run_fails_where_the_run_would_fail_after_the_vae_stage(tmp_path, caption_folder, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / "out", caption_folder, stages=["vae", "unet"],
+                                                      train_batch_size=15)))  # 16 images, 2 held out
+    assert train_module.main(["--config", str(config), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: train_batch_size: one optimizer step of the unet stage takes 15 examples")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("configured, local_processes, cores, busy_percent, expected", [
+    (None, "1", 2, 0, 2), (None, "2", 2, 0, 1), (3, "2", 2, 0, 3),  # idle: the cores, shared among processes
+    (None, "1", 2, 100, 1), (None, "1", 2, 50, 1), (None, "1", 8, 30, 6), (None, "2", 8, 30, 3), (3, "1", 2, 100, 3),
+])
+def test_cpu_runs_use_the_cores_that_are_free(monkeypatch, capsys, configured, local_processes, cores, busy_percent,
+                                              expected):
+    # accelerate launch leaves each process OMP_NUM_THREADS=1; on 2 cores that halves CPU training speed. But
+    # a thread on a core that another program keeps busy holds up the others: busy cores are left out.
     chosen = []
     monkeypatch.setattr(train_module.torch, "set_num_threads", chosen.append)
-    monkeypatch.setattr(train_module.psutil, "cpu_count", lambda logical=True: 2)
+    monkeypatch.setattr(train_module.psutil, "cpu_count", lambda logical=True: cores)
+    monkeypatch.setattr(train_module.psutil, "cpu_percent", lambda interval=None: busy_percent)
     monkeypatch.setattr(train_module.torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**tiny_config_dict(tmp_path / "out", caption_folder), "cpu_threads": configured}))
-    assert train_module.main(["--config", str(config), "--dry-run"]) == 0
+    train_module.set_cpu_threads(Config(cpu_threads=configured))
     assert chosen == [expected]
+    if configured is None:
+        assert f"cpu_threads: {expected} per process ({cores} physical cores" in capsys.readouterr().out
+
+
+def test_command_line_runs_set_the_cpu_threads(tmp_path, caption_folder, monkeypatch):
+    chosen = []
+    monkeypatch.setattr(train_module, "set_cpu_threads", lambda config: chosen.append(config.cpu_threads))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config_dict(tmp_path / "out", caption_folder), "cpu_threads": None}))
+    assert train_module.main(["--config", str(config), "--dry-run"]) == 0
+    assert chosen == [None]
+
+
+def test_a_rolled_back_run_never_prunes_its_starting_point_or_newer_checkpoints(tmp_path, caption_folder,
+                                                                             monkeypatch):
+    def names(out):
+        return sorted((p.name for p in (out / "checkpoints").iterdir()), key=lambda name: int(name.split("-")[1]))
+
+    out = tmp_path / "out"
+    common = dict(max_train_steps=6, checkpoints_total_limit=2, validation__num_heldout=0)
+    train(tiny_config(out, caption_folder, checkpointing_steps=2, **common))
+    assert names(out) == ["step-4", "step-6"]
+    old_six = (out / "checkpoints" / "step-6" / "model.safetensors").read_bytes()
+
+    # Roll back to step-4, checkpoint every step, and crash right after step-5 is saved.
+    step_4 = str(out / "checkpoints" / "step-4")
+    rollback = tiny_config(out, caption_folder, checkpointing_steps=1, resume_from_checkpoint=step_4, **common)
+    save_checkpoint = train_module.save_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(accelerator, config, prefix, step, *args):
+        save_checkpoint(accelerator, config, prefix, step, *args)
+        if step == 5:
+            raise Crash
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train(rollback)
+    monkeypatch.undo()
+    # Keeping 2 up to step 5 removes nothing: step-4 is where the run started, step-6 is newer.
+    assert names(out) == ["step-4", "step-5", "step-6"]
+    assert (out / "checkpoints" / "step-6" / "model.safetensors").read_bytes() == old_six
+
+    train(rollback)  # to the end: step-6 is saved again, and of the older ones only this run's step-5 goes
+    assert names(out) == ["step-4", "step-6"]
+
+
+def test_pruning_keeps_the_newest_checkpoints(tmp_path, caption_folder):
+    out = tmp_path / "out"
+    train(tiny_config(out, caption_folder, max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2,
+                      validation__num_heldout=0))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-5"]
+    train(tiny_config(out, caption_folder, max_train_steps=7, checkpointing_steps=1, checkpoints_total_limit=2,
+                      validation__num_heldout=0, resume_from_checkpoint="latest"))  # a plain continuation
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6", "step-7"]
