@@ -31,17 +31,17 @@ TARGETS = {"wall_s": ("<=", 450), "recon_color": (">=", 1.0), "color": (">=", 0.
 
 
 def cpu_description() -> str:
-    model = platform.processor() or "unknown CPU"
+    """CPU model with family/model numbers (a VM may report only "AMD EPYC"), vector ISA and core count."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{model} ({isa}), {os.cpu_count()} logical cores"
+        return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} logical cores"
+    fields = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    model = fields.get("model name", "unknown CPU")
+    family = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    isa = "AVX-512" if "avx512f" in cpuinfo else "AVX2" if "avx2" in cpuinfo else "no AVX2"
+    return f"{model} ({family}, {isa}), {os.cpu_count()} logical cores"
 
 
 def run(command: list[str], log: Path) -> float:
