@@ -120,17 +120,10 @@ def check_metadata(root: Path) -> None:
             raise DataError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as "
                             "UTF-8") from error
         if path.suffix == ".csv":
-            rows = list(enumerate(csv.DictReader(io.StringIO(text)), start=2))
+            rows = enumerate(csv.DictReader(io.StringIO(text)), start=2)
         else:
-            rows = []
-            for number, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    try:
-                        rows.append((number, json.loads(line)))
-                    except ValueError as error:
-                        raise DataError(f"{path} line {number} is not a JSON object ({error}); each line "
-                                        'holds one, like {"file_name": "0001.png", "text": "a caption"}') from error
-        seen = {}
+            rows = _json_lines(path, text)
+        seen = {}  # one name per image: the rows themselves are not kept (a large data set has millions)
         for number, row in rows:
             name = row.get("file_name") if isinstance(row, dict) else None
             if not isinstance(name, str) or not name:
@@ -140,6 +133,16 @@ def check_metadata(root: Path) -> None:
                 raise DataError(f"{path} lists {name} twice (lines {seen[name]} and {number}); keep one row per "
                                 "image")
             seen[name] = number
+
+
+def _json_lines(path: Path, text: str):
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except ValueError as error:
+                raise DataError(f"{path} line {number} is not a JSON object ({error}); each line "
+                                'holds one, like {"file_name": "0001.png", "text": "a caption"}') from error
 
 
 def _count_images(root: Path) -> int:
@@ -677,6 +680,10 @@ def build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_
             raise DataError(f"the latent cache at {cache_dir} is half built from a stream by "
                             f"{manifest['processes']} process(es); finish it with that many processes, or delete "
                             "that directory to start again")
+        if manifest["complete"]:
+            if accelerator.is_main_process:
+                print(f"reusing latent cache {cache_dir} ({manifest['cached_rows']} images)")
+            return open_latent_cache(cache_dir, manifest, cache_features(config, vae, text_encoder, tokenizer))
     elif cache_dir.exists() and any(cache_dir.iterdir()):
         raise DataError(f"data.latent_cache_dir: {cache_dir} exists but holds no latent cache "
                         "(no manifest.json); point it at a new or empty directory")
