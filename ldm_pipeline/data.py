@@ -610,36 +610,36 @@ def _encode_stream(cache_dir: Path, accelerator, train: TrainData, shard_size: i
     _, rule = caption_rule(train.dataset.features or {data.caption_column: datasets.Value("string")}, data)
     rows = iter(stream)
     shard, position = done, done * shard_size
-    while True:
-        # Rows of one shard, encoded batch by batch and written as Arrow as they come (never the whole shard
-        # of images in memory).
-        def generate(first=position):
-            taken = 0
-            while taken < shard_size:
-                batch = list(itertools.islice(rows, min(ENCODE_BATCH, shard_size - taken)))
-                if not batch:
-                    return
-                columns_of = {key: [row[key] for row in batch] for key in batch[0]}
-                captions = rule(columns_of) if rule else [""] * len(batch)
-                encoded = encode_rows(columns_of, list(range(first + taken, first + taken + len(batch))), captions)
+    while (head := next(rows, None)) is not None:
+        shard_rows = itertools.chain([head], itertools.islice(rows, shard_size - 1))
+        written = [0]
+
+        def generate(shard_rows=shard_rows, first=position, written=written):
+            """The shard's rows, encoded batch by batch and written as Arrow as they come (never the whole
+            shard's images in memory)."""
+            while batch := list(itertools.islice(shard_rows, ENCODE_BATCH)):
+                columns = {key: [row[key] for row in batch] for key in batch[0]}
+                captions = rule(columns) if rule else [""] * len(batch)
+                encoded = encode_rows(columns, list(range(first, first + len(batch))), captions)
                 for i in range(len(encoded["row"])):
                     yield {key: value[i] for key, value in encoded.items()}
-                taken += len(batch)
+                first, written[0] = first + len(batch), written[0] + len(encoded["row"])
                 bar.update(len(batch))
 
         name = f"{prefix}{shard:05d}"
         partial = cache_dir / f".partial-{name}-{os.getpid()}"
         scratch = cache_dir / f".partial-{name}-{os.getpid()}.tmp"
-        part = _quietly(datasets.Dataset.from_generator, generate, features=features, cache_dir=str(scratch),
-                        fingerprint=f"latent-cache-{name}-{os.getpid()}")
+        try:
+            part = _quietly(datasets.Dataset.from_generator, generate, features=features, cache_dir=str(scratch),
+                            fingerprint=f"latent-cache-{name}-{os.getpid()}")
+        except ValueError:
+            if written[0]:
+                raise
+            part = datasets.Dataset.from_dict({key: [] for key in features}, features=features)  # all bad images
         _check_shard_images(bad, data, f"stream shard {name}")
-        if len(part) == 0 and not bad:
-            del part
-            shutil.rmtree(scratch)
-            break
         _quietly(part.save_to_disk, str(partial))
         del part
-        shutil.rmtree(scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
         partial.rename(cache_dir / name)
         shard, position = shard + 1, position + shard_size
         bad.clear()

@@ -224,7 +224,11 @@ def test_two_processes_split_a_stream_and_cache_every_row_once(tmp_path):
         result = accelerate_launch("-m", "ldm_pipeline.cli", "cache", "--config", config, processes=processes)
         assert result.returncode == 0, result.stderr[-3000:]
         caches[processes] = cache_rows(out / "latent_cache")
-    # split_dataset_by_node gives each process one of the two parquet files: the same rows, in another order.
-    names = ("latent_mean", "latent_std", "input_ids", "prompt_embeds")
-    rows = lambda cache: sorted(b"".join(cache[name][i].tobytes() for name in names) for i in range(len(cache["row"])))
-    assert len(caches[2]["row"]) == 16 and rows(caches[2]) == rows(caches[1])
+    # split_dataset_by_node gives each process one of the two parquet files: the same rows, in another order and
+    # encoded in other batches (the VAE's float sums then round differently: equal to fp16 rounding, not bytes).
+    # Rows with the same caption hold the same image in this data set, so sorting by token ids pairs them.
+    one, two = ({name: column[np.lexsort(cache["input_ids"].T)] for name, column in cache.items()}
+                for cache in (caches[1], caches[2]))
+    assert len(two["row"]) == 16 and np.array_equal(one["input_ids"], two["input_ids"])
+    for name in ("latent_mean", "latent_std", "prompt_embeds"):
+        assert np.allclose(one[name].astype(np.float32), two[name].astype(np.float32), rtol=2**-10, atol=1e-4), name
