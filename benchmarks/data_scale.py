@@ -34,22 +34,26 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.step_speed import cpu_model  # noqa: E402
 
 
-def settings(data_dir: Path, out: Path, steps: int, cache: bool, threads: int) -> list[str]:
+def settings(data_dir: Path, out: Path, steps: int, cache: bool, threads: int | None) -> list[str]:
     """`--set` overrides of train_configs/shapes.yaml: the UNet stage alone, no validation or checkpoints."""
     return [f"data.train_data_dir={data_dir}", f"output_dir={out}", "data.make_shapes=null", "stages=[unet]",
             f"data.cache_latents={'true' if cache else 'false'}", f"max_train_steps={steps}", "train_batch_size=32",
             "checkpointing_steps=0", "validation.num_heldout=64", "validation.seeds=[0]", "validation.prompts=[]",
-            "sampling.num_inference_steps=1", "report_to=none", "logging_steps=10", f"cpu_threads={threads}",
+            "sampling.num_inference_steps=1", "report_to=none", "logging_steps=10",
+            f"cpu_threads={threads if threads else 'null'}",
             "resume_from_checkpoint=null", "data.dataloader_num_workers=0"]
 
 
 def worker(job: str, config_path: str, overrides: list[str]) -> None:
     """Runs inside `accelerate launch`: one cache build or one training run; prints a JSON line per process."""
+    import importlib
+
     import psutil
 
     from ldm_pipeline import data as data_lib
-    from ldm_pipeline import train as train_module
     from ldm_pipeline.config import load_config
+
+    train_module = importlib.import_module("ldm_pipeline.train")  # the package exports train(), the function
 
     config = load_config(config_path, overrides)
     train_module.set_cpu_threads(config)
@@ -90,7 +94,10 @@ def worker(job: str, config_path: str, overrides: list[str]) -> None:
         train_module.fit = timed_fit
         train_module.train(config)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import torch
+
     print("DATA_SCALE " + json.dumps({"rank": rank, "peak_rss": peak, "loop_peak_rss": loop_peak[0] or None,
+                                      "threads": torch.get_num_threads(),
                                       **timed}), flush=True)
 
 
@@ -120,8 +127,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--processes-after-first", type=int, nargs="+", default=None,
+                        help="process counts of the cache build for sizes after the first (default: --processes)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--workdir", default="/tmp/data_scale")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: the run's own choice, free cores / processes)")
     parser.add_argument("--in-loop-all", action="store_true", help="in-loop encoding at every size, not the first")
     parser.add_argument("--worker", choices=["cache", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -143,13 +154,14 @@ def main() -> None:
             make_shapes(data_dir, size, 64, seed=0)
             print(f"made {size} images in {time.perf_counter() - start:.0f} s", flush=True)
         cache_dir = None
-        for processes in args.processes:
+        counts = args.processes if size == args.sizes[0] else args.processes_after_first or args.processes
+        for processes in counts:
             out = work / f"cache-{size}-p{processes}"
             shutil.rmtree(out, ignore_errors=True)
-            rows = launch("cache", processes, settings(data_dir, out, args.steps, True, max(1, cores // processes)))
+            rows = launch("cache", processes, settings(data_dir, out, args.steps, True, args.threads))
             cache_dir = out / "latent_cache"
             encode_s = max(row["encode_s"] for row in rows)
-            results.append({"job": "cache", "images": size, "processes": processes,
+            results.append({"job": "cache", "images": size, "processes": processes, "threads": rows[0]["threads"],
                             "images_per_s": size / encode_s, "images_per_s_per_process": size / encode_s / processes,
                             "peak_rss_mb": [row["peak_rss"] / 2**20 for row in rows],
                             "cache_mb": disk_size(cache_dir) / 1e6, "wall_s": rows[0]["wall_s"]})
@@ -159,12 +171,12 @@ def main() -> None:
                 continue
             out = work / f"train-{size}-{'cache' if cache else 'in_loop'}"
             shutil.rmtree(out, ignore_errors=True)
-            overrides = settings(data_dir, out, args.steps, cache, cores)
+            overrides = settings(data_dir, out, args.steps, cache, args.threads)
             if cache:
                 overrides.append(f"data.latent_cache_dir={cache_dir}")
             (row,) = launch("train", 1, overrides)
             results.append({"job": "train from cache" if cache else "train, in-loop encoding", "images": size,
-                            "processes": 1, "samples_per_s": row["samples"] / row["train_s"],
+                            "processes": 1, "threads": row["threads"], "samples_per_s": row["samples"] / row["train_s"],
                             "peak_rss_mb": [row["peak_rss"] / 2**20],
                             "loop_peak_rss_mb": row["loop_peak_rss"] / 2**20, "wall_s": row["wall_s"]})
             print(json.dumps(results[-1]), flush=True)
