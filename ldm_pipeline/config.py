@@ -49,9 +49,9 @@ class DataConfig:
     make_shapes: ShapesDataConfig | None = None
     cache_latents: bool = False  # encode the data once with the frozen VAE (and text encoder)
     latent_cache_dir: str | None = None  # default: <output_dir>/latent_cache
-    # Rows per cache shard (an Arrow folder); fixed, so the cache is the same at any process count. Each
-    # process encodes whole shards; a killed build keeps its finished ones.
-    cache_shard_size: int = 10000
+    # Rows per cache shard (an Arrow folder), at most; each process encodes whole shards and a killed build
+    # keeps its finished ones. A multiple of 32 (the VAE's batch) keeps the bytes the same at any process count.
+    cache_shard_size: int = 8192
     cache_text_embeddings: bool = True  # also cache the frozen text encoder's outputs (~118 KB a row at CLIP-L)
     # Read a hub-style data set (data.dataset_name) as a stream, split across processes by
     # datasets.distributed.split_dataset_by_node, straight into the latent cache (needs cache_latents).

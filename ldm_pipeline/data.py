@@ -694,7 +694,11 @@ def build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_
     accelerator.wait_for_everyone()  # every process has read the directory before the main one writes
     if manifest is None or not manifest["complete"]:
         if manifest is None:
-            manifest = {"format": CACHE_FORMAT, "key": key, "shard_size": config.data.cache_shard_size,
+            # Shards of whole 32-image batches, at least one per process: the VAE then sees the same batches
+            # at any shard size and process count, and every process has a shard to encode.
+            per_process = math.ceil(train.num_rows / accelerator.num_processes)
+            shard_size = min(config.data.cache_shard_size, ENCODE_BATCH * math.ceil(per_process / ENCODE_BATCH))
+            manifest = {"format": CACHE_FORMAT, "key": key, "shard_size": shard_size,
                         "streaming": config.data.streaming, "processes": accelerator.num_processes,
                         "complete": False}
             if accelerator.is_main_process:
