@@ -12,7 +12,9 @@ random initialisation: the speed and memory of a step do not depend on what the 
 Markdown table and writes it, with the raw rows, to <workdir>/data_scale.json. Nothing is asserted.
 
 Peak RSS is the process's high-water mark (`ru_maxrss`: start-up, data loading and the loop together) and,
-separately, the highest RSS sampled every 50 ms during the training loop alone.
+separately, the highest RSS sampled every 50 ms during the training loop alone, in all and its anonymous part
+(`RssAnon`: the process's own memory; the rest is pages of memory-mapped files such as the latent cache, which
+count in RSS while mapped but are the kernel's page cache, dropped under memory pressure).
 """
 
 from __future__ import annotations
@@ -58,12 +60,17 @@ def worker(job: str, config_path: str, overrides: list[str]) -> None:
     config = load_config(config_path, overrides)
     train_module.set_cpu_threads(config)
     rank = int(os.environ.get("RANK", 0))
-    timed, loop_peak, sampling = {}, [0], threading.Event()
+    timed, loop_peak, loop_anon, sampling = {}, [0], [0], threading.Event()
 
     def sample_rss():
+        """Peak RSS of the loop, and its anonymous part (the process's own memory; the rest is pages of
+        memory-mapped files, the cache's among them, which the kernel drops under memory pressure)."""
         process = psutil.Process()
         while not sampling.is_set():
+            status = dict(line.split(":") for line in Path("/proc/self/status").read_text().splitlines()
+                          if line.startswith("Rss"))
             loop_peak[0] = max(loop_peak[0], process.memory_info().rss)
+            loop_anon[0] = max(loop_anon[0], int(status["RssAnon"].split()[0]) * 1024)
             time.sleep(0.05)
 
     if job == "cache":
@@ -97,6 +104,7 @@ def worker(job: str, config_path: str, overrides: list[str]) -> None:
     import torch
 
     print("DATA_SCALE " + json.dumps({"rank": rank, "peak_rss": peak, "loop_peak_rss": loop_peak[0] or None,
+                                      "loop_peak_anon": loop_anon[0] or None,
                                       "threads": torch.get_num_threads(),
                                       **timed}), flush=True)
 
@@ -133,6 +141,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/data_scale")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (default: the run's own choice, free cores / processes)")
+    parser.add_argument("--reuse-caches", action="store_true", help="keep caches built by an earlier run")
     parser.add_argument("--in-loop-all", action="store_true", help="in-loop encoding at every size, not the first")
     parser.add_argument("--worker", choices=["cache", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -157,6 +166,10 @@ def main() -> None:
         counts = args.processes if size == args.sizes[0] else args.processes_after_first or args.processes
         for processes in counts:
             out = work / f"cache-{size}-p{processes}"
+            cache_dir = out / "latent_cache"
+            if args.reuse_caches and (cache_dir / "manifest.json").is_file():
+                print(f"reusing {cache_dir} (not timed again)", flush=True)
+                continue
             shutil.rmtree(out, ignore_errors=True)
             rows = launch("cache", processes, settings(data_dir, out, args.steps, True, args.threads))
             cache_dir = out / "latent_cache"
@@ -178,18 +191,19 @@ def main() -> None:
             results.append({"job": "train from cache" if cache else "train, in-loop encoding", "images": size,
                             "processes": 1, "threads": row["threads"], "samples_per_s": row["samples"] / row["train_s"],
                             "peak_rss_mb": [row["peak_rss"] / 2**20],
-                            "loop_peak_rss_mb": row["loop_peak_rss"] / 2**20, "wall_s": row["wall_s"]})
+                            "loop_peak_rss_mb": row["loop_peak_rss"] / 2**20,
+                            "loop_peak_anon_mb": row["loop_peak_anon"] / 2**20, "wall_s": row["wall_s"]})
             print(json.dumps(results[-1]), flush=True)
 
     lines = [f"CPU: {cpu_model()}, {cores} cores; {args.steps} training steps of batch 32 at 64 px", "",
              "| job | images | processes | images/s (per process) | samples/s | peak RSS per process (MB) | "
-             "loop peak RSS (MB) | cache on disk (MB) |", "|---|---|---|---|---|---|---|---|"]
+             "loop peak RSS: all / anonymous (MB) | cache on disk (MB) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         cells = [r["job"], f"{r['images']:,}", str(r["processes"]),
                  f"{r['images_per_s']:.0f} ({r['images_per_s_per_process']:.0f})" if "images_per_s" in r else "",
                  f"{r['samples_per_s']:.1f}" if "samples_per_s" in r else "",
                  " / ".join(f"{mb:.0f}" for mb in r["peak_rss_mb"]),
-                 f"{r['loop_peak_rss_mb']:.0f}" if "loop_peak_rss_mb" in r else "",
+                 f"{r['loop_peak_rss_mb']:.0f} / {r['loop_peak_anon_mb']:.0f}" if "loop_peak_rss_mb" in r else "",
                  f"{r['cache_mb']:.1f}" if "cache_mb" in r else ""]
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))

@@ -13,6 +13,8 @@ therefore gives the same result at any process count and after a resume.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import math
@@ -157,8 +159,22 @@ def restore_hyperparameters(config: Config, stage: Stage, saved_config: dict, ac
         stage.ema.decay = config.ema_decay
 
 
+def return_freed_memory() -> None:
+    """Hand the heap that start-up used and freed back to the OS. Building the tokenizer from every caption
+    and listing the data files take memory in proportion to the data set (~250 MB at 100k images); glibc
+    keeps what was freed, and the run would carry it to the end. Only glibc has malloc_trim."""
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        import gc
+
+        gc.collect()
+        trim(0)
+
+
 def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
     """Run `stage` to `max_train_steps` optimizer steps, resuming from a checkpoint if asked."""
+    return_freed_memory()
     accum = accelerator.gradient_accumulation_steps
     progress_state = Progress()
     checkpoint = find_resume_checkpoint(config, stage.checkpoint_prefix)
