@@ -38,7 +38,9 @@ from benchmarks.step_speed import cpu_model  # noqa: E402
 
 def settings(data_dir: Path, out: Path, steps: int, cache: bool, threads: int | None) -> list[str]:
     """`--set` overrides of train_configs/shapes.yaml: the UNet stage alone, no validation or checkpoints."""
-    return [f"data.train_data_dir={data_dir}", f"output_dir={out}", "data.make_shapes=null", "stages=[unet]",
+    source = [f"data.train_data_dir={data_dir}"] if data_dir.name.startswith("shapes") else \
+        ["data.train_data_dir=null", f"data.dataset_name={data_dir}"]
+    return [*source, f"output_dir={out}", "data.make_shapes=null", "stages=[unet]",
             f"data.cache_latents={'true' if cache else 'false'}", f"max_train_steps={steps}", "train_batch_size=32",
             "checkpointing_steps=0", "validation.num_heldout=64", "validation.seeds=[0]", "validation.prompts=[]",
             "sampling.num_inference_steps=1", "report_to=none", "logging_steps=10",
@@ -127,6 +129,21 @@ def launch(job: str, processes: int, overrides: list[str]) -> list[dict]:
     return sorted(rows, key=lambda row: row["rank"])
 
 
+def write_hub_layout(folder: Path, out: Path, rows_per_file: int = 10000) -> None:
+    """The image folder as a local hub-style data set: parquet files of image bytes and captions."""
+    import datasets
+
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    files = -(-len(rows) // rows_per_file)
+    for k in range(files):
+        part = rows[k * rows_per_file:(k + 1) * rows_per_file]
+        images = [{"bytes": (folder / row["file_name"]).read_bytes(), "path": row["file_name"]} for row in part]
+        table = datasets.Dataset.from_dict({"image": images, "text": [row["text"] for row in part]}, features=features)
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        table.to_parquet(str(out / "data" / f"train-{k:05d}-of-{files:05d}.parquet"))
+
+
 def disk_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -141,6 +158,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/data_scale")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (default: the run's own choice, free cores / processes)")
+    parser.add_argument("--source", choices=["folder", "parquet"], default="folder",
+                        help="read the images from the image folder, or from a hub-style parquet copy of it")
     parser.add_argument("--reuse-caches", action="store_true", help="keep caches built by an earlier run")
     parser.add_argument("--in-loop-all", action="store_true", help="in-loop encoding at every size, not the first")
     parser.add_argument("--worker", choices=["cache", "train"], help=argparse.SUPPRESS)
@@ -162,10 +181,14 @@ def main() -> None:
             start = time.perf_counter()
             make_shapes(data_dir, size, 64, seed=0)
             print(f"made {size} images in {time.perf_counter() - start:.0f} s", flush=True)
+        if args.source == "parquet":
+            if not (work / f"parquet-{size}").is_dir():
+                write_hub_layout(data_dir, work / f"parquet-{size}")
+            data_dir = work / f"parquet-{size}"
         cache_dir = None
         counts = args.processes if size == args.sizes[0] else args.processes_after_first or args.processes
         for processes in counts:
-            out = work / f"cache-{size}-p{processes}"
+            out = work / f"cache-{args.source}-{size}-p{processes}"
             cache_dir = out / "latent_cache"
             if args.reuse_caches and (cache_dir / "manifest.json").is_file():
                 print(f"reusing {cache_dir} (not timed again)", flush=True)
@@ -174,7 +197,7 @@ def main() -> None:
             rows = launch("cache", processes, settings(data_dir, out, args.steps, True, args.threads))
             cache_dir = out / "latent_cache"
             encode_s = max(row["encode_s"] for row in rows)
-            results.append({"job": "cache", "images": size, "processes": processes, "threads": rows[0]["threads"],
+            results.append({"job": f"cache ({args.source})", "images": size, "processes": processes, "threads": rows[0]["threads"],
                             "images_per_s": size / encode_s, "images_per_s_per_process": size / encode_s / processes,
                             "peak_rss_mb": [row["peak_rss"] / 2**20 for row in rows],
                             "cache_mb": disk_size(cache_dir) / 1e6, "wall_s": rows[0]["wall_s"]})
@@ -182,13 +205,14 @@ def main() -> None:
         for cache in (True, False):
             if not cache and size != args.sizes[0] and not args.in_loop_all:
                 continue
-            out = work / f"train-{size}-{'cache' if cache else 'in_loop'}"
+            out = work / f"train-{args.source}-{size}-{'cache' if cache else 'in_loop'}"
             shutil.rmtree(out, ignore_errors=True)
             overrides = settings(data_dir, out, args.steps, cache, args.threads)
             if cache:
                 overrides.append(f"data.latent_cache_dir={cache_dir}")
             (row,) = launch("train", 1, overrides)
-            results.append({"job": "train from cache" if cache else "train, in-loop encoding", "images": size,
+            job = "train from cache" if cache else "train, in-loop encoding"
+            results.append({"job": f"{job} ({args.source})", "images": size,
                             "processes": 1, "threads": row["threads"], "samples_per_s": row["samples"] / row["train_s"],
                             "peak_rss_mb": [row["peak_rss"] / 2**20],
                             "loop_peak_rss_mb": row["loop_peak_rss"] / 2**20,
@@ -207,7 +231,7 @@ def main() -> None:
                  f"{r['cache_mb']:.1f}" if "cache_mb" in r else ""]
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
-    (work / "data_scale.json").write_text(json.dumps({"cpu": cpu_model(), "cores": cores, "rows": results,
+    (work / f"data_scale_{args.source}.json").write_text(json.dumps({"cpu": cpu_model(), "cores": cores, "rows": results,
                                                       "table": lines}, indent=2))
 
 

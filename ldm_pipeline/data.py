@@ -2,7 +2,9 @@
 
 Every source goes through `datasets.load_dataset`: an image folder with `metadata.jsonl`
 captions, an image folder whose class subfolders become captions through a template, an image
-folder without captions (unconditional), or a hub dataset name.
+folder without captions (unconditional), or a hub dataset name (also streamed, into the cache).
+The latent cache is Arrow shards on disk, built by every process for its share of the shards and
+read memory-mapped: no process holds the data set in RAM or decodes all of it.
 """
 
 from __future__ import annotations
