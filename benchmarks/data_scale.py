@@ -197,7 +197,8 @@ def main() -> None:
             rows = launch("cache", processes, settings(data_dir, out, args.steps, True, args.threads))
             cache_dir = out / "latent_cache"
             encode_s = max(row["encode_s"] for row in rows)
-            results.append({"job": f"cache ({args.source})", "images": size, "processes": processes, "threads": rows[0]["threads"],
+            results.append({"job": f"cache ({args.source})", "images": size, "processes": processes,
+                            "threads": rows[0]["threads"],
                             "images_per_s": size / encode_s, "images_per_s_per_process": size / encode_s / processes,
                             "peak_rss_mb": [row["peak_rss"] / 2**20 for row in rows],
                             "cache_mb": disk_size(cache_dir) / 1e6, "wall_s": rows[0]["wall_s"]})
@@ -231,8 +232,8 @@ def main() -> None:
                  f"{r['cache_mb']:.1f}" if "cache_mb" in r else ""]
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
-    (work / f"data_scale_{args.source}.json").write_text(json.dumps({"cpu": cpu_model(), "cores": cores, "rows": results,
-                                                      "table": lines}, indent=2))
+    summary = {"cpu": cpu_model(), "cores": cores, "rows": results, "table": lines}
+    (work / f"data_scale_{args.source}.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
