@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import gc
 import hashlib
 import json
 import math
@@ -161,13 +162,11 @@ def restore_hyperparameters(config: Config, stage: Stage, saved_config: dict, ac
 
 def return_freed_memory() -> None:
     """Hand the heap that start-up used and freed back to the OS. Building the tokenizer from every caption
-    and listing the data files take memory in proportion to the data set (~250 MB at 100k images); glibc
+    and listing the data files take memory in proportion to the data set (~200 MB at 100k images); glibc
     keeps what was freed, and the run would carry it to the end. Only glibc has malloc_trim."""
     name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
     trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
     if trim is not None:
-        import gc
-
         gc.collect()
         trim(0)
 
