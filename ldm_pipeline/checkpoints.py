@@ -37,7 +37,7 @@ from .pipeline import replace_directory
 RESUME_KEYS = ("model", "resolution", "prediction_type", "stages", "seed", "train_text_encoder", "use_ema",
                "data.train_data_dir", "data.dataset_name", "data.dataset_config_name", "data.image_column",
                "data.caption_column", "data.caption_template", "data.center_crop", "data.random_flip",
-               "data.max_train_samples", "data.make_shapes", "data.on_bad_image",
+               "data.max_train_samples", "data.make_shapes", "data.on_bad_image", "data.streaming",
                "validation.num_heldout", "vae_training.psnr_samples")  # these two pick the training rows
 # Once <output_dir>/vae holds the finished VAE it is reused as it is: its training settings are fixed.
 FINISHED_VAE_KEYS = tuple(f"vae_training.{key}" for key in (

@@ -1,4 +1,4 @@
-"""`ldm-pipeline` command line: generate, evaluate, make-shapes, train, export, demo.
+"""`ldm-pipeline` command line: generate, evaluate, make-shapes, train, cache, export, demo.
 
 `generate` also runs under `accelerate launch -m ldm_pipeline.cli generate ...`: prompts are split
 across processes and every image is written once, by the main process, identical at any process
@@ -121,6 +121,16 @@ def cmd_train(args) -> int:
     return train_main(argv + (["--dry-run"] if args.dry_run else []))
 
 
+def cmd_cache(args) -> int:
+    from .config import load_config
+    from .train import build_cache, set_cpu_threads
+
+    config = load_config(args.config, args.overrides)
+    set_cpu_threads(config)
+    build_cache(config)
+    return 0
+
+
 def cmd_export(args) -> int:
     import torch
 
@@ -196,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "`accelerate launch train.py` takes the same options.")
     add_run_arguments(tr)
     tr.set_defaults(run=cmd_train)
+
+    cache = commands.add_parser(
+        "cache", help="encode the data set into the latent cache a training config uses (accelerate launch: "
+        "every process encodes its share)",
+        description="Encode the data set of a training config into its latent cache (data.latent_cache_dir, "
+        "default <output_dir>/latent_cache): VAE latents, token ids and, with a frozen text encoder, its "
+        "outputs, as Arrow shards. Finished shards are kept, so a killed or repeated run only does the rest. "
+        "Run it on several processes with `accelerate launch -m ldm_pipeline.cli cache --config ...`.")
+    cache.add_argument("--config", required=True, help="the training YAML config, e.g. train_configs/shapes.yaml")
+    cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, as for train (repeatable)")
+    cache.set_defaults(run=cmd_cache)
 
     ex = commands.add_parser("export", help="write a pipeline as one original-layout Stable Diffusion .safetensors")
     ex.add_argument("--model", required=True, help="pipeline directory (e.g. outputs/shapes/pipeline) or hub id")

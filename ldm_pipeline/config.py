@@ -49,6 +49,13 @@ class DataConfig:
     make_shapes: ShapesDataConfig | None = None
     cache_latents: bool = False  # encode the data once with the frozen VAE (and text encoder)
     latent_cache_dir: str | None = None  # default: <output_dir>/latent_cache
+    # Rows per cache shard (an Arrow folder), at most; each process encodes whole shards and a killed build
+    # keeps its finished ones. A multiple of 32 (the VAE's batch) keeps the bytes the same at any process count.
+    cache_shard_size: int = 8192
+    cache_text_embeddings: bool = True  # also cache the frozen text encoder's outputs (~118 KB a row at CLIP-L)
+    # Read a hub-style data set (data.dataset_name) as a stream, split across processes by
+    # datasets.distributed.split_dataset_by_node, straight into the latent cache (needs cache_latents).
+    streaming: bool = False
     dataloader_num_workers: int = 0
 
 
@@ -401,6 +408,12 @@ def validate(config: Config) -> None:
     _require(not d.cache_latents or d.center_crop,
              "data.cache_latents stores one crop per image; set data.center_crop: true or turn "
              "data.cache_latents off")
+    _require(d.cache_shard_size >= 1, f"data.cache_shard_size: {d.cache_shard_size} must be at least 1")
+    if d.streaming:
+        _require(d.dataset_name is not None and d.cache_latents and "vae" not in c.stages,
+                 "data.streaming reads a data set once, into the latent cache, and trains the UNet from that: "
+                 "it needs data.dataset_name, data.cache_latents: true and stages: [unet] (train a VAE on a "
+                 "downloaded data set first, then set model.vae to it)")
     _require("{label}" in d.caption_template,
              f"data.caption_template: {d.caption_template!r} must contain {{label}}")
     output = Path(c.output_dir)

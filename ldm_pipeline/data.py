@@ -2,7 +2,9 @@
 
 Every source goes through `datasets.load_dataset`: an image folder with `metadata.jsonl`
 captions, an image folder whose class subfolders become captions through a template, an image
-folder without captions (unconditional), or a hub dataset name.
+folder without captions (unconditional), or a hub dataset name (also streamed, into the cache).
+The latent cache is Arrow shards on disk, built by every process for its share of the shards and
+read memory-mapped: no process holds the data set in RAM or decodes all of it.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image, ImageFile
 from safetensors import SafetensorError
@@ -64,10 +69,12 @@ def load_source(data: DataConfig) -> datasets.Dataset:
             raise DataError(f"data.dataset_name: {name} is not a directory; give a hub dataset id or a local "
                             "directory laid out like a hub dataset repo (e.g. data/train-00000-of-00001.parquet)")
         try:
-            dataset = datasets.load_dataset(name, data.dataset_config_name, split="train")
+            dataset = datasets.load_dataset(name, data.dataset_config_name, split="train", streaming=data.streaming)
         except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
             raise DataError(f"data.dataset_name: {name} holds no data files ({error}); a local dataset keeps "
                             "its train split as parquet shards such as data/train-00000-of-00001.parquet") from error
+    if data.streaming:
+        return _checked_stream(dataset, data)
     if len(dataset) == 0:
         raise DataError(f"the dataset {data.train_data_dir or data.dataset_name} is empty; add images")
     if data.image_column not in dataset.column_names:
@@ -77,6 +84,19 @@ def load_source(data: DataConfig) -> datasets.Dataset:
         dataset = dataset.cast_column(data.image_column, datasets.Image(decode=False))
     if data.max_train_samples is not None:
         dataset = dataset.select(range(min(data.max_train_samples, len(dataset))))
+    return dataset
+
+
+def _checked_stream(dataset: datasets.IterableDataset, data: DataConfig) -> datasets.IterableDataset:
+    """The streamed data set, checked as far as it can be without reading it: its columns, when known."""
+    columns = dataset.column_names
+    if columns is not None and data.image_column not in columns:
+        raise DataError(f"data.image_column: {data.image_column!r} is not a column of the dataset; "
+                        f"columns are {columns}")
+    if dataset.features and isinstance(dataset.features.get(data.image_column), datasets.Image):
+        dataset = dataset.cast_column(data.image_column, datasets.Image(decode=False))
+    if data.max_train_samples is not None:
+        dataset = dataset.take(data.max_train_samples)
     return dataset
 
 
@@ -102,17 +122,10 @@ def check_metadata(root: Path) -> None:
             raise DataError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as "
                             "UTF-8") from error
         if path.suffix == ".csv":
-            rows = list(enumerate(csv.DictReader(io.StringIO(text)), start=2))
+            rows = enumerate(csv.DictReader(io.StringIO(text)), start=2)
         else:
-            rows = []
-            for number, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    try:
-                        rows.append((number, json.loads(line)))
-                    except ValueError as error:
-                        raise DataError(f"{path} line {number} is not a JSON object ({error}); each line "
-                                        'holds one, like {"file_name": "0001.png", "text": "a caption"}') from error
-        seen = {}
+            rows = _json_lines(path, text)
+        seen = {}  # one name per image: the rows themselves are not kept (a large data set has millions)
         for number, row in rows:
             name = row.get("file_name") if isinstance(row, dict) else None
             if not isinstance(name, str) or not name:
@@ -124,6 +137,16 @@ def check_metadata(root: Path) -> None:
             seen[name] = number
 
 
+def _json_lines(path: Path, text: str):
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except ValueError as error:
+                raise DataError(f"{path} line {number} is not a JSON object ({error}); each line "
+                                'holds one, like {"file_name": "0001.png", "text": "a caption"}') from error
+
+
 def _count_images(root: Path) -> int:
     """Image files as imagefolder finds them (by extension; hidden and `__*` folders skipped)."""
     from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
@@ -132,30 +155,44 @@ def _count_images(root: Path) -> int:
                and not any(part.startswith((".", "__")) for part in path.relative_to(root).parts))
 
 
-def captions_of(dataset: datasets.Dataset, data: DataConfig) -> list[str]:
-    """One caption per row, by these rules:
+def caption_rule(features, data: DataConfig):
+    """(columns read, batch of columns -> captions) by these rules (None: every caption empty):
 
     - `caption_column` present: its text (None becomes the empty prompt);
     - absent, but a class `label` column: `caption_template` with the class name;
     - absent, and only images: unconditional training, every prompt empty;
     - absent while other text columns exist: an error, since the column is probably misnamed.
     """
-    columns = dataset.column_names
-    if data.caption_column is None:
-        return [""] * len(dataset)
-    if data.caption_column in columns:
-        return [text if isinstance(text, str) else "" for text in dataset[data.caption_column]]
-    label = dataset.features.get("label")
-    text_columns = [name for name, feature in dataset.features.items()
+    column = data.caption_column
+    if column is None:
+        return [], None
+    if column in features:
+        return [column], lambda batch: [text if isinstance(text, str) else "" for text in batch[column]]
+    label = features.get("label")
+    text_columns = [name for name, feature in features.items()
                     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")]
     if text_columns:
-        raise DataError(f"data.caption_column: {data.caption_column!r} is not a column of the dataset; "
+        raise DataError(f"data.caption_column: {column!r} is not a column of the dataset; "
                         f"text columns are {text_columns}; set data.caption_column to one of them")
     if isinstance(label, datasets.ClassLabel):
         names = [name.replace("_", " ") for name in label.names]
-        return [data.caption_template.format(label=names[i]) for i in dataset["label"]]
+        return ["label"], lambda batch: [data.caption_template.format(label=names[i]) for i in batch["label"]]
     logger.warning("no captions found in the dataset: training unconditionally (empty prompts)")
-    return [""] * len(dataset)
+    return [], None
+
+
+def captions_of(dataset, data: DataConfig) -> list[str]:
+    """One caption per row (see `caption_rule`); a streamed data set is read once, its caption column only."""
+    if isinstance(dataset, datasets.IterableDataset):
+        columns, rule = caption_rule(dataset.features or {data.caption_column: datasets.Value("string")}, data)
+        captions = []
+        for batch in dataset.select_columns(columns or [data.image_column]).iter(batch_size=1000):
+            captions += rule(batch) if rule else [""] * len(next(iter(batch.values())))
+        if not captions:
+            raise DataError(f"the dataset {data.dataset_name} is empty; add images")
+        return captions
+    columns, rule = caption_rule(dataset.features, data)
+    return rule({name: dataset[name] for name in columns}) if rule else [""] * len(dataset)
 
 
 def open_rgb(value) -> Image.Image:
@@ -178,30 +215,60 @@ def open_rgb(value) -> Image.Image:
     return image.convert("RGB")
 
 
-def find_bad_images(dataset: datasets.Dataset, image_column: str) -> list[tuple[int, str]]:
-    """(row, reason) for every image that fails to decode; one full pass over the data."""
-    bad = []
-    for row, value in enumerate(tqdm(dataset[image_column], desc="checking images", disable=None, leave=False)):
-        try:
-            open_rgb(value)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            bad.append((row, f"{value.get('path') or 'row ' + str(row)}: {error}"))
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def find_bad_images(dataset: datasets.Dataset, image_column: str, start: int = 0, stop: int | None = None,
+                    show_progress: bool = True) -> list[tuple[int, str]]:
+    """(row, reason) for every image of rows [start, stop) that fails to decode; read in batches, so
+    only a batch of image bytes is in memory at a time."""
+    stop = len(dataset) if stop is None else stop
+    bad, row = [], start
+    bar = tqdm(total=stop - start, desc="checking images", disable=None if show_progress else True, leave=False)
+    for batch in dataset.select_columns([image_column]).select(range(start, stop)).iter(batch_size=256):
+        for value in batch[image_column]:
+            try:
+                open_rgb(value)
+            except BAD_IMAGE_ERRORS as error:
+                bad.append((row, f"{value.get('path') or 'row ' + str(row)}: {error}"))
+            row += 1
+        bar.update(len(batch[image_column]))
+    bar.close()
     return bad
 
 
-def drop_bad_images(dataset: datasets.Dataset, captions: list[str], data: DataConfig):
-    bad = find_bad_images(dataset, data.image_column)
-    if not bad:
-        return dataset, captions
+def bad_image_error(bad: list[tuple[int, str]], data: DataConfig) -> DataError | None:
+    """The error to raise for these undecodable images, or None (after a warning) to skip them."""
     listing = "; ".join(reason for _, reason in bad[:3]) + (" ..." if len(bad) > 3 else "")
     if data.on_bad_image == "error":
-        raise DataError(f"{len(bad)} image(s) failed to decode ({listing}); remove or fix them, or set "
-                        "data.on_bad_image: skip to train without them")
+        return DataError(f"{len(bad)} image(s) failed to decode ({listing}); remove or fix them, or set "
+                         "data.on_bad_image: skip to train without them")
     logger.warning("skipping %d image(s) that failed to decode: %s", len(bad), listing)
-    keep = sorted(set(range(len(dataset))) - {row for row, _ in bad})
-    if not keep:
+    return None
+
+
+def drop_bad_images(dataset: datasets.Dataset, captions: list[str], data: DataConfig, accelerator=None):
+    """Decode every image once: each process checks its contiguous share of the rows, and the (few)
+    bad rows are gathered, so no process decodes the whole data set."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    rows = len(dataset)
+    bad = find_bad_images(dataset, data.image_column, rows * rank // world, rows * (rank + 1) // world,
+                          show_progress=rank == 0)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        bad = sorted(gather_object(bad))
+    if not bad:
+        return dataset, captions
+    error = bad_image_error(bad, data)
+    if error:
+        raise error
+    keep = np.ones(rows, dtype=bool)
+    keep[[row for row, _ in bad]] = False
+    if not keep.any():
         raise DataError("every image in the dataset failed to decode; nothing to train on")
-    return dataset.select(keep), [captions[i] for i in keep]
+    kept = np.flatnonzero(keep)
+    return dataset.select(kept), [captions[i] for i in kept]
 
 
 def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False):
@@ -223,18 +290,35 @@ def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool = Tru
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """(N, model_max_length) ids; longer captions are cut, with one warning for all of them."""
-    max_length = tokenizer.model_max_length
-    # verbose=False: transformers' own too-long warning would repeat ours, and only for the first caption.
-    lengths = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
-    too_long = sum(length > max_length for length in lengths)
+def warn_truncated(tokenizer, captions: list[str]) -> None:
+    """One warning for all captions longer than the tokenizer's length (they are cut); read in chunks."""
+    max_length, too_long = tokenizer.model_max_length, 0
+    for start in range(0, len(captions), 4096):
+        # verbose=False: transformers' own too-long warning would repeat ours, and only for the first caption.
+        lengths = tokenizer(captions[start:start + 4096], truncation=False, verbose=False)["input_ids"]
+        too_long += sum(len(ids) > max_length for ids in lengths)
     if too_long:
         logger.warning("%d caption(s) are longer than the tokenizer's %d tokens and were truncated",
                        too_long, max_length)
-    ids = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="pt")["input_ids"]
-    return ids
+
+
+def tokenize(tokenizer, captions: list[str], warn: bool = True) -> torch.Tensor:
+    """(N, model_max_length) ids; longer captions are cut, with one warning for all of them."""
+    if warn:
+        warn_truncated(tokenizer, captions)
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt")["input_ids"]
+
+
+class TokenIds:
+    """`ids[row]`: the caption's token ids, tokenized when asked: (N, L) ids held for a large data set
+    would grow with it (77 x 8 bytes a row)."""
+
+    def __init__(self, tokenizer, captions: list[str]):
+        self.tokenizer, self.captions = tokenizer, captions
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        return tokenize(self.tokenizer, [self.captions[row]], warn=False)[0]
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -264,35 +348,68 @@ def split_heldout(num_rows: int, num_heldout: int, seed: int) -> tuple[list[int]
 
 @dataclass
 class TrainData:
-    dataset: datasets.Dataset
+    dataset: datasets.Dataset | datasets.IterableDataset  # iterable when data.streaming
     captions: list[str]
     fingerprint: str  # identifies the data files, for the latent cache key
+    checked: bool = True  # every image was decoded once (bad ones dropped or refused)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.captions)
 
 
-def data_fingerprint(dataset: datasets.Dataset, data: DataConfig) -> str:
+def data_fingerprint(dataset, data: DataConfig, num_rows: int) -> str:
     """Local folders: every file's path, size and mtime. Hub datasets: datasets' own fingerprint."""
     digest = hashlib.sha256()
-    if data.train_data_dir:
-        root = Path(data.train_data_dir)
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            stat = path.stat()
-            digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    root = Path(data.train_data_dir or data.dataset_name).expanduser()
+    if data.train_data_dir or (data.streaming and root.is_dir()):
+        for folder, subfolders, files in os.walk(root):  # one folder's names at a time, not the whole tree
+            subfolders.sort()
+            for name in sorted(files):
+                stat = os.stat(os.path.join(folder, name))
+                relative = os.path.relpath(os.path.join(folder, name), root)
+                digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     else:
-        digest.update(f"{data.dataset_name}\0{data.dataset_config_name}\0{dataset._fingerprint}".encode())
-    digest.update(f"{data.max_train_samples}\0{len(dataset)}".encode())
+        own = "streamed" if data.streaming else dataset._fingerprint
+        digest.update(f"{data.dataset_name}\0{data.dataset_config_name}\0{own}".encode())
+    digest.update(f"{data.max_train_samples}\0{num_rows}".encode())
     return digest.hexdigest()[:16]
 
 
-def load_train_data(config: Config) -> TrainData:
+def load_train_data(config: Config, accelerator=None, check_images: bool = True) -> TrainData:
+    """The data set and its captions. `check_images` decodes every image once (split across the processes
+    of `accelerator`); without it, images are checked where they are first decoded: by the latent cache
+    build, per shard, by the process that owns the shard."""
     data = config.data
     dataset = load_source(data)
     captions = captions_of(dataset, data)
-    fingerprint = data_fingerprint(dataset, data)
-    dataset, captions = drop_bad_images(dataset, captions, data)
-    return TrainData(dataset=dataset, captions=captions, fingerprint=fingerprint)
+    fingerprint = data_fingerprint(dataset, data, len(captions))
+    train = TrainData(dataset=dataset, captions=captions, fingerprint=fingerprint, checked=False)
+    return check_train_images(train, data, accelerator) if check_images else train
+
+
+def check_train_images(train: TrainData, data: DataConfig, accelerator=None) -> TrainData:
+    """`train` without its undecodable images (or an error naming them); each process decodes its share."""
+    if train.checked or data.streaming:
+        return train
+    dataset, captions = drop_bad_images(train.dataset, train.captions, data, accelerator)
+    return TrainData(dataset=dataset, captions=captions, fingerprint=train.fingerprint, checked=True)
 
 
 # --- latent cache -------------------------------------------------------------------------------
+#
+# <latent_cache_dir>/manifest.json        what the cache is valid for (`key`), its layout, and once complete its
+#                                         shards and their row counts
+# <latent_cache_dir>/shard-00000/ ...     `save_to_disk` folders: shard k holds the data set's rows
+#                                         [k * shard_size, (k + 1) * shard_size), bad images left out
+# <latent_cache_dir>/stream-p0of2-00000/  (data.streaming) shard k of process 0's part of the stream
+# <latent_cache_dir>/empty_prompt_embeds.safetensors   (text embeddings cached) for caption dropout
+# <latent_cache_dir>/.partial-*           a shard being written, renamed when whole: a killed build leaves
+#                                         only these, and the next build removes them and redoes that shard
+
+CACHE_FORMAT = 2
+ENCODE_BATCH = 32  # images per VAE call; fixed, so a shard's bytes do not depend on the process count
+EMPTY_EMBEDS_FILE = "empty_prompt_embeds.safetensors"
 
 
 def weights_hash(module: torch.nn.Module | None) -> str | None:
@@ -305,57 +422,47 @@ def weights_hash(module: torch.nn.Module | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def latent_cache_dir(config: Config) -> Path:
+    return Path(config.data.latent_cache_dir or Path(config.output_dir) / "latent_cache")
+
+
 def cache_key(config: Config, train: TrainData, vae, text_encoder, tokenizer) -> dict:
-    """Everything the cached tensors depend on; a cache whose key differs is stale."""
-    captions = hashlib.sha256("\n".join(train.captions).encode()).hexdigest()[:16]
+    """Everything the cached rows depend on; a cache whose key differs is stale. `text_encoder` is None
+    when its outputs are not cached (it is trained, or data.cache_text_embeddings is off)."""
+    captions = hashlib.sha256()
+    for caption in train.captions:
+        captions.update(caption.encode() + b"\n")
     return {
         "vae": weights_hash(vae),
         "data": train.fingerprint,
+        "rows": train.num_rows,
         "resolution": config.resolution,
         "center_crop": config.data.center_crop,
         "random_flip": config.data.random_flip,
         "text_encoder": weights_hash(text_encoder),
-        "captions": captions if text_encoder is not None else None,
-        "tokenizer": hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
-        if text_encoder is not None else None,
+        "captions": captions.hexdigest()[:16],
+        "tokenizer": hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16],
+        "max_length": tokenizer.model_max_length,
     }
 
 
-class LatentDataset(torch.utils.data.Dataset):
-    """Cached rows: latent distribution (mean, std) of each image (and of its mirror image when
-    random flips are on: the VAE is not flip-equivariant, so we encode both orientations rather
-    than flipping latents), the caption's ids, and its text-encoder output when that is frozen."""
+def cache_features(config: Config, vae, text_encoder, tokenizer) -> datasets.Features:
+    """One row per image: its latent distribution (mean, std) for each cached orientation (with random
+    flips both: the VAE is not flip-equivariant, so mirrored latents would not be exact), the caption's
+    token ids, and its text-encoder output when that is cached. `row` is the image's row in the data set
+    (for a streamed data set: its position in the stream of the process that encoded it)."""
+    from .models import vae_scale_factor
 
-    def __init__(self, tensors: dict, input_ids: torch.Tensor, indices, random_flip: bool):
-        self.tensors, self.input_ids, self.indices, self.random_flip = tensors, input_ids, list(indices), random_flip
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        row = self.indices[i]
-        side = int(self.random_flip and random.random() < 0.5)
-        item = {
-            "latent_mean": self.tensors["latent_mean"][row, side].float(),
-            "latent_std": self.tensors["latent_std"][row, side].float(),
-            "input_ids": self.input_ids[row],
-        }
-        if "prompt_embeds" in self.tensors:
-            item["prompt_embeds"] = self.tensors["prompt_embeds"][self.tensors["caption_index"][row]].float()
-        return item
-
-
-def _encode_rows(accelerator, rows: list[int], encode, batch_size: int, desc: str) -> torch.Tensor:
-    """encode(list_of_rows) -> tensor, over this process's share of rows; gathered on every rank."""
-    from accelerate.utils import gather_object
-
-    with accelerator.split_between_processes(rows) as mine:
-        pieces = []
-        for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not accelerator.is_main_process):
-            pieces.append(encode(mine[start:start + batch_size]).cpu())
-        local = torch.cat(pieces) if pieces else None
-    gathered = [piece for piece in gather_object([local]) if piece is not None]
-    return torch.cat(gathered)
+    side = config.resolution // vae_scale_factor(vae)
+    latent = ((2 if config.data.random_flip else 1), vae.config.latent_channels, side, side)
+    features = {"row": datasets.Value("int64"),
+                "latent_mean": datasets.Array4D(latent, "float16"),
+                "latent_std": datasets.Array4D(latent, "float16"),
+                "input_ids": datasets.Sequence(datasets.Value("int32"), length=tokenizer.model_max_length)}
+    if text_encoder is not None:
+        features["prompt_embeds"] = datasets.Array2D(
+            (tokenizer.model_max_length, text_encoder.config.hidden_size), "float16")
+    return datasets.Features(features)
 
 
 def _unreadable_cache(cache_dir: Path, path: Path, error: Exception) -> DataError:
@@ -363,94 +470,313 @@ def _unreadable_cache(cache_dir: Path, path: Path, error: Exception) -> DataErro
                      f"({' '.join(str(error).split())}). Delete that directory to rebuild it")
 
 
-def check_cache_shapes(cache_dir: Path, tensors: dict, config: Config, rows: int, vae, text_encoder) -> None:
-    """The key says what a cache was built from; the shapes say that its tensors are the ones built then
-    (a latents file copied in from another run has another number of rows, or another latent size)."""
-    from .models import vae_scale_factor
+def read_manifest(cache_dir: Path) -> dict | None:
+    path = cache_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["key"].items()
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise _unreadable_cache(cache_dir, path, error) from error
+    if manifest.get("format") != CACHE_FORMAT:
+        raise DataError(f"the latent cache at {cache_dir} was written by an older version of ldm_pipeline (one "
+                        "latents.safetensors file loaded whole); delete that directory to rebuild it as shards")
+    return manifest
 
-    side = config.resolution // vae_scale_factor(vae)
-    latent = (rows, 2 if config.data.random_flip else 1, vae.config.latent_channels, side, side)
-    expected = {"latent_mean": latent, "latent_std": latent}
-    if text_encoder is not None:
-        expected["caption_index"] = (rows,)
-    wrong = [f"{name} {tuple(tensors[name].shape) if name in tensors else 'missing'} instead of {shape}"
-             for name, shape in expected.items() if name not in tensors or tuple(tensors[name].shape) != shape]
-    if wrong:
-        raise DataError(f"the latent cache at {cache_dir} does not fit this run's {rows} images: "
-                        f"{'; '.join(wrong)} (a file from another run?). Delete that directory to rebuild it")
+
+def _write_json(path: Path, value: dict) -> None:
+    partial = path.with_name(f".partial-{path.name}-{os.getpid()}")
+    partial.write_text(json.dumps(value, indent=2))
+    partial.replace(path)
+
+
+@dataclass
+class LatentCache:
+    """The cache, memory-mapped: `rows` is the concatenation of its shards (nothing is read into RAM
+    until a row is asked for)."""
+
+    rows: datasets.Dataset
+    empty_prompt_embeds: torch.Tensor | None  # (L, D), when text embeddings are cached
+    directory: Path
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Rows of the latent cache: {"latent_mean", "latent_std": (C, h, w), "input_ids": (L,)} and
+    "prompt_embeds": (L, D) when cached. With random flips each row picks one of its two orientations."""
+
+    def __init__(self, cache: LatentCache, indices, random_flip: bool):
+        self.rows, self.indices, self.random_flip = cache.rows, indices, random_flip
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, positions):
+        """A batch read at once from Arrow (the DataLoader calls this with a batch's indices)."""
+        columns = self.rows[[int(self.indices[i]) for i in positions]]
+        items = []
+        for k in range(len(positions)):
+            side = int(self.random_flip and random.random() < 0.5)
+            item = {"latent_mean": torch.from_numpy(columns["latent_mean"][k, side]).float(),
+                    "latent_std": torch.from_numpy(columns["latent_std"][k, side]).float(),
+                    "input_ids": torch.from_numpy(columns["input_ids"][k]).long()}
+            if "prompt_embeds" in columns:
+                item["prompt_embeds"] = torch.from_numpy(columns["prompt_embeds"][k]).float()
+            items.append(item)
+        return items
+
+
+def _encoder(config: Config, vae, text_encoder, tokenizer, bad: list):
+    """encode(batch of raw rows, their row numbers, their captions) -> columns of cache rows. An image
+    that fails to decode is left out and noted in `bad` as (row, reason)."""
+    data, resolution = config.data, config.resolution
+    sides = (False, True) if data.random_flip else (False,)
+
+    def encode(batch, rows, captions):
+        pixels, kept, kept_captions = [], [], []
+        for value, row, caption in zip(batch[data.image_column], rows, captions):
+            try:
+                image = open_rgb(value)
+            except BAD_IMAGE_ERRORS as error:
+                where = value.get("path") if isinstance(value, dict) else None
+                bad.append((row, f"{where or 'row ' + str(row)}: {error}"))
+                continue
+            pixels.append(torch.stack([image_to_tensor(image, resolution, True, flip) for flip in sides]))
+            kept.append(row)
+            kept_captions.append(caption)
+        if not kept:
+            return {"row": [], "latent_mean": [], "latent_std": [], "input_ids": []} | (
+                {"prompt_embeds": []} if text_encoder is not None else {})
+        pixels = torch.stack(pixels)  # (b, sides, 3, R, R)
+        dist = vae.encode(pixels.flatten(0, 1).to(vae.device, vae.dtype)).latent_dist
+        shape = (len(kept), len(sides))
+        ids = tokenize(tokenizer, kept_captions, warn=False)  # (b, L)
+        columns = {"row": kept,
+                   "latent_mean": dist.mean.float().half().unflatten(0, shape).cpu().numpy(),
+                   "latent_std": dist.std.float().half().unflatten(0, shape).cpu().numpy(),
+                   "input_ids": ids.to(torch.int32).numpy()}
+        if text_encoder is not None:
+            embeds = text_encoder(ids.to(text_encoder.device))[0]  # (b, L, D)
+            columns["prompt_embeds"] = embeds.float().half().cpu().numpy()
+        return columns
+
+    return encode
+
+
+def _check_shard_images(bad: list, data: DataConfig, where: str) -> None:
+    if bad:
+        error = bad_image_error(sorted(bad), data)
+        if error:
+            raise DataError(f"{where}: {error}")
+
+
+def _encode_shard(cache_dir: Path, name: str, part: datasets.Dataset, start: int, captions: list[str],
+                  encode_rows, features, data: DataConfig, bar, bad: list) -> None:
+    """Encode rows [start, start + len(part)) of the data set with `datasets.map` into an Arrow file,
+    `save_to_disk` it under a temporary name, and rename it into place when whole."""
+    partial = cache_dir / f".partial-{name}-{os.getpid()}"
+    scratch = cache_dir / f".partial-{name}-{os.getpid()}.arrow"
+
+    def encode(batch, indices):
+        bar.update(len(indices))
+        return encode_rows(batch, [start + i for i in indices], [captions[start + i] for i in indices])
+
+    encoded = _quietly(part.map, encode, batched=True, batch_size=ENCODE_BATCH, with_indices=True,
+                       remove_columns=part.column_names, features=features, cache_file_name=str(scratch),
+                       load_from_cache_file=False, new_fingerprint=f"latent-cache-{name}-{os.getpid()}")
+    _check_shard_images(bad, data, f"rows {start}-{start + len(part) - 1}")
+    _quietly(encoded.save_to_disk, str(partial))
+    del encoded
+    scratch.unlink()
+    partial.rename(cache_dir / name)
+
+
+def _encode_stream(cache_dir: Path, accelerator, train: TrainData, shard_size: int, encode_rows, features,
+                   data: DataConfig, bar, bad: list) -> None:
+    """This process's part of a streamed data set (`split_dataset_by_node`), shard after shard; a resumed
+    build skips the rows of the shards already written."""
+    from datasets.distributed import split_dataset_by_node
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    prefix = f"stream-p{rank}of{world}-"
+    done_marker = cache_dir / f"{prefix}done.json"
+    if done_marker.is_file():
+        return
+    done = 0
+    while (cache_dir / f"{prefix}{done:05d}").is_dir():
+        done += 1
+    stream = split_dataset_by_node(train.dataset, rank=rank, world_size=world).skip(done * shard_size)
+    _, rule = caption_rule(train.dataset.features or {data.caption_column: datasets.Value("string")}, data)
+    rows = iter(stream)
+    shard, position = done, done * shard_size
+    while (head := next(rows, None)) is not None:
+        shard_rows = itertools.chain([head], itertools.islice(rows, shard_size - 1))
+        written = [0]
+
+        def generate(shard_rows=shard_rows, first=position, written=written):
+            """The shard's rows, encoded batch by batch and written as Arrow as they come (never the whole
+            shard's images in memory)."""
+            while batch := list(itertools.islice(shard_rows, ENCODE_BATCH)):
+                columns = {key: [row[key] for row in batch] for key in batch[0]}
+                captions = rule(columns) if rule else [""] * len(batch)
+                encoded = encode_rows(columns, list(range(first, first + len(batch))), captions)
+                for i in range(len(encoded["row"])):
+                    yield {key: value[i] for key, value in encoded.items()}
+                first, written[0] = first + len(batch), written[0] + len(encoded["row"])
+                bar.update(len(batch))
+
+        name = f"{prefix}{shard:05d}"
+        partial = cache_dir / f".partial-{name}-{os.getpid()}"
+        scratch = cache_dir / f".partial-{name}-{os.getpid()}.tmp"
+        try:
+            part = _quietly(datasets.Dataset.from_generator, generate, features=features, cache_dir=str(scratch),
+                            fingerprint=f"latent-cache-{name}-{os.getpid()}")
+        except ValueError:
+            if written[0]:
+                raise
+            part = datasets.Dataset.from_dict({key: [] for key in features}, features=features)  # all bad images
+        _check_shard_images(bad, data, f"stream shard {name}")
+        _quietly(part.save_to_disk, str(partial))
+        del part
+        shutil.rmtree(scratch, ignore_errors=True)
+        partial.rename(cache_dir / name)
+        shard, position = shard + 1, position + shard_size
+        bad.clear()
+    _write_json(done_marker, {"shards": shard})
+
+
+def _shard_names(cache_dir: Path, manifest: dict) -> list[str]:
+    if not manifest["streaming"]:
+        count = math.ceil(manifest["key"]["rows"] / manifest["shard_size"])
+        return [f"shard-{k:05d}" for k in range(count)]
+    names = []
+    for rank in range(manifest["processes"]):
+        prefix = f"stream-p{rank}of{manifest['processes']}-"
+        shards = json.loads((cache_dir / f"{prefix}done.json").read_text())["shards"]
+        names += [f"{prefix}{k:05d}" for k in range(shards)]
+    return names
 
 
 @torch.no_grad()
-def build_latent_cache(accelerator, config: Config, train: TrainData, input_ids, vae, text_encoder, tokenizer):
-    """Load the cache at `latent_cache_dir` if its key matches, else build it; refuse a stale one.
+def build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_encoder, tokenizer) -> LatentCache:
+    """Open the cache at `latent_cache_dir`, encoding what it lacks first; refuse a stale or foreign one.
 
-    Returns the tensors (every rank). Only the main process writes, into a temporary directory
-    renamed when complete, so an interrupted build never leaves a cache that looks valid.
+    Each process encodes its contiguous part of the missing shards (a shard's rows are fixed by
+    data.cache_shard_size, not by the process count, so the cache is the same at any process count) and
+    checks those images, once. Finished shards are kept: a build that was killed, or is run again, only
+    encodes the rest. `text_encoder` is None when its outputs are not to be cached.
     """
-    cache_dir = Path(config.data.latent_cache_dir or Path(config.output_dir) / "latent_cache")
+    cache_dir = latent_cache_dir(config)
     key = cache_key(config, train, vae, text_encoder, tokenizer)
-    manifest = cache_dir / "manifest.json"
-    if manifest.is_file():
-        try:
-            stored = json.loads(manifest.read_text())["key"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise _unreadable_cache(cache_dir, manifest, error) from error
-        changed = [name for name in key if stored.get(name) != key[name]]
+    manifest = read_manifest(cache_dir)
+    if manifest is not None:
+        changed = [name for name in key if manifest["key"].get(name) != key[name]]
         if changed:
             raise DataError(
                 f"the latent cache at {cache_dir} is stale: it was built with different {', '.join(changed)}. "
                 "Delete that directory to rebuild it, or set data.latent_cache_dir to a new path.")
-        if accelerator.is_main_process:
-            print(f"reusing latent cache {cache_dir}")
-        try:
-            tensors = load_file(str(cache_dir / "latents.safetensors"))
-        except (SafetensorError, OSError) as error:
-            raise _unreadable_cache(cache_dir, cache_dir / "latents.safetensors", error) from error
-        check_cache_shapes(cache_dir, tensors, config, len(train.dataset), vae, text_encoder)
-        return tensors
-    if cache_dir.exists() and any(cache_dir.iterdir()):
+        if manifest["streaming"] and not manifest["complete"] and manifest["processes"] != accelerator.num_processes:
+            raise DataError(f"the latent cache at {cache_dir} is half built from a stream by "
+                            f"{manifest['processes']} process(es); finish it with that many processes, or delete "
+                            "that directory to start again")
+        if manifest["complete"]:
+            if accelerator.is_main_process:
+                print(f"reusing latent cache {cache_dir} ({manifest['cached_rows']} images)")
+            return open_latent_cache(cache_dir, manifest, cache_features(config, vae, text_encoder, tokenizer))
+    elif cache_dir.exists() and any(cache_dir.iterdir()):
         raise DataError(f"data.latent_cache_dir: {cache_dir} exists but holds no latent cache "
                         "(no manifest.json); point it at a new or empty directory")
-
-    data, resolution = config.data, config.resolution
-    sides = (False, True) if data.random_flip else (False,)
-
-    def encode_images(rows):
-        pixels = torch.stack([
-            torch.stack([image_to_tensor(open_rgb(train.dataset[r][data.image_column]), resolution, True, flip)
-                         for flip in sides])
-            for r in rows])  # (b, sides, 3, R, R)
-        dist = vae.encode(pixels.flatten(0, 1).to(vae.device, vae.dtype)).latent_dist
-        moments = torch.stack([dist.mean, dist.std], dim=1).float()  # (b*sides, 2, C, h, w)
-        return moments.unflatten(0, (len(rows), len(sides)))
-
-    moments = _encode_rows(accelerator, list(range(len(train.dataset))), encode_images, 32, "caching latents")
-    tensors = {"latent_mean": moments[:, :, 0].half().contiguous(), "latent_std": moments[:, :, 1].half().contiguous()}
+    empty_embeds = None
     if text_encoder is not None:
-        unique = sorted(set(train.captions) | {""})
-        index = {caption: i for i, caption in enumerate(unique)}
-        # Reuse the rows of `input_ids` (any row of a caption will do): no second truncation warning.
-        row_of = {caption: row for row, caption in enumerate(train.captions)}
-        empty_ids = tokenize(tokenizer, [""])[0]
-        unique_ids = torch.stack([input_ids[row_of[c]] if c in row_of else empty_ids for c in unique])
+        empty_ids = tokenize(tokenizer, [""], warn=False).to(text_encoder.device)
+        empty_embeds = text_encoder(empty_ids)[0][0].float().half().cpu()  # (L, D)
+    accelerator.wait_for_everyone()  # every process has read the directory before the main one writes
+    if manifest is None or not manifest["complete"]:
+        if manifest is None:
+            # Shards of whole 32-image batches, at least one per process: the VAE then sees the same batches
+            # at any shard size and process count, and every process has a shard to encode.
+            per_process = math.ceil(train.num_rows / accelerator.num_processes)
+            shard_size = min(config.data.cache_shard_size, ENCODE_BATCH * math.ceil(per_process / ENCODE_BATCH))
+            manifest = {"format": CACHE_FORMAT, "key": key, "shard_size": shard_size,
+                        "streaming": config.data.streaming, "processes": accelerator.num_processes,
+                        "complete": False}
+            if accelerator.is_main_process:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                if empty_embeds is not None:
+                    save_file({"empty_prompt_embeds": empty_embeds}, str(cache_dir / EMPTY_EMBEDS_FILE))
+                _write_json(cache_dir / "manifest.json", manifest)
+        elif accelerator.is_main_process:
+            for leftover in cache_dir.glob(".partial-*"):  # of a killed build: incomplete by construction
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        _encode_missing(accelerator, config, train, vae, text_encoder, tokenizer, cache_dir, manifest)
+    return open_latent_cache(cache_dir, read_manifest(cache_dir), cache_features(config, vae, text_encoder, tokenizer))
 
-        def encode_text(rows):
-            return text_encoder(unique_ids[rows].to(text_encoder.device))[0].float()
 
-        tensors["prompt_embeds"] = _encode_rows(
-            accelerator, list(range(len(unique))), encode_text, 64, "caching text embeddings").half()
-        tensors["caption_index"] = torch.tensor([index[c] for c in train.captions])
-        tensors["empty_prompt_embeds"] = tensors["prompt_embeds"][index[""]].clone()
-
-    if accelerator.is_main_process:
-        partial = cache_dir.with_name(cache_dir.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        save_file(tensors, str(partial / "latents.safetensors"))
-        (partial / "manifest.json").write_text(json.dumps({"key": key, "rows": len(train.dataset)}, indent=2))
-        if cache_dir.exists():
-            cache_dir.rmdir()  # empty, checked above
-        partial.rename(cache_dir)
-        print(f"wrote latent cache {cache_dir} ({len(train.dataset)} images)")
+def _encode_missing(accelerator, config, train, vae, text_encoder, tokenizer, cache_dir: Path, manifest) -> None:
+    shard_size, data = manifest["shard_size"], config.data
+    features = cache_features(config, vae, text_encoder, tokenizer)
+    bad = []
+    encode_rows = _encoder(config, vae, text_encoder, tokenizer, bad)
+    main = accelerator.is_main_process
+    if manifest["streaming"]:
+        accelerator.wait_for_everyone()
+        bar = tqdm(desc="caching latents (streamed)", unit="img", disable=not main, dynamic_ncols=True)
+        _encode_stream(cache_dir, accelerator, train, shard_size, encode_rows, features, data, bar, bad)
+    else:
+        names = [f"shard-{k:05d}" for k in range(math.ceil(train.num_rows / shard_size))]
+        missing = [k for k, name in enumerate(names) if not (cache_dir / name).is_dir()]
+        accelerator.wait_for_everyone()  # every process has listed the finished shards before any is added
+        rank, world = accelerator.process_index, accelerator.num_processes
+        mine = missing[len(missing) * rank // world:len(missing) * (rank + 1) // world]
+        if main and len(missing) < len(names):
+            print(f"latent cache {cache_dir}: {len(names) - len(missing)} of {len(names)} shards are done; "
+                  f"encoding the other {len(missing)}")
+        total = sum(min(train.num_rows, (k + 1) * shard_size) - k * shard_size for k in mine)
+        bar = tqdm(total=total, desc=f"caching latents ({world} process(es))", unit="img", disable=not main,
+                   dynamic_ncols=True)
+        for k in mine:
+            start, stop = k * shard_size, min(train.num_rows, (k + 1) * shard_size)
+            _encode_shard(cache_dir, names[k], train.dataset.select(range(start, stop)), start, train.captions,
+                          encode_rows, features, data, bar, bad)
+            bad.clear()
+    bar.close()
     accelerator.wait_for_everyone()
-    return tensors
+    if main:
+        names = _shard_names(cache_dir, manifest)
+        shards = [{"name": name, "rows": datasets.load_from_disk(str(cache_dir / name)).num_rows} for name in names]
+        rows = sum(shard["rows"] for shard in shards)
+        _write_json(cache_dir / "manifest.json", {**manifest, "complete": True, "shards": shards, "cached_rows": rows})
+        size = sum(path.stat().st_size for path in cache_dir.rglob("*") if path.is_file())
+        print(f"wrote latent cache {cache_dir} ({rows} images, {len(shards)} shard(s), {size / 1e6:.1f} MB)")
+    accelerator.wait_for_everyone()
+
+
+def open_latent_cache(cache_dir: Path, manifest: dict, features: datasets.Features) -> LatentCache:
+    """The finished cache, memory-mapped; a damaged shard or one that does not fit this run is named."""
+    parts = []
+    for shard in manifest["shards"]:
+        path = cache_dir / shard["name"]
+        try:
+            part = datasets.load_from_disk(str(path))
+        except (OSError, ValueError, KeyError, pa.ArrowException) as error:
+            raise _unreadable_cache(cache_dir, path, error) from error
+        if part.features != features or part.num_rows != shard["rows"]:
+            have = {name: getattr(part.features.get(name), "shape", None) for name in ("latent_mean", "prompt_embeds")}
+            want = {name: getattr(features.get(name), "shape", None) for name in ("latent_mean", "prompt_embeds")}
+            raise DataError(f"the latent cache at {cache_dir} does not fit this run: {shard['name']} holds "
+                            f"{part.num_rows} rows of {have} where the manifest says {shard['rows']} rows and this "
+                            f"run needs {want} (a shard from another run?). Delete that directory to rebuild it")
+        parts.append(part)
+    if not parts:
+        raise DataError(f"the latent cache at {cache_dir} holds no images: every image failed to decode")
+    empty = None
+    if "prompt_embeds" in features:
+        try:
+            empty = load_file(str(cache_dir / EMPTY_EMBEDS_FILE))["empty_prompt_embeds"]
+        except (SafetensorError, OSError, KeyError) as error:
+            raise _unreadable_cache(cache_dir, cache_dir / EMPTY_EMBEDS_FILE, error) from error
+    rows = datasets.concatenate_datasets(parts).with_format("numpy")
+    return LatentCache(rows=rows, empty_prompt_embeds=empty, directory=cache_dir)

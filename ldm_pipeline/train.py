@@ -13,6 +13,9 @@ therefore gives the same result at any process count and after a resume.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 import json
 import math
@@ -157,8 +160,20 @@ def restore_hyperparameters(config: Config, stage: Stage, saved_config: dict, ac
         stage.ema.decay = config.ema_decay
 
 
+def return_freed_memory() -> None:
+    """Hand the heap that start-up used and freed back to the OS. Building the tokenizer from every caption
+    and listing the data files take memory in proportion to the data set (~200 MB at 100k images); glibc
+    keeps what was freed, and the run would carry it to the end. Only glibc has malloc_trim."""
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        gc.collect()
+        trim(0)
+
+
 def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
     """Run `stage` to `max_train_steps` optimizer steps, resuming from a checkpoint if asked."""
+    return_freed_memory()
     accum = accelerator.gradient_accumulation_steps
     progress_state = Progress()
     checkpoint = find_resume_checkpoint(config, stage.checkpoint_prefix)
@@ -589,16 +604,18 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
         if config.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
 
-    input_ids = data_lib.tokenize(tokenizer, train.captions)
-    empty_ids = data_lib.tokenize(tokenizer, [""])[0]
-    rows, heldout = data_lib.split_heldout(len(train.dataset), config.validation.num_heldout, config.seed)
-    if config.data.cache_latents:
-        frozen_text = None if config.train_text_encoder else text_encoder
-        tensors = data_lib.build_latent_cache(accelerator, config, train, input_ids, vae, frozen_text, tokenizer)
-        dataset = data_lib.LatentDataset(tensors, input_ids, rows, config.data.random_flip)
-        heldout_set = data_lib.LatentDataset(tensors, input_ids, heldout, random_flip=False)
-        empty_embeds = tensors.get("empty_prompt_embeds")
+    data_lib.warn_truncated(tokenizer, train.captions)
+    empty_ids = data_lib.tokenize(tokenizer, [""], warn=False)[0]
+    if config.data.cache_latents:  # memory-mapped: only the rows of a batch are ever read into RAM
+        cache = data_lib.build_latent_cache(accelerator, config, train, vae, cached_text_encoder(config, text_encoder),
+                                            tokenizer)
+        rows, heldout = data_lib.split_heldout(len(cache.rows), config.validation.num_heldout, config.seed)
+        dataset = data_lib.LatentDataset(cache, rows, config.data.random_flip)
+        heldout_set = data_lib.LatentDataset(cache, heldout, random_flip=False)
+        empty_embeds = cache.empty_prompt_embeds
     else:
+        input_ids = data_lib.TokenIds(tokenizer, train.captions)  # tokenized per sample, not held for all rows
+        rows, heldout = data_lib.split_heldout(train.num_rows, config.validation.num_heldout, config.seed)
         dataset = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, rows)
         heldout_config = type(config.data)(**{**vars(config.data), "random_flip": False})
         heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_config, config.resolution, heldout)
@@ -732,7 +749,7 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
         full = {m: m if m.dtype == torch.float32 else m.to(torch.float32)
                 for m in (vae, accelerator.unwrap_model(text_encoder), unet)}
         grid = Path(config.output_dir) / "samples" / "final.png"
-        card = training_card(config, num_images=len(train.dataset), num_heldout=len(heldout_set),
+        card = training_card(config, num_images=len(dataset) + len(heldout_set), num_heldout=len(heldout_set),
                              num_processes=accelerator.num_processes, metrics=final_metrics, sample_grid=grid.is_file(),
                              parameters={"unet": unet.num_parameters(), "vae": vae.num_parameters(),
                                          "text_encoder": accelerator.unwrap_model(text_encoder).num_parameters()})
@@ -821,7 +838,7 @@ def run_text_components(config: Config, train: data_lib.TrainData):
 
 def run_data_record(train: data_lib.TrainData) -> dict:
     captions = hashlib.sha256("\n".join(train.captions).encode()).hexdigest()[:16]
-    return {"num_examples": len(train.dataset), "captions": captions, "fingerprint": train.fingerprint}
+    return {"num_examples": train.num_rows, "captions": captions, "fingerprint": train.fingerprint}
 
 
 def save_run_text_components(config: Config, train: data_lib.TrainData, tokenizer, text_encoder) -> None:
@@ -833,6 +850,46 @@ def save_run_text_components(config: Config, train: data_lib.TrainData, tokenize
         save(partial)
         replace_directory(partial, out / name)
     (out / RUN_DATA_FILE).write_text(json.dumps(run_data_record(train), indent=2))
+
+
+def needs_image_check(config: Config) -> bool:
+    """Whether images are checked before training: always when they are decoded in the loop (or by the VAE
+    stage); with the latent cache alone, the cache build decodes each image once and checks it there."""
+    return not config.data.cache_latents or "vae" in config.stages
+
+
+def cached_text_encoder(config: Config, text_encoder):
+    """The text encoder whose outputs the latent cache holds, or None (it is trained, or not cached)."""
+    return None if config.train_text_encoder or not config.data.cache_text_embeddings else text_encoder
+
+
+def build_cache(config: Config) -> Path:
+    """`ldm-pipeline cache`: build (or finish) the latent cache a training run with this config would use,
+    on every process of `accelerate launch`, and stop. The VAE and text encoder are the ones the run would
+    encode with: its finished VAE (<output_dir>/vae), else model.vae; the run's text components."""
+    accelerator = build_accelerator(config)
+    set_seed(config.seed)
+    vae_dir = Path(config.output_dir) / "vae"
+    if "vae" in config.stages and not (vae_dir / "config.json").is_file():
+        raise ConfigError(f"stages: {config.stages} trains a VAE first, and the cache holds that VAE's latents: "
+                          "run the vae stage before caching (or train; with data.cache_latents it builds the "
+                          "cache itself), or set model.vae to a finished VAE and stages: [unet]")
+    ensure_shapes_data(accelerator, config)
+    with accelerator.main_process_first():
+        train_data = data_lib.load_train_data(config, check_images=False)
+    if "vae" in config.stages:  # the rows the run will cache: it checked its images for the VAE stage
+        train_data = data_lib.check_train_images(train_data, config.data, accelerator)
+    tokenizer, text_encoder, _ = run_text_components(config, train_data)
+    vae = load_trained_vae(vae_dir) if (vae_dir / "config.json").is_file() else \
+        seeded(config.seed, "vae", lambda: build_vae(config.model))
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
+    text_encoder.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
+    data_lib.warn_truncated(tokenizer, train_data.captions)
+    cache = data_lib.build_latent_cache(accelerator, config, train_data, vae,
+                                        cached_text_encoder(config, text_encoder), tokenizer)
+    accelerator.print(f"latent cache ready: {cache.directory} ({len(cache.rows)} images)")
+    return cache.directory
 
 
 def describe_run(config: Config, accelerator: Accelerator, components: dict, num_examples: int | None) -> str:
@@ -860,7 +917,7 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
     if dry_run:  # everything a run checks before writing, without writing
         if config.data.train_data_dir and Path(config.data.train_data_dir).is_dir() or config.data.dataset_name:
             train_data = data_lib.load_train_data(config)
-            captions_source, num_examples = train_data.captions, len(train_data.dataset)
+            captions_source, num_examples = train_data.captions, train_data.num_rows
         else:  # validation allows only the shapes data to be absent: it is made on the first run
             from .shapes import all_captions
 
@@ -885,12 +942,14 @@ def train_stages(accelerator: Accelerator, config: Config) -> Path | None:
     check_output_dir(config, accelerator.num_processes)
     ensure_shapes_data(accelerator, config)
     with accelerator.main_process_first():  # the first load writes datasets' cache; others reuse it
-        train_data = data_lib.load_train_data(config)
+        train_data = data_lib.load_train_data(config, check_images=False)
+    if needs_image_check(config):  # each process decodes its share; else the cache build checks them
+        train_data = data_lib.check_train_images(train_data, config.data, accelerator)
     tokenizer, text_encoder, built = run_text_components(config, train_data)
     for component in ("vae", "unet"):  # a missing or pickle-only model directory fails here, not mid-run
         resolve_source(config.model, component)
     vae = seeded(config.seed, "vae", lambda: build_vae(config.model))
-    check_sizes(config, vae, len(train_data.dataset), accelerator.num_processes)
+    check_sizes(config, vae, train_data.num_rows, accelerator.num_processes)
     prepare_output_dir(accelerator, config)  # after the checks; overwrite_output_dir clears vae/ here
     if built and accelerator.is_main_process:
         save_run_text_components(config, train_data, tokenizer, text_encoder)
@@ -901,8 +960,8 @@ def train_stages(accelerator: Accelerator, config: Config) -> Path | None:
         vae = load_trained_vae(vae_dir)
     accelerator.print(f"text_encoder: {text_encoder.num_parameters() / 1e6:.2f}M parameters, "
                       f"vae: {vae.num_parameters() / 1e6:.2f}M parameters, "
-                      f"{len(train_data.dataset)} training images")
-    accelerator.print(describe_run(config, accelerator, {}, len(train_data.dataset)))
+                      f"{train_data.num_rows} training images")
+    accelerator.print(describe_run(config, accelerator, {}, train_data.num_rows))
 
     if "vae" in config.stages:
         vae = train_vae_stage(accelerator, config, train_data, vae)

@@ -435,21 +435,27 @@ def cached_run(tmp_path_factory):
 
 
 def _swap_latents(path):
-    tensors = load_file(path)
-    tensors["latent_mean"] = torch.cat([tensors["latent_mean"]] * 2)  # another run's data set, twice as big
-    save_file(tensors, path)
+    import datasets
+
+    doubled = datasets.concatenate_datasets([datasets.load_from_disk(str(path))] * 2)  # another run's shard
+    doubled.save_to_disk(str(path.with_name("other")))
+    shutil.rmtree(path)
+    path.with_name("other").rename(path)
+
+
+SHARD = "latent_cache/shard-00000"
 
 
 @pytest.mark.parametrize("name, damage, message", [
     ("vae/diffusion_pytorch_model.safetensors", _random_bytes, r"{out}/vae holds a damaged VAE \(.*Delete that folder "
                                                                "to train the VAE again"),
     ("vae/config.json", _truncated, "{out}/vae holds a damaged VAE"),
-    ("latent_cache/latents.safetensors", _random_bytes, "the latent cache at {out}/latent_cache is damaged: "
-                                                        "latents.safetensors cannot be read .*Delete that directory"),
+    (f"{SHARD}/data-00000-of-00001.arrow", _random_bytes, "the latent cache at {out}/latent_cache is damaged: "
+                                                          "shard-00000 cannot be read .*Delete that directory"),
     ("latent_cache/manifest.json", _truncated, "the latent cache at {out}/latent_cache is damaged: manifest.json"),
-    ("latent_cache/latents.safetensors", _swap_latents,
-     r"the latent cache at {out}/latent_cache does not fit this run's 16 images: latent_mean \(32, 1, 4, 4, 4\) "
-     r"instead of \(16, 1, 4, 4, 4\) \(a file from another run\?\). Delete that directory"),
+    (SHARD, _swap_latents, r"the latent cache at {out}/latent_cache does not fit this run: shard-00000 holds 32 "
+                           r"rows .* where the manifest says 16 rows .*\(a shard from another run\?\). Delete that "
+                           "directory"),
 ])
 def test_a_damaged_vae_or_latent_cache_is_named_with_the_way_out(cached_run, tmp_path, capsys, name, damage, message):
     out = shutil.copytree(cached_run / "out", tmp_path / "out")

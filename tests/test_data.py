@@ -124,39 +124,44 @@ def _cache_parts(tmp_path, data_dir, **overrides):
 def test_latent_cache_is_reused_and_refuses_stale(tmp_path, caption_folder, capsys):
     accelerator = Accelerator(cpu=True)
     config, train, tokenizer, text_encoder, vae = _cache_parts(tmp_path, caption_folder)
-    ids = data_lib.tokenize(tokenizer, train.captions)
-    tensors = data_lib.build_latent_cache(accelerator, config, train, ids, vae, text_encoder, tokenizer)
-    cache = tmp_path / "out" / "latent_cache"
-    assert (cache / "manifest.json").is_file()
-    assert tensors["latent_mean"].shape == (16, 1, 4, 4, 4)  # (rows, orientations, C, h, w)
-    assert tensors["prompt_embeds"].shape[0] == len(set(train.captions) | {""})
+    cache = data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+    directory = tmp_path / "out" / "latent_cache"
+    assert (directory / "manifest.json").is_file() and cache.directory == directory
+    rows = cache.rows[:]
+    assert rows["latent_mean"].shape == (16, 1, 4, 4, 4)  # (rows, orientations, C, h, w)
+    assert rows["prompt_embeds"].shape == (16, tokenizer.model_max_length, text_encoder.config.hidden_size)
+    assert rows["row"].tolist() == list(range(16))
+    assert torch.equal(torch.from_numpy(rows["input_ids"]).long(), data_lib.tokenize(tokenizer, train.captions))
     expected = vae.encode(data_lib.image_to_tensor(data_lib.open_rgb(train.dataset[0]["image"]), 32)[None])
-    assert torch.allclose(tensors["latent_mean"][0, 0].float(), expected.latent_dist.mean[0], atol=1e-2)
+    assert torch.allclose(torch.from_numpy(rows["latent_mean"][0, 0]).float(), expected.latent_dist.mean[0], atol=1e-2)
+    assert cache.empty_prompt_embeds.shape == rows["prompt_embeds"].shape[1:]
 
-    mtime = (cache / "latents.safetensors").stat().st_mtime_ns
-    again = data_lib.build_latent_cache(accelerator, config, train, ids, vae, text_encoder, tokenizer)
+    shard = directory / "shard-00000" / "data-00000-of-00001.arrow"
+    mtime = shard.stat().st_mtime_ns
+    again = data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
     assert "reusing latent cache" in capsys.readouterr().out
-    assert (cache / "latents.safetensors").stat().st_mtime_ns == mtime
-    assert torch.equal(again["latent_mean"], tensors["latent_mean"])
+    assert shard.stat().st_mtime_ns == mtime
+    assert (again.rows[:]["latent_mean"] == rows["latent_mean"]).all()
 
     with torch.no_grad():
         vae.decoder.conv_out.bias += 0.1
         vae.encoder.conv_out.bias += 0.1  # different VAE weights
     with pytest.raises(data_lib.DataError, match="stale.*different vae.*Delete that directory"):
-        data_lib.build_latent_cache(accelerator, config, train, ids, vae, text_encoder, tokenizer)
-    assert (cache / "latents.safetensors").stat().st_mtime_ns == mtime  # nothing overwritten
+        data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+    assert shard.stat().st_mtime_ns == mtime  # nothing overwritten
 
 
 def test_latent_cache_with_flips_stores_both_orientations(tmp_path, caption_folder):
     accelerator = Accelerator(cpu=True)
     config, train, tokenizer, _, vae = _cache_parts(tmp_path, caption_folder, data__random_flip=True)
-    ids = data_lib.tokenize(tokenizer, train.captions)
-    tensors = data_lib.build_latent_cache(accelerator, config, train, ids, vae, None, tokenizer)
+    cache = data_lib.build_latent_cache(accelerator, config, train, vae, None, tokenizer)
     image = data_lib.open_rgb(train.dataset[1]["image"])
     mirrored = vae.encode(data_lib.image_to_tensor(image, 32, flip=True)[None]).latent_dist.mean[0]
-    assert tensors["latent_mean"].shape[1] == 2
-    assert torch.allclose(tensors["latent_mean"][1, 1].float(), mirrored, atol=1e-2)
-    assert "prompt_embeds" not in tensors  # text encoder trained: its outputs are not cached
+    means = cache.rows[1]["latent_mean"]
+    assert means.shape[0] == 2
+    assert torch.allclose(torch.from_numpy(means[1]).float(), mirrored, atol=1e-2)
+    assert "prompt_embeds" not in cache.rows.column_names  # text encoder trained: its outputs are not cached
+    assert cache.empty_prompt_embeds is None
     key = json.loads((tmp_path / "out" / "latent_cache" / "manifest.json").read_text())["key"]
     assert key["random_flip"] is True and key["text_encoder"] is None
 
@@ -168,6 +173,37 @@ def test_cache_dir_with_foreign_files_is_not_touched(tmp_path, caption_folder):
     cache.mkdir(parents=True)
     (cache / "notes.txt").write_text("mine")
     with pytest.raises(data_lib.DataError, match="holds no latent cache"):
-        data_lib.build_latent_cache(accelerator, config, train, data_lib.tokenize(tokenizer, train.captions), vae,
-                                    text_encoder, tokenizer)
+        data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
     assert (cache / "notes.txt").read_text() == "mine"
+
+
+def test_a_cache_of_the_old_format_is_refused_with_the_way_out(tmp_path, caption_folder):
+    accelerator = Accelerator(cpu=True)
+    config, train, tokenizer, text_encoder, vae = _cache_parts(tmp_path, caption_folder)
+    cache = tmp_path / "out" / "latent_cache"
+    cache.mkdir(parents=True)
+    (cache / "manifest.json").write_text(json.dumps({"key": {"vae": "0"}, "rows": 16}))
+    (cache / "latents.safetensors").write_bytes(b"old")
+    with pytest.raises(data_lib.DataError, match="older version.*delete that directory to rebuild it"):
+        data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+    assert (cache / "latents.safetensors").read_bytes() == b"old"
+
+
+def test_images_are_checked_by_their_shard_once_and_bad_ones_skipped_or_named(tmp_path, caption_folder, monkeypatch):
+    (caption_folder / "003.png").write_bytes(b"this is not a png")
+    accelerator = Accelerator(cpu=True)
+    config, _, tokenizer, text_encoder, vae = _cache_parts(tmp_path, caption_folder, data__on_bad_image="skip",
+                                                            data__cache_shard_size=5)
+    train = data_lib.load_train_data(config, check_images=False)  # as a cached run loads it: nothing decoded yet
+    decoded, open_rgb = [], data_lib.open_rgb
+    monkeypatch.setattr(data_lib, "open_rgb", lambda value: decoded.append(value["path"]) or open_rgb(value))
+    cache = data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+    assert sorted(decoded) == sorted(train.dataset["image"][i]["path"] for i in range(16))  # each image once
+    assert cache.rows[:]["row"].tolist() == [r for r in range(16) if r != 3]
+    manifest = json.loads((tmp_path / "out" / "latent_cache" / "manifest.json").read_text())
+    assert [shard["rows"] for shard in manifest["shards"]] == [4, 5, 5, 1]
+
+    config = tiny_config(tmp_path / "strict", caption_folder, data__cache_latents=True, data__cache_shard_size=5)
+    with pytest.raises(data_lib.DataError, match=r"rows 0-4: 1 image\(s\) failed to decode \(.*003.png.*"
+                                                 "on_bad_image: skip"):
+        data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)

@@ -127,7 +127,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
 def test_console_script_lists_every_command_without_loading_torch():
     result = subprocess.run([sys.executable, "-m", "ldm_pipeline.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("generate", "evaluate", "make-shapes", "train", "export", "demo"):
+    for command in ("generate", "evaluate", "make-shapes", "train", "cache", "export", "demo"):
         assert command in result.stdout
     # --help must answer at once: torch, diffusers & co. take seconds to import, so only the commands do.
     code = ("import sys\nfrom ldm_pipeline.cli import build_parser\nbuild_parser().format_help()\n"
