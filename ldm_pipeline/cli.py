@@ -109,8 +109,8 @@ def cmd_evaluate(args) -> int:
 def cmd_make_shapes(args) -> int:
     from .shapes import make_shapes
 
-    path = make_shapes(args.out, args.num_images, args.resolution, args.seed, args.holdout or ())
-    print(f"wrote {args.num_images} images and metadata.jsonl to {path}")
+    path = make_shapes(args.out, args.num_images, args.resolution, args.seed, args.holdout or (), args.background)
+    print(f"wrote {args.num_images} images ({args.background} background) and metadata.jsonl to {path}")
     return 0
 
 
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--holdout", action="append", metavar="CAPTION",
                         help='a caption never drawn, e.g. "a red circle in the top left" (repeatable)')
+    shapes.add_argument("--background", default="white",
+                        help="white (the default) or dark; the captions are the same on either")
     shapes.set_defaults(run=cmd_make_shapes)
 
     tr = commands.add_parser("train", help="train in this process (for several, use accelerate launch train.py)",

@@ -778,7 +778,7 @@ def ensure_shapes_data(accelerator: Accelerator, config: Config) -> None:
         from .shapes import make_shapes
 
         print(f"making {shapes.num_images} synthetic shapes images in {root}")
-        make_shapes(root, shapes.num_images, config.resolution, shapes.seed, shapes.holdout)
+        make_shapes(root, shapes.num_images, config.resolution, shapes.seed, shapes.holdout, shapes.background)
     accelerator.wait_for_everyone()
 
 
