@@ -466,8 +466,9 @@ def _validate_lora(c: Config) -> None:
     _require(bool(lora.target_modules), "lora.target_modules: give at least one UNet module name, e.g. "
              f"{UNET_LORA_TARGETS}")
     _require(bool(model.pretrained_model_name_or_path),
-             f"lora.rank: {lora.rank} trains adapters for a pretrained pipeline; set model.pretrained_model_name_or_path "
-             "to its directory or hub id (e.g. outputs/shapes/pipeline), or lora.rank: 0 to train a whole UNet")
+             f"lora.rank: {lora.rank} trains adapters for a pretrained pipeline; set "
+             "model.pretrained_model_name_or_path to its directory or hub id (e.g. outputs/shapes/pipeline), or "
+             "lora.rank: 0 to train a whole UNet")
     for key in ("unet", "vae", "text_encoder", "tokenizer"):
         _require(getattr(model, key) is None,
                  f"model.{key}: {getattr(model, key)!r} is set, but with lora.rank > 0 every component comes from "

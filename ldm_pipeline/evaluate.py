@@ -264,7 +264,7 @@ def check_shapes_tokenizer(tokenizer, model) -> None:
 
 def evaluate_model(model, seeds_per_prompt: int = 2, num_inference_steps: int | None = None,
                    guidance_scale: float | None = None, batch_size: int = 30, psnr_images: int = 256,
-                   device=None, first_seed: int = 1000) -> dict:
+                   device=None, first_seed: int = 1000, lora=None) -> dict:
     """Score a pipeline trained on shapes: adherence over the 90-caption grid plus the VAE's PSNR on
     held-out shapes images. Returns score_images' report with "vae_psnr_db" and the settings added.
 
@@ -273,7 +273,8 @@ def evaluate_model(model, seeds_per_prompt: int = 2, num_inference_steps: int | 
     from .pipeline import generate, load_pipeline, process_state  # heavy; only this function needs it
 
     state = process_state()
-    pipe = load_pipeline(model, device=device or state.device)
+    pipe = load_pipeline(model, device=device or state.device, lora=lora)
+    model = pipe.name_or_path
     check_shapes_tokenizer(pipe.tokenizer, model)
     prompts, seeds = evaluation_prompts(seeds_per_prompt, first_seed)
     images = generate(pipe, prompts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -283,7 +284,8 @@ def evaluate_model(model, seeds_per_prompt: int = 2, num_inference_steps: int | 
     report["vae_psnr_db"] = vae_psnr(pipe.vae, [image for image, _ in heldout_images(resolution, psnr_images)],
                                      batch_size=batch_size)
     used = images[0].info["parameters"]  # what generate resolved from the model's defaults
-    report["settings"] = {"model": str(model), "seeds_per_prompt": seeds_per_prompt, "first_seed": first_seed,
+    report["settings"] = {"model": str(model), **({"lora": str(lora)} if lora is not None else {}),
+                          "seeds_per_prompt": seeds_per_prompt, "first_seed": first_seed,
                           "resolution": resolution,
                           "psnr_images": psnr_images,
                           **{key: used[key] for key in ("num_inference_steps", "guidance_scale", "scheduler")}}
