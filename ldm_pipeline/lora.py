@@ -58,8 +58,8 @@ def check_targets(model: ModelConfig, settings: LoraConfig) -> None:
     names = [name for name, _ in unet.named_modules()]
     missing = [t for t in settings.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        layers = sorted({name.rsplit(".", 1)[-1] for name, module in unet.named_modules()
-                         if isinstance(module, torch.nn.Linear) and "attn" in name})
+        layers = sorted({name for module in unet.modules() if type(module).__name__ == "Attention"
+                         for name, layer in module.named_modules() if isinstance(layer, torch.nn.Linear)})
         raise ConfigError(f"lora.target_modules: {missing} name no layer of the UNet of {source.describe()}; its "
                           f"attention layers end in {layers} (the default is {LoraConfig().target_modules})")
 
