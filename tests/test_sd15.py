@@ -123,8 +123,8 @@ def test_a_copy_without_safety_checker_or_feature_extractor_loads(sd_root, tmp_p
 @pytest.mark.parametrize("remove, variant, message", [
     ("*.fp16.safetensors", "fp16", r"unet has no fp16 variant weights \(\*.fp16.safetensors; model.variant: fp16\), "
                                    r"only diffusion_pytorch_model.safetensors; remove model.variant"),
-    ("diffusion_pytorch_model.safetensors", None, r"unet holds only fp16 variant weights "
-                                                  r"\(diffusion_pytorch_model.fp16.safetensors\); set model.variant: fp16"),
+    ("diffusion_pytorch_model.safetensors", None,
+     r"unet holds only fp16 variant weights \(diffusion_pytorch_model.fp16.safetensors\); set model.variant: fp16"),
     ("*.safetensors", None, r"unet holds only pickled weights \(diffusion_pytorch_model.bin\), which can run code"),
 ])
 def test_missing_weight_files_are_named_with_the_way_out(sd_root, tmp_path, remove, variant, message):
