@@ -40,12 +40,38 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def text_encoder_peft_problem() -> str | None:
+    """Why the installed libraries cannot give the text encoder adapters, or None. transformers adds them (and
+    diffusers' load_lora_weights reads them back) through its own peft integration, which refuses a peft older
+    than it was written for."""
+    from importlib.metadata import version
+
+    import transformers
+    from packaging.version import Version
+
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+    except ImportError:  # a transformers without the constant: nothing to check
+        return None
+    if Version(version("peft")) >= Version(MIN_PEFT_VERSION):
+        return None
+    return (f"transformers {transformers.__version__} gives the text encoder adapters, and diffusers' "
+            f"load_lora_weights reads them back, only with peft >= {MIN_PEFT_VERSION}; peft {version('peft')} is "
+            "installed")
+
+
 def check_targets(model: ModelConfig, settings: LoraConfig) -> None:
     """Refuse `lora.target_modules` the base UNet lacks, before a run writes anything: the UNet is built from its
-    config on the meta device (no weights are read). peft matches a target against the end of module names."""
+    config on the meta device (no weights are read). peft matches a target against the end of module names.
+    Text-encoder adapters are refused where the installed peft cannot make them."""
     from diffusers import UNet2DConditionModel
 
     from .models import resolve_source
+
+    problem = text_encoder_peft_problem() if settings.train_text_encoder else None
+    if problem:
+        raise ConfigError(f"lora.train_text_encoder: {problem}. Upgrade peft (pip install -U peft), or set "
+                          "lora.train_text_encoder: false (UNet adapters only)")
 
     source = resolve_source(model, "unet")
     try:

@@ -201,6 +201,10 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
         for batch in batches:
             generators = sample_generators(config.seed, state.windows * accum + micro,
                                            range(first_sample, first_sample + stage.batch_size))
+            # Randomness inside the models (a LoRA's dropout) draws from torch's global generator: seed it from
+            # the micro-step too, so a resume repeats it (at the same process count; its masks are per process).
+            torch.manual_seed(sample_generators(config.seed, state.windows * accum + micro,
+                                                [f"process{accelerator.process_index}"])[0].initial_seed())
             micro += 1
             with accelerator.accumulate(*stage.models):
                 loss = stage.compute_loss(batch, generators)
