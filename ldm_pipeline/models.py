@@ -166,9 +166,9 @@ def _from_pretrained(cls, source: Source, key: str, **kwargs):
 
 
 def _weights(model: ModelConfig) -> dict:
-    """How pretrained weights are read: safetensors only, the configured variant, as float32 (the training
-    copy; a fp16 variant is upcast, mixed precision casts the frozen components itself)."""
-    return dict(use_safetensors=True, variant=model.variant, dtype=torch.float32)
+    """Which pretrained weights are read: the configured variant, as float32 (the training copy; a fp16 variant
+    is upcast, mixed precision casts the frozen components itself)."""
+    return dict(variant=model.variant, dtype=torch.float32)
 
 
 def _preset(component: str, name: str, overrides: dict) -> dict:
@@ -190,7 +190,7 @@ def load_tokenizer(model: ModelConfig, captions: Callable[[], list[str]]) -> CLI
 def build_text_encoder(model: ModelConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
     source = resolve_source(model, "text_encoder")
     if source.path:
-        encoder = _from_pretrained(CLIPTextModel, source, "model.text_encoder", **_weights(model))
+        encoder = _from_pretrained(CLIPTextModel, source, "model.text_encoder", use_safetensors=True, **_weights(model))
     else:
         kwargs = _preset("text_encoder", source.preset, model.text_encoder_kwargs)
         kwargs.setdefault("vocab_size", len(tokenizer))
@@ -212,7 +212,7 @@ def build_text_encoder(model: ModelConfig, tokenizer: CLIPTokenizer) -> CLIPText
 def build_vae(model: ModelConfig) -> AutoencoderKL:
     source = resolve_source(model, "vae")
     if source.path:
-        return _from_pretrained(AutoencoderKL, source, "model.vae", **_weights(model))
+        return _from_pretrained(AutoencoderKL, source, "model.vae", use_safetensors=True, **_weights(model))
     kwargs = _preset("vae", source.preset, model.vae_kwargs)
     blocks = len(kwargs["block_out_channels"])
     kwargs.setdefault("down_block_types", ("DownEncoderBlock2D",) * blocks)
@@ -228,7 +228,7 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
 def build_unet(model: ModelConfig, resolution: int, vae: AutoencoderKL, text_encoder: CLIPTextModel):
     source = resolve_source(model, "unet")
     if source.path:
-        unet = _from_pretrained(UNet2DConditionModel, source, "model.unet", **_weights(model))
+        unet = _from_pretrained(UNet2DConditionModel, source, "model.unet", use_safetensors=True, **_weights(model))
     else:
         kwargs = _preset("unet", source.preset, model.unet_kwargs)
         kwargs.setdefault("sample_size", resolution // vae_scale_factor(vae))

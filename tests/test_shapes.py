@@ -195,10 +195,10 @@ def test_make_shapes_dark_draws_the_same_shapes_and_captions_on_a_dark_backgroun
     from ldm_pipeline.cli import main as cli
     from ldm_pipeline.evaluate import score_images
 
-    assert cli(["make-shapes", "--out", str(tmp_path / "dark"), "--num-images", "30", "--resolution", "32",
+    assert cli(["make-shapes", "--out", str(tmp_path / "dark"), "--num-images", "30", "--resolution", "64",
                 "--seed", "3", "--background", "dark"]) == 0
     assert "30 images (dark background)" in capsys.readouterr().out
-    white, dark = make_shapes(tmp_path / "white", 30, resolution=32, seed=3), tmp_path / "dark"
+    white, dark = make_shapes(tmp_path / "white", 30, resolution=64, seed=3), tmp_path / "dark"
     rows = read_metadata(dark)
     assert [row["text"] for row in rows] == [row["text"] for row in read_metadata(white)]  # parseable as before
     assert {row["background"] for row in rows} == {"dark"}
