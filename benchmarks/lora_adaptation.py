@@ -1,9 +1,13 @@
 """LoRA adaptation, measured: teach a trained shapes model a new style (shapes on a dark background) with a LoRA,
 then check that it draws the style and still draws what the prompt asks for.
 
-    python benchmarks/lora_adaptation.py --base outputs/shapes/pipeline [--workdir DIR] [--steps 300]
-                                         [--rank 8] [--images 1500] [--seeds-per-prompt 2] [--speed-steps 30]
+    python benchmarks/lora_adaptation.py [--base DIR] [--workdir DIR] [--steps 300] [--rank 8] [--images 1500]
+                                         [--seeds-per-prompt 2] [--speed-steps 30]
 
+0. The base. A LoRA adapts the UNet (and text encoder); the VAE stays, so it must already be able to draw the
+   style. The main command's VAE has only seen white backgrounds and cannot (step 5 measures it), so without
+   --base the base is made by the main command's recipe (train_configs/shapes.yaml) with one change: its VAE
+   stage trains on white and dark shapes alike (its UNet only ever sees white ones). Reused from --workdir.
 1. `make-shapes --background dark`: shapes drawn on a dark background, captioned as before.
 2. A LoRA run on them (`lora.rank`, adapters on the UNet's attention projections; the base stays frozen), at the
    base's resolution and sampling settings; seconds per optimizer step are timed (the first step left out).
@@ -11,7 +15,8 @@ then check that it draws the style and still draws what the prompt asks for.
 4. `evaluate` of the base and of base + LoRA at the base's settings (90 prompts x seeds): the fraction of
    images whose background is dark (the median luminance of the 2-pixel border below 128 of 255) and the
    checker's color / shape / position accuracy (which reads shapes on either background).
-5. The adapter's file size next to the base UNet's.
+5. The adapter's file size next to the base UNet's, and the base VAE's reconstructions of dark shapes (PSNR, the
+   fraction read as dark, the checker's accuracy): what the LoRA can reach at best.
 
 Prints a table, the targets met, and the machine; writes <workdir>/lora_adaptation.json.
 """
@@ -20,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
+import shutil
 import sys
 import tempfile
 import time
@@ -34,9 +42,11 @@ sys.path[:0] = [str(ROOT), str(BENCHMARKS)]
 from sd512_cpu import measure_stages  # noqa: E402
 from shapes_benchmark import cpu_description  # noqa: E402
 
-from ldm_pipeline.config import config_from_dict  # noqa: E402
+from ldm_pipeline.config import config_from_dict, load_config  # noqa: E402
 from ldm_pipeline.lora import WEIGHTS_NAME  # noqa: E402
-from ldm_pipeline.shapes import all_captions, make_shapes  # noqa: E402
+from ldm_pipeline.shapes import all_captions, balanced_combinations, caption, draw_shape, make_shapes  # noqa: E402
+
+SHAPES_CONFIG = ROOT / "train_configs" / "shapes.yaml"
 
 TARGETS = {"lora_dark": 0.90, "adherence_drop": 0.05}  # issue 11: >= 90% dark; each accuracy within 5 points
 
@@ -57,9 +67,63 @@ def run_config(base: Path, data_dir: Path, out: Path, steps: int, defaults: dict
     return config
 
 
+def mixed_folder(out: Path, num_images: int) -> Path:
+    """Half white, half dark shapes in one captioned image folder (the files hard-linked, not copied)."""
+    if out.exists():
+        return out
+    parts = {bg: make_shapes(out.with_name(f"{out.name}-{bg}"), num_images // 2, 64, seed, background=bg)
+             for bg, seed in (("white", 0), ("dark", 2))}
+    partial = out.with_name(out.name + ".tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    with open(partial / "metadata.jsonl", "w") as metadata:
+        for background, part in parts.items():
+            for line in (part / "metadata.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                name = f"{background}-{row['file_name']}"
+                os.link(part / row["file_name"], partial / name)
+                metadata.write(json.dumps({**row, "file_name": name}) + "\n")
+    partial.rename(out)
+    return out
+
+
+def build_base(work: Path) -> Path:
+    """train_configs/shapes.yaml in two runs: the vae stage on white and dark shapes, then the unet stage on white
+    ones with that VAE. Returns the pipeline (reused when it exists)."""
+    from ldm_pipeline.train import train
+
+    pipeline = work / "base_unet" / "pipeline"
+    if (pipeline / "model_index.json").is_file():
+        return pipeline
+    mixed = mixed_folder(work / "data_mixed", 6000)
+    train(load_config(SHAPES_CONFIG, [f"data.train_data_dir={mixed}", "data.make_shapes=null",
+                                      f"output_dir={work / 'base_vae'}", "stages=[vae]"]))
+    return train(load_config(SHAPES_CONFIG, [f"data.train_data_dir={work / 'data_white'}",
+                                             f"output_dir={work / 'base_unet'}", "stages=[unet]",
+                                             f"model.vae={work / 'base_vae' / 'vae'}"]))
+
+
+def vae_on_dark(base: Path, resolution: int, count: int = 90) -> dict:
+    """The base VAE's reconstructions of fresh dark shapes: what any UNet adapter can draw at best."""
+    from diffusers import AutoencoderKL
+
+    from ldm_pipeline.evaluate import _to_tensor, psnr, score_images, to_pil
+
+    rng = random.Random(12345)
+    combos = balanced_combinations(count, rng)
+    pixels = _to_tensor([draw_shape(c, s, p, resolution, rng, "dark") for c, s, p in combos])
+    vae = AutoencoderKL.from_pretrained(base / "vae", use_safetensors=True)
+    with torch.no_grad():
+        reconstructions = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+    report = score_images(to_pil(reconstructions), [caption(*combo) for combo in combos])
+    return {"psnr_db": psnr(pixels, reconstructions), "dark_background_fraction": report["dark_background_fraction"],
+            **{f"{field}_accuracy": report[f"{field}_accuracy"] for field in ("color", "shape", "position")}}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="outputs/shapes/pipeline", help="a pipeline trained on shapes")
+    parser.add_argument("--base", default=None, help="a pipeline trained on shapes (default: made in --workdir, "
+                        "see step 0)")
     parser.add_argument("--workdir", default=None, help="where data and runs go (default: a temporary folder)")
     parser.add_argument("--images", type=int, default=1500, help="dark-background training images")
     parser.add_argument("--steps", type=int, default=300, help="LoRA optimizer steps (batch 32)")
@@ -74,23 +138,27 @@ def main(argv=None) -> int:
     from ldm_pipeline.pipeline import DEFAULTS_FILE
     from ldm_pipeline.train import set_cpu_threads
 
-    base = Path(args.base).resolve()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lora_adaptation-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        set_cpu_threads(load_config(SHAPES_CONFIG))
+    base = Path(args.base).resolve() if args.base else build_base(work)
     if not (base / DEFAULTS_FILE).is_file():
         parser.error(f"--base {base}: not a pipeline trained here (no {DEFAULTS_FILE}); train one with "
                      "`accelerate launch train.py --config train_configs/shapes.yaml`")
     defaults = json.loads((base / DEFAULTS_FILE).read_text())
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="lora_adaptation-"))
     data_dir = work / "data_dark"
     if not data_dir.exists():
         make_shapes(data_dir, args.images, defaults["resolution"], seed=1, background="dark")
+    vae_check = vae_on_dark(base, defaults["resolution"])
 
+    for run in ("lora_run", "full_run"):  # results of an earlier call with other settings
+        shutil.rmtree(work / run, ignore_errors=True)
     lora_config = config_from_dict(run_config(base, data_dir, work / "lora_run", args.steps, defaults,
                                               learning_rate=args.learning_rate,
                                               lora={"rank": args.rank, "alpha": float(args.rank)}))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    else:
-        set_cpu_threads(lora_config)
     start = time.perf_counter()
     lora_stages, _ = measure_stages(lora_config)
     lora_wall = time.perf_counter() - start
@@ -110,7 +178,7 @@ def main(argv=None) -> int:
         "cpu": cpu_description(), "threads": torch.get_num_threads(), "base": str(base), "images": args.images,
         "lora": {"rank": args.rank, "steps": args.steps, "batch": 32, "learning_rate": args.learning_rate,
                  "wall_s": round(lora_wall, 1)},
-        "evaluation": reports, "evaluation_images": 90 * args.seeds_per_prompt,
+        "evaluation": reports, "evaluation_images": 90 * args.seeds_per_prompt, "base_vae_on_dark": vae_check,
         "s_per_step": {"lora": lora_stages["unet"]["s_per_step"], "full": full_stages["unet"]["s_per_step"]},
         "bytes": {"lora": lora_bytes, "unet": unet_bytes},
     }
@@ -126,6 +194,9 @@ def main(argv=None) -> int:
         print(f"{name:6} {row['dark_background_fraction']:16.1%} {row['color_accuracy']:7.1%} "
               f"{row['shape_accuracy']:7.1%} {row['position_accuracy']:9.1%} {row['all_accuracy']:7.1%}")
     speed = result["s_per_step"]
+    print(f"the base VAE on dark shapes (the best a UNet adapter can draw): {vae_check['psnr_db']:.1f} dB, "
+          f"{vae_check['dark_background_fraction']:.0%} read as dark, color {vae_check['color_accuracy']:.0%}, "
+          f"shape {vae_check['shape_accuracy']:.0%}, position {vae_check['position_accuracy']:.0%}")
     print(f"s/step (batch 32): LoRA {speed['lora']:.3f}, full fine-tuning {speed['full']:.3f} "
           f"({speed['full'] / speed['lora']:.2f}x)")
     print(f"adapter file {lora_bytes / 1e3:.0f} kB vs UNet {unet_bytes / 1e6:.2f} MB "
