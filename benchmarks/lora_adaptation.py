@@ -231,8 +231,9 @@ def main(argv=None) -> int:
     (work / "lora_adaptation.json").write_text(json.dumps(result, indent=2))
 
     print(f"\n{result['cpu']}, {result['threads']} torch threads; base {base}")
-    print(f"LoRA rank {args.rank} on {args.target_modules}, {args.steps} steps of batch 32 on {args.images} dark-background shapes, "
-          f"lr {args.learning_rate:g}: {lora_wall:.0f} s including data caching, validation and saving")
+    print(f"LoRA rank {args.rank} on {args.target_modules}, {args.steps} steps of batch 32 on {args.images} "
+          f"dark-background shapes, lr {args.learning_rate:g}: {lora_wall:.0f} s including data caching, "
+          "validation and saving")
     print(f"evaluation: 90 prompts x {args.seeds_per_prompt} seeds, {defaults['scheduler']} "
           f"{defaults['num_inference_steps']} steps, guidance {defaults['guidance_scale']}")
     print(f"{'':6} {'dark background':>16} {'color':>7} {'shape':>7} {'position':>9} {'all':>7}")
