@@ -355,7 +355,8 @@ def checkpoint_trained_weights_only(accelerator: Accelerator) -> None:
     def keep_trained(models, weights, output_dir):
         for i, model in enumerate(models):
             trained = {name for name, p in model.named_parameters() if p.requires_grad}
-            weights[i] = {name.removeprefix("module."): tensor for name, tensor in weights[i].items()
+            # contiguous: a channels_last convolution's adapter is not, and safetensors stores only packed tensors
+            weights[i] = {name.removeprefix("module."): tensor.contiguous() for name, tensor in weights[i].items()
                           if name in trained}
 
     accelerator.register_save_state_pre_hook(keep_trained)

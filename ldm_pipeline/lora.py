@@ -110,7 +110,8 @@ def save_lora(directory, unet, text_encoder, config: Config, card=None, sample_g
     layers, metadata = {}, {}
     for name, model in (("unet", unet), ("text_encoder", text_encoder)):
         if model is not None:
-            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            layers[f"{name}_lora_layers"] = {key: tensor.contiguous() for key, tensor in state.items()}
             # The adapter's settings (rank, alpha, targets) travel in the file's header; without them a loader
             # would take alpha = rank.
             metadata[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()

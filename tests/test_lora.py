@@ -22,6 +22,9 @@ from ldm_pipeline.config import ConfigError, config_from_dict
 from ldm_pipeline.train import train
 
 PROMPT = "a red square on the left"
+# Adapters on attention, a feed-forward layer and the ResNet convolutions (4-D weights, channels_last in training)
+WIDE_LORA = {"rank": 4, "alpha": 8.0,
+             "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "conv1", "conv2"]}
 CAPTIONS = [f"a {color} square on the {side}" for color in ("red", "blue") for side in ("left", "right")]
 
 
@@ -42,8 +45,8 @@ def lora_config(root, out, **overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def lora_run(root):
-    """UNet adapters, 4 steps, checkpoints at 2 and 4."""
-    config = lora_config(root, root / "out", checkpointing_steps=2)
+    """UNet adapters on attention, feed-forward and ResNet convolutions, 4 steps, checkpoints at 2 and 4."""
+    config = lora_config(root, root / "out", checkpointing_steps=2, lora=WIDE_LORA)
     assert train(config_from_dict(config)) == root / "out" / "lora"
     return root / "out"
 
@@ -73,7 +76,8 @@ def test_only_the_adapters_train_and_checkpoints_hold_only_them(root, lora_run):
         assert len(saved) == len(weights)
         optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
         assert len(optimizer["state"]) == len(weights)  # one AdamW state per adapter matrix, none for the base
-    assert sum(t.numel() for k, t in weights.items() if k.startswith("unet.")) < 0.1 * sum(
+    assert any(t.ndim == 4 for t in weights.values())  # the convolutions' adapters
+    assert sum(t.numel() for k, t in weights.items() if k.startswith("unet.")) < 0.5 * sum(
         t.numel() for t in unet.values())
     card = ModelCard.load(lora / "README.md")
     assert "lora" in card.data.tags and "load_lora_weights" in card.text
@@ -189,7 +193,7 @@ def test_a_lora_checkpoint_of_other_adapters_is_refused(root, lora_run, tmp_path
 
     save_file(dict(list(weights.items())[:-1]), checkpoint / "model.safetensors")  # one adapter matrix missing
     (out / "checkpoints" / "step-4").rename(out / "checkpoints" / "old-4")
-    config = lora_config(root, out, checkpointing_steps=2, resume_from_checkpoint="latest")
+    config = lora_config(root, out, checkpointing_steps=2, resume_from_checkpoint="latest", lora=WIDE_LORA)
     with pytest.raises(ConfigError, match=r"model.safetensors holds \d+ weights, not the \d+ trained ones"):
         train(config_from_dict(config))
 
