@@ -100,7 +100,6 @@ def save_lora(directory, unet, text_encoder, config: Config, card=None, sample_g
     """Write the adapters (diffusers' LoRA format), base_model.json, the model card and its sample grid into
     `directory`, atomically (a temporary name, renamed when complete). `text_encoder` None: UNet adapters only."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
     from .card import SAMPLE_GRID
@@ -110,7 +109,10 @@ def save_lora(directory, unet, text_encoder, config: Config, card=None, sample_g
     layers, metadata = {}, {}
     for name, model in (("unet", unet), ("text_encoder", text_encoder)):
         if model is not None:
-            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            # peft's key names (…to_q.lora_A.weight), which load_lora_weights reads as they are. diffusers' older
+            # names (…to_q.lora.down.weight, convert_state_dict_to_diffusers) cover only linear layers: a file
+            # mixing them with convolutions' adapters would load without the linear ones.
+            state = get_peft_model_state_dict(model)
             layers[f"{name}_lora_layers"] = {key: tensor.contiguous() for key, tensor in state.items()}
             # The adapter's settings (rank, alpha, targets) travel in the file's header; without them a loader
             # would take alpha = rank.

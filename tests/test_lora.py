@@ -19,6 +19,7 @@ import ldm_pipeline.train as train_module
 from ldm_pipeline import load_pipeline, read_png_metadata
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ConfigError, config_from_dict
+from ldm_pipeline.lora import WEIGHTS_NAME
 from ldm_pipeline.train import train
 
 PROMPT = "a red square on the left"
@@ -90,6 +91,13 @@ def test_plain_diffusers_loads_the_lora_and_gets_the_trained_models_images(root,
     pipe.load_lora_weights(lora)
     after = images(pipe)
     assert np.abs(after - before).max() > 0.05  # the adapters change the images
+    # every adapter in the file, and nothing else, is in the UNet with its trained values
+    from peft import get_peft_model_state_dict
+
+    (adapter,) = pipe.get_list_adapters()["unet"]
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=adapter)
+    saved = {key.removeprefix("unet."): tensor for key, tensor in load_file(lora / WEIGHTS_NAME).items()}
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[key], saved[key]) for key in saved)
     ours = load_pipeline(None, device="cpu", lora=lora)  # the base is read from base_model.json
     assert ours.name_or_path == str((root / "base").resolve())
     np.testing.assert_allclose(images(ours), after, atol=1e-6)
