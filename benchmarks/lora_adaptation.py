@@ -1,7 +1,7 @@
 """LoRA adaptation, measured: teach a trained shapes model a new style (shapes on a dark background) with a LoRA,
 then check that it draws the style and still draws what the prompt asks for.
 
-    python benchmarks/lora_adaptation.py [--base DIR] [--workdir DIR] [--steps 300] [--rank 8] [--images 1500]
+    python benchmarks/lora_adaptation.py [--base DIR] [--workdir DIR] [--steps 1200] [--rank 16] [--images 3000]
                                          [--seeds-per-prompt 2] [--speed-rounds 5]
 
 0. The base. A LoRA adapts the UNet (and text encoder); the VAE stays, so it must already be able to draw the
@@ -169,8 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--base", default=None, help="a pipeline trained on shapes (default: made in --workdir, "
                         "see step 0)")
     parser.add_argument("--workdir", default=None, help="where data and runs go (default: a temporary folder)")
-    parser.add_argument("--images", type=int, default=1500, help="dark-background training images")
-    parser.add_argument("--steps", type=int, default=300, help="LoRA optimizer steps (batch 32)")
+    parser.add_argument("--images", type=int, default=3000, help="dark-background training images")
+    parser.add_argument("--steps", type=int, default=1200, help="LoRA optimizer steps (batch 32)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--target-modules", default=",".join(STYLE_TARGETS),
                         help="comma-separated UNet layers that get adapters (default: attention, feed-forward and "
