@@ -10,17 +10,19 @@ import logging
 
 class _DropNoise(logging.Filter):
     """Library messages that say nothing to our users: transformers offering a torchvision image processor
-    (we load no image processor: no safety checker), and diffusers warning about keeping an empty list of
-    modules in float32 when the frozen VAE is cast for mixed precision."""
+    (we load no image processor: no safety checker), diffusers warning about keeping an empty list of
+    modules in float32 when the frozen VAE is cast for mixed precision, and diffusers noting that a LoRA of
+    UNet adapters has none for the text encoder."""
 
-    NOISE = ("requires torchvision (not installed); falling back", "should be kept in float32: []")
+    NOISE = ("requires torchvision (not installed); falling back", "should be kept in float32: []",
+             "No LoRA keys associated to CLIPTextModel found")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not any(text in message for text in self.NOISE)
 
 
-for _name in ("transformers.utils.import_utils", "diffusers.models.modeling_utils"):
+for _name in ("transformers.utils.import_utils", "diffusers.models.modeling_utils", "diffusers.loaders.lora_base"):
     logging.getLogger(_name).addFilter(_DropNoise())
 
 from .config import Config, ConfigError, load_config  # noqa: E402

@@ -20,10 +20,11 @@ TAGS = ["ldm_pipeline", "text-to-image", "diffusers", "stable-diffusion-style"]
 SAMPLE_GRID = "sample_grid.png"  # the final validation grid, copied next to the card
 
 
-def _card(body: str, base_model: list[str] | None = None, datasets: list[str] | None = None) -> ModelCard:
+def _card(body: str, base_model: list[str] | None = None, datasets: list[str] | None = None,
+          tags: list[str] = TAGS) -> ModelCard:
     if base_model is not None and len(base_model) < 2:  # the hub's usual form for one base model: a string
         base_model = base_model[0] if base_model else None
-    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=list(TAGS),
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=list(tags),
                          base_model=base_model, datasets=datasets or None)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
@@ -41,6 +42,31 @@ def _usage(sampling) -> str:
             f"image = pipe(\"a prompt\"{settings}).images[0]\n```\n\n"
             "or `ldm-pipeline generate --model path/to/this/directory --prompt \"a prompt\"`, which writes the "
             "prompt, seed and settings into each PNG.")
+
+
+def _lora_usage(config: Config) -> str:
+    from .lora import base_reference
+
+    sampling = config.sampling
+    return ("## Use\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained(\"{base_reference(config.model)}\")\n"
+            "pipe.load_lora_weights(\"path/to/this/directory\")\n"
+            f"image = pipe(\"a prompt\", num_inference_steps={sampling.num_inference_steps}, "
+            f"guidance_scale={sampling.guidance_scale}).images[0]\n```\n\n"
+            "or `ldm-pipeline generate --lora path/to/this/directory --prompt \"a prompt\"` (the base is read from "
+            "`base_model.json`).")
+
+
+def _lora_section(config: Config, parameters: dict[str, int]) -> str:
+    from .lora import TEXT_ENCODER_TARGETS, base_reference
+
+    lora = config.lora
+    targets = f"the UNet's {', '.join(lora.target_modules)}" + (
+        f" and the text encoder's {', '.join(TEXT_ENCODER_TARGETS)}" if lora.train_text_encoder else "")
+    return (f"## LoRA\n\nRank {lora.rank} adapters (alpha {lora.alpha or lora.rank}, dropout {lora.dropout}) on "
+            f"{targets} of `{base_reference(config.model)}`: {parameters['trainable'] / 1e6:.3f}M trained "
+            "parameters; the base stays as it is. The weights are in diffusers' LoRA format "
+            "(`pytorch_lora_weights.safetensors`).")
 
 
 def _is_hub_id(value: str | None) -> bool:
@@ -80,9 +106,12 @@ def _training_section(config: Config, num_processes: int, parameters: dict[str, 
     global_batch = config.train_batch_size * num_processes * config.gradient_accumulation_steps
     rows.append(f"| unet | {config.max_train_steps} | {global_batch} | {config.learning_rate:g} "
                 f"({config.lr_scheduler}) |")
-    trained = {"unet": True, "vae": "vae" in config.stages, "text_encoder": config.train_text_encoder}
+    trained = {"unet": "" if not config.lora.rank else ", frozen under its LoRA adapters",
+               "vae": "" if "vae" in config.stages else ", frozen",
+               "text_encoder": "" if config.train_text_encoder else ", frozen under its LoRA adapters"
+               if config.lora.train_text_encoder else ", frozen"}
     components = "\n".join(f"- {name}: {parameters[name] / 1e6:.2f}M parameters, initialised from "
-                           f"{resolve_source(config.model, name).describe()}{'' if trained[name] else ', frozen'}"
+                           f"{resolve_source(config.model, name).describe()}{trained[name]}"
                            for name in ("unet", "vae", "text_encoder"))
     settings = {"resolution": config.resolution, "mixed_precision": config.mixed_precision,
                 "prediction_type": config.prediction_type, "use_ema": config.use_ema, "snr_gamma": config.snr_gamma,
@@ -119,14 +148,20 @@ def training_card(config: Config, *, num_images: int, num_heldout: int, num_proc
                   parameters: dict[str, int], metrics: dict, sample_grid: bool) -> ModelCard:
     """The card of a pipeline made by a training run."""
     name = Path(config.output_dir).name
+    lora = config.lora.rank > 0
+    intro = (f"# {name}\n\nA LoRA for the text-to-image pipeline `{config.model.pretrained_model_name_or_path}`, "
+             "trained with ldm_pipeline." if lora else
+             f"# {name}\n\nA text-to-image latent diffusion model (a diffusers `StableDiffusionPipeline`: "
+             "`AutoencoderKL`, CLIP text encoder, `UNet2DConditionModel`) trained with ldm_pipeline.")
     sections = [
-        f"# {name}\n\nA text-to-image latent diffusion model (a diffusers `StableDiffusionPipeline`: "
-        "`AutoencoderKL`, CLIP text encoder, `UNet2DConditionModel`) trained with ldm_pipeline.",
-        _usage(config.sampling),
+        intro,
+        _lora_usage(config) if lora else _usage(config.sampling),
+        _lora_section(config, parameters) if lora else "",
         _data_section(config, num_images, num_heldout),
         _training_section(config, num_processes, parameters),
         _evaluation_section(config, metrics),
         _samples_section(config) if sample_grid else "",
     ]
     datasets = [config.data.dataset_name] if _is_hub_id(config.data.dataset_name) else []
-    return _card("\n\n".join(s for s in sections if s) + "\n", base_model=_base_models(config), datasets=datasets)
+    return _card("\n\n".join(s for s in sections if s) + "\n", base_model=_base_models(config), datasets=datasets,
+                 tags=TAGS + ["lora"] if lora else TAGS)

@@ -34,7 +34,7 @@ from .pipeline import replace_directory
 # A run resumes only with the settings it was started with where they shape the model, the data it
 # sees or the random draws of its steps. Every other key is read from the config at each (re)start;
 # learning-rate and Adam settings are re-applied to the restored optimizer (train.restore_hyperparameters).
-RESUME_KEYS = ("model", "resolution", "prediction_type", "stages", "seed", "train_text_encoder", "use_ema",
+RESUME_KEYS = ("model", "resolution", "prediction_type", "stages", "seed", "train_text_encoder", "use_ema", "lora",
                "data.train_data_dir", "data.dataset_name", "data.dataset_config_name", "data.image_column",
                "data.caption_column", "data.caption_template", "data.center_crop", "data.random_flip",
                "data.max_train_samples", "data.make_shapes", "data.on_bad_image", "data.streaming",
@@ -133,13 +133,15 @@ def check_output_dir(config: Config, num_processes: int = 1) -> None:
 def _refuse_changes(saved_file: Path, config: Config, keys, what: str, kind: str) -> None:
     saved = _safe_yaml(saved_file.read_text(), str(saved_file)) or {}  # bounded: a hostile file cannot hang it
     current = yaml.safe_load(to_yaml(config))  # the same round trip as the saved one (tuples become lists)
+    defaults = yaml.safe_load(to_yaml(Config()))
     different = []
     for key in keys:
         *parents, leaf = key.split(".")
-        old, new = saved, current
+        old, new, default = saved, current, defaults
         for part in parents:
-            old, new = (old or {}).get(part, {}), new[part]
-        different += _differences((old or {}).get(leaf), new[leaf], f"{key}.")
+            old, new, default = (old or {}).get(part, {}), new[part], default[part]
+        # A key newer than the saved run (e.g. lora) was not there to set: the run had its default.
+        different += _differences((old or {}).get(leaf, default[leaf]), new[leaf], f"{key}.")
     if different:
         shown = "; ".join(f"{key}: {_value(saved, key)!r} -> {_value(current, key)!r}" for key in different[:4])
         raise ConfigError(f"{what} different settings ({shown}). These decide the model, its data or its random "
@@ -225,8 +227,8 @@ def prepare_output_dir(accelerator: Accelerator, config: Config) -> None:
 # What a run writes into its output_dir, and so all that overwrite_output_dir removes: its files, the
 # folders it writes whole, its own entries in folders a user may add files to, and the temporary names
 # of interrupted writes (`pipeline.tmp-<pid>`, `vae.old-<pid>` ...).
-RUN_FILES = re.compile(r"config\.yaml|metrics\.jsonl|run_data\.json|(pipeline|vae|latent_cache)\.(tmp|old)(-\d+)?")
-RUN_FOLDERS = ("pipeline", "vae", "text_encoder", "tokenizer")
+RUN_FILES = re.compile(r"config\.yaml|metrics\.jsonl|run_data\.json|(pipeline|vae|latent_cache|lora)\.(tmp|old)(-\d+)?")
+RUN_FOLDERS = ("pipeline", "vae", "text_encoder", "tokenizer", "lora")
 RUN_ENTRIES = {
     "checkpoints": re.compile(r"(\.partial-)?(vae-)?step-\d+"),
     "samples": re.compile(r"(step-\d+|final)\.(png|txt)|vae\.png"),  # the validation grids, the VAE's
@@ -345,8 +347,40 @@ def prune_checkpoints(config: Config, prefix: str, step: int) -> None:
             excess -= 1
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, ema: EMAModel | None = None) -> dict:
+def checkpoint_trained_weights_only(accelerator: Accelerator) -> None:
+    """Make the checkpoints of this run hold only the weights it trains (a LoRA's adapters), not the frozen rest,
+    which is read from its pretrained source again on resume: a few MB instead of the whole UNet. Names are
+    those of the unwrapped model, the same at any process count; `load_checkpoint(..., trained_only=...)` reads
+    them back."""
+    def keep_trained(models, weights, output_dir):
+        for i, model in enumerate(models):
+            trained = {name for name, p in model.named_parameters() if p.requires_grad}
+            # contiguous: a channels_last convolution's adapter is not, and safetensors stores only packed tensors
+            weights[i] = {name.removeprefix("module."): tensor.contiguous() for name, tensor in weights[i].items()
+                          if name in trained}
+
+    accelerator.register_save_state_pre_hook(keep_trained)
+
+
+def _load_trained_weights(accelerator: Accelerator, checkpoint: Path, models) -> None:
+    """The weights `checkpoint_trained_weights_only` saved, into the unwrapped `models`: exactly their trainable
+    ones, or the checkpoint is refused by name."""
+    for i, model in enumerate(models):
+        path = checkpoint / (f"model_{i}.safetensors" if i else "model.safetensors")
+        model = accelerator.unwrap_model(model)
+        expected = {name for name, p in model.named_parameters() if p.requires_grad}
+        saved = load_file(str(path)) if path.is_file() else {}
+        if set(saved) != expected:
+            raise ConfigError(f"resume_from_checkpoint: {path} holds {len(saved)} weights, not the {len(expected)} "
+                              "trained ones of this run (its LoRA adapters); it was written by another run. Resume "
+                              "from a checkpoint of this run, or start a new output_dir")
+        model.load_state_dict(saved, strict=False)
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, ema: EMAModel | None = None,
+                    trained_only: list | None = None) -> dict:
     """Restore what `save_checkpoint` wrote; returns the saved state (step counters, LR schedule).
+    `trained_only`: the models whose checkpoints hold only their trained weights (`checkpoint_trained_weights_only`).
 
     Pickled state is refused, not loaded: Accelerate reads its .bin/.pkl files with
     `weights_only=True` (tensors and plain containers only), and a file it cannot read that way
@@ -358,8 +392,11 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, ema: EMAModel | 
                           "written by an older ldm_pipeline. Resume from another checkpoint or start a new output_dir")
     for rng_file in checkpoint.glob("random_states_*.pkl"):  # Accelerate skips an unreadable one silently
         _safe_load(rng_file)
+    if trained_only:
+        _load_trained_weights(accelerator, checkpoint, trained_only)
     try:
-        accelerator.load_state(str(checkpoint))
+        # Non-strict for trained-only files: they lack the frozen weights, which stay as loaded from the base.
+        accelerator.load_state(str(checkpoint), strict=not trained_only)
     except UnpicklingError as error:
         raise ConfigError(f"resume_from_checkpoint: {checkpoint} holds a file that is not plain tensor data "
                           f"(refused: loading it could run code): {str(error).splitlines()[0]}") from error

@@ -40,13 +40,16 @@ def cmd_generate(args) -> int:
 
     if args.num_images < 1:
         raise ConfigError("--num-images must be at least 1")
+    if args.model is None and args.lora is None:
+        raise ConfigError("give --model (a pipeline directory or hub id), or --lora (a LoRA directory; its base "
+                          "model is loaded)")
     check_generation_settings(args.steps, args.guidance, args.height, args.width, args.batch_size)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory for the images")
     prompts = _prompts(args)
     state = process_state()
-    pipe = load_pipeline(args.model, device=args.device or state.device, scheduler=args.scheduler)
+    pipe = load_pipeline(args.model, device=args.device or state.device, scheduler=args.scheduler, lora=args.lora)
     # Image k of a prompt uses seed + k, whichever process makes it.
     jobs = [(prompt, args.seed + k) for prompt in prompts for k in range(args.num_images)]
     writer = ImageWriter(out) if state.is_main_process else None
@@ -91,16 +94,19 @@ def cmd_evaluate(args) -> int:
     from .pipeline import process_state
 
     state = process_state()
+    if args.model is None and args.lora is None:
+        raise ConfigError("give --model (a pipeline directory) or --lora (a LoRA directory, evaluated on its base)")
     report = evaluate_model(args.model, seeds_per_prompt=args.seeds_per_prompt, num_inference_steps=args.steps,
                             guidance_scale=args.guidance, batch_size=args.batch_size,
-                            psnr_images=args.psnr_images, device=args.device, first_seed=args.first_seed)
+                            psnr_images=args.psnr_images, device=args.device, first_seed=args.first_seed,
+                            lora=args.lora)
     if not state.is_main_process:
         return 0
-    out = Path(args.out or Path(args.model).parent / "evaluation.json")
+    out = Path(args.out or Path(args.lora or args.model).parent / "evaluation.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     summary = {k: report[k] for k in ("color_accuracy", "shape_accuracy", "position_accuracy", "all_accuracy",
-                                       "vae_psnr_db")}
+                                       "dark_background_fraction", "vae_psnr_db")}
     print(json.dumps(summary, indent=2))
     print(f"wrote the full report to {out}")
     return 0
@@ -109,8 +115,8 @@ def cmd_evaluate(args) -> int:
 def cmd_make_shapes(args) -> int:
     from .shapes import make_shapes
 
-    path = make_shapes(args.out, args.num_images, args.resolution, args.seed, args.holdout or ())
-    print(f"wrote {args.num_images} images and metadata.jsonl to {path}")
+    path = make_shapes(args.out, args.num_images, args.resolution, args.seed, args.holdout or (), args.background)
+    print(f"wrote {args.num_images} images ({args.background} background) and metadata.jsonl to {path}")
     return 0
 
 
@@ -160,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = commands.add_parser("generate", help="generate PNGs (with prompt/seed/settings metadata) from a model")
-    gen.add_argument("--model", required=True, help="pipeline directory (e.g. outputs/shapes/pipeline) or hub id")
+    gen.add_argument("--model", help="pipeline directory (e.g. outputs/shapes/pipeline) or hub id (with --lora: "
+                     "default the base the LoRA names)")
+    gen.add_argument("--lora", help="a LoRA directory (<output_dir>/lora of a LoRA run) to load into the model")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", help="a text file with one prompt per line")
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
@@ -181,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=cmd_generate)
 
     ev = commands.add_parser("evaluate", help="score a shapes model: color / shape / position accuracy, VAE PSNR")
-    ev.add_argument("--model", required=True, help="pipeline directory of a model trained on shapes")
+    ev.add_argument("--model", help="pipeline directory of a model trained on shapes")
+    ev.add_argument("--lora", help="a LoRA directory to load into the model (default model: the LoRA's base)")
     ev.add_argument("--seeds-per-prompt", type=int, default=2, help="images per each of the 90 prompts")
     ev.add_argument("--first-seed", type=int, default=1000, help="seeds are first-seed, first-seed + 1, ...")
     ev.add_argument("--steps", type=int, default=None)
@@ -199,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--holdout", action="append", metavar="CAPTION",
                         help='a caption never drawn, e.g. "a red circle in the top left" (repeatable)')
+    shapes.add_argument("--background", default="white",
+                        help="white (the default) or dark; the captions are the same on either")
     shapes.set_defaults(run=cmd_make_shapes)
 
     tr = commands.add_parser("train", help="train in this process (for several, use accelerate launch train.py)",

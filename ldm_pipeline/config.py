@@ -31,6 +31,7 @@ class ShapesDataConfig:
     num_images: int = 6000
     seed: int = 0
     holdout: list[str] = field(default_factory=list)  # captions never drawn (generalization tests)
+    background: Literal["white", "dark"] = "white"  # the captions stay the same on either
 
 
 @dataclass
@@ -69,6 +70,9 @@ class ModelConfig:
     """
 
     pretrained_model_name_or_path: str | None = None
+    # Read a hub repo's variant weight files, e.g. "fp16": *.fp16.safetensors (half the download; weights are
+    # upcast to float32 for training). null: the plain files (diffusion_pytorch_model.safetensors, ...).
+    variant: str | None = None
     unet: str | None = None
     vae: str | None = None
     text_encoder: str | None = None
@@ -76,6 +80,26 @@ class ModelConfig:
     unet_kwargs: dict = field(default_factory=dict)  # overrides on top of a preset
     vae_kwargs: dict = field(default_factory=dict)
     text_encoder_kwargs: dict = field(default_factory=dict)
+
+
+# The attention projections of diffusers' UNet blocks: queries, keys, values and the output projection.
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class LoraConfig:
+    """LoRA (Hu et al. 2021): train low-rank adapters added to the pretrained UNet's layers instead of the UNet.
+
+    Needs model.pretrained_model_name_or_path, the base the adapters are saved for; the result is
+    <output_dir>/lora in diffusers' LoRA format. With train_text_encoder the CLIP text encoder's attention
+    projections (q_proj, k_proj, v_proj, out_proj) get adapters too.
+    """
+
+    rank: int = 0  # 0: off (the whole UNet trains); 4-16 is usual
+    alpha: float | None = None  # the adapters' output is scaled by alpha / rank; null: alpha = rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(UNET_LORA_TARGETS))  # UNet module names
+    train_text_encoder: bool = False
 
 
 @dataclass
@@ -159,8 +183,9 @@ class Config:
     noise_offset: float = 0.0  # offset noise (Guttenberg 2023); ~0.05 lets images get darker
     # null: the pretrained pipeline's own (a v-prediction model stays v-prediction), else epsilon
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
-    train_text_encoder: bool = False
+    train_text_encoder: bool = False  # the whole text encoder; with LoRA use lora.train_text_encoder
     text_encoder_learning_rate: float | None = None  # default: learning_rate
+    lora: LoraConfig = field(default_factory=LoraConfig)
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
@@ -430,6 +455,7 @@ def validate(config: Config) -> None:
         _require(overlap is None, f"output_dir: {c.output_dir} {overlap} (data.train_data_dir: {d.train_data_dir}): "
                  "the run's images (samples/) would be read as training images on the next run, and the data would "
                  "sit among files the run replaces. Keep them apart, e.g. data/my_images and outputs/my_run")
+    _validate_lora(c)
     if c.report_to not in (None, "none"):
         from accelerate.utils import LoggerType
 
@@ -439,3 +465,29 @@ def validate(config: Config) -> None:
             _require(name in known, f"report_to: {name!r} is not a tracker Accelerate knows ({', '.join(known)}; "
                      "or none)"
                      + (f"; did you mean {guess[0]!r}?" if guess else ""))
+
+
+def _validate_lora(c: Config) -> None:
+    lora, model = c.lora, c.model
+    _require(lora.rank >= 0, f"lora.rank: {lora.rank} must be >= 0 (0 turns LoRA off)")
+    if not lora.rank:
+        _require(not lora.train_text_encoder, "lora.train_text_encoder needs lora.rank > 0 (e.g. lora.rank: 8); "
+                 "to train the whole text encoder set train_text_encoder: true")
+        return
+    _require(lora.alpha is None or lora.alpha > 0, f"lora.alpha: {lora.alpha} must be positive (or null: the rank)")
+    _require(0 <= lora.dropout < 1, f"lora.dropout: {lora.dropout} must be in [0, 1)")
+    _require(bool(lora.target_modules), "lora.target_modules: give at least one UNet module name, e.g. "
+             f"{UNET_LORA_TARGETS}")
+    _require(bool(model.pretrained_model_name_or_path),
+             f"lora.rank: {lora.rank} trains adapters for a pretrained pipeline; set "
+             "model.pretrained_model_name_or_path to its directory or hub id (e.g. outputs/shapes/pipeline), or "
+             "lora.rank: 0 to train a whole UNet")
+    for key in ("unet", "vae", "text_encoder", "tokenizer"):
+        _require(getattr(model, key) is None,
+                 f"model.{key}: {getattr(model, key)!r} is set, but with lora.rank > 0 every component comes from "
+                 "model.pretrained_model_name_or_path, the base the adapters are saved for; remove model."
+                 f"{key} (or make a pipeline directory holding it and use that as the base)")
+    _require(c.stages == ["unet"], f"stages: {c.stages}: a LoRA run adapts the pretrained UNet and keeps its VAE; "
+             "set stages: [unet]")
+    _require(not c.train_text_encoder, "train_text_encoder trains the whole text encoder, which a LoRA file cannot "
+             "hold; with lora.rank > 0 set lora.train_text_encoder: true to give it adapters instead")

@@ -1,8 +1,9 @@
 """Automatic evaluation: does a generated image show the captioned colour, shape and position? And how well
 does the VAE reconstruct shapes images (PSNR)?
 
-The checker is hand-written for the shapes data set (shapes.py): one filled shape on white. Generated images
-are blurry, noisy and sometimes washed out, so every step below prefers robust statistics over exact pixels.
+The checker is hand-written for the shapes data set (shapes.py): one filled shape on white or on the dark
+background. Generated images are blurry, noisy and sometimes washed out, so every step below prefers robust
+statistics over exact pixels.
 """
 
 import colorsys
@@ -14,12 +15,26 @@ import torch
 from PIL import Image
 
 from .config import ConfigError
-from .shapes import COLORS, POSITIONS, all_captions, balanced_combinations, caption, draw_shape, parse_caption
+from .shapes import (
+    BACKGROUNDS,
+    COLORS,
+    POSITIONS,
+    all_captions,
+    balanced_combinations,
+    caption,
+    draw_shape,
+    parse_caption,
+)
 
-# A pixel is foreground when its darkest channel is this far below 255. Every palette colour is >= 195 below
-# (purple's green channel), so ~100 puts the mask boundary at ~50% edge coverage: the mask then has the
-# shape's true area, which the fill-ratio test below relies on. Noise of a few levels never gets near it.
-FOREGROUND_THRESHOLD = 100
+# A pixel is foreground when one of its channels is this far from the background's. On white every palette
+# colour is >= 195 away (purple's green channel), so ~100 puts the mask boundary at ~50% edge coverage: the
+# mask then has the shape's true area, which the fill-ratio test below relies on. On the dark background the
+# nearest colour is 146 away (green), hence 75. Noise of a few levels never gets near either.
+FOREGROUND_THRESHOLD = {"white": 100, "dark": 75}
+# Images whose border (the outermost 2 pixels, where no shape reaches) has a median luminance below this are
+# read as dark-backgrounded: halfway between the two backgrounds (255 and 24).
+DARK_BORDER_LUMINANCE = 128
+BORDER = 2
 # Components smaller than this fraction of the image are specks, not a shape (the smallest real shape, a
 # 30%-side triangle, covers 4.5%).
 MIN_FOREGROUND_FRACTION = 0.01
@@ -73,16 +88,27 @@ def _nearest_color(core_rgb: np.ndarray) -> str | None:
     return min(distances, key=lambda name: min(distances[name], 1 - distances[name]))
 
 
+def border_luminance(pixels: np.ndarray) -> float:
+    """Median luma (ITU-R BT.601, 0-255) of the outermost BORDER pixels of a (H, W, 3) image."""
+    luma = pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (H, W)
+    inner = np.zeros(luma.shape, dtype=bool)
+    inner[BORDER:-BORDER, BORDER:-BORDER] = True
+    return float(np.median(luma[~inner]))
+
+
 def classify_image(image: Image.Image) -> dict:
-    """Predict {"color", "shape", "position"} (each None without a usable foreground) and the foreground fraction."""
+    """Predict {"color", "shape", "position"} (each None without a usable foreground), the background ("white" or
+    "dark", from the border's luminance) and the foreground fraction."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     height, width, _ = pixels.shape
-    ink = 255 - pixels.min(axis=2)  # (H, W): how far from white
-    mask = ink > FOREGROUND_THRESHOLD
+    background = "dark" if border_luminance(pixels) < DARK_BORDER_LUMINANCE else "white"
+    ink = np.abs(pixels - np.array(BACKGROUNDS[background], dtype=np.float32)).max(axis=2)  # (H, W)
+    mask = ink > FOREGROUND_THRESHOLD[background]
     component = _largest_component(mask) if mask.any() else mask
     fraction = float(component.mean())
     if fraction < MIN_FOREGROUND_FRACTION:
-        return {"color": None, "shape": None, "position": None, "foreground_fraction": fraction}
+        return {"color": None, "shape": None, "position": None, "background": background,
+                "foreground_fraction": fraction}
 
     # Median colour of the component: the mask already drops edge pixels blended more than half with white,
     # the median ignores noise and stray pixels, and the hue match ignores the blending that is left.
@@ -101,7 +127,8 @@ def classify_image(image: Image.Image) -> dict:
     # 1/6 of its side below its box centre (<= 7% of the image); positions are >= 25% apart, so that is harmless.
     center = ((xs.mean() + 0.5) / width, (ys.mean() + 0.5) / height)
     position = min(POSITIONS, key=lambda name: math.dist(center, POSITIONS[name]))
-    return {"color": color, "shape": shape, "position": position, "foreground_fraction": fraction}
+    return {"color": color, "shape": shape, "position": position, "background": background,
+            "foreground_fraction": fraction}
 
 
 def score_images(images, captions) -> dict:
@@ -114,7 +141,7 @@ def score_images(images, captions) -> dict:
     for image, text in zip(images, captions):
         expected = dict(zip(("color", "shape", "position"), parse_caption(text)))
         predicted = classify_image(image)
-        row = {"caption": text}
+        row = {"caption": text, "background": predicted["background"]}
         for field in expected:
             row[field] = predicted[field]
             row[f"{field}_correct"] = predicted[field] == expected[field]
@@ -122,8 +149,9 @@ def score_images(images, captions) -> dict:
     accuracy = {f"{field}_accuracy": float(np.mean([row[f"{field}_correct"] for row in per_image]))
                 for field in ("color", "shape", "position")}
     all_correct = [row["color_correct"] and row["shape_correct"] and row["position_correct"] for row in per_image]
-    return {**accuracy, "all_accuracy": float(np.mean(all_correct)), "num_images": len(per_image),
-            "per_image": per_image}
+    dark = float(np.mean([row["background"] == "dark" for row in per_image]))
+    return {**accuracy, "all_accuracy": float(np.mean(all_correct)), "dark_background_fraction": dark,
+            "num_images": len(per_image), "per_image": per_image}
 
 
 def psnr_per_image(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
@@ -236,7 +264,7 @@ def check_shapes_tokenizer(tokenizer, model) -> None:
 
 def evaluate_model(model, seeds_per_prompt: int = 2, num_inference_steps: int | None = None,
                    guidance_scale: float | None = None, batch_size: int = 30, psnr_images: int = 256,
-                   device=None, first_seed: int = 1000) -> dict:
+                   device=None, first_seed: int = 1000, lora=None) -> dict:
     """Score a pipeline trained on shapes: adherence over the 90-caption grid plus the VAE's PSNR on
     held-out shapes images. Returns score_images' report with "vae_psnr_db" and the settings added.
 
@@ -245,7 +273,8 @@ def evaluate_model(model, seeds_per_prompt: int = 2, num_inference_steps: int | 
     from .pipeline import generate, load_pipeline, process_state  # heavy; only this function needs it
 
     state = process_state()
-    pipe = load_pipeline(model, device=device or state.device)
+    pipe = load_pipeline(model, device=device or state.device, lora=lora)
+    model = pipe.name_or_path
     check_shapes_tokenizer(pipe.tokenizer, model)
     prompts, seeds = evaluation_prompts(seeds_per_prompt, first_seed)
     images = generate(pipe, prompts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -255,7 +284,8 @@ def evaluate_model(model, seeds_per_prompt: int = 2, num_inference_steps: int | 
     report["vae_psnr_db"] = vae_psnr(pipe.vae, [image for image, _ in heldout_images(resolution, psnr_images)],
                                      batch_size=batch_size)
     used = images[0].info["parameters"]  # what generate resolved from the model's defaults
-    report["settings"] = {"model": str(model), "seeds_per_prompt": seeds_per_prompt, "first_seed": first_seed,
+    report["settings"] = {"model": str(model), **({"lora": str(lora)} if lora is not None else {}),
+                          "seeds_per_prompt": seeds_per_prompt, "first_seed": first_seed,
                           "resolution": resolution,
                           "psnr_images": psnr_images,
                           **{key: used[key] for key in ("num_inference_steps", "guidance_scale", "scheduler")}}

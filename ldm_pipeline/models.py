@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -90,15 +91,16 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 def resolve_source(model: ModelConfig, component: str) -> Source:
     value = getattr(model, component)
     if value is None and model.pretrained_model_name_or_path:
-        return _checked_path(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path", component)
+        return _checked_path(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path", component,
+                             model.variant)
     if value is None:
         value = CAPTIONS_TOKENIZER if component == "tokenizer" else "tiny"
     if value in PRESETS.get(component, {}) or (component == "tokenizer" and value == CAPTIONS_TOKENIZER):
         return Source(preset=value)
-    return _checked_path(value, f"model.{component}", None)
+    return _checked_path(value, f"model.{component}", None, model.variant)
 
 
-def _checked_path(value: str, key: str, subfolder: str | None) -> Source:
+def _checked_path(value: str, key: str, subfolder: str | None, variant: str | None = None) -> Source:
     """A local directory, or something shaped like a hub id (tried online by from_pretrained)."""
     path = Path(value).expanduser()
     if path.exists():
@@ -106,12 +108,7 @@ def _checked_path(value: str, key: str, subfolder: str | None) -> Source:
             raise ConfigError(f"{key}: {value} is a file; give a model directory")
         if subfolder and not (path / subfolder).is_dir():
             raise ConfigError(f"{key}: {value} has no {subfolder}/ folder; is it a diffusers pipeline directory?")
-        folder = path / (subfolder or "")
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickled and not any(folder.glob("*.safetensors")):
-            raise ConfigError(f"{key}: {folder} holds only pickled weights ({', '.join(pickled)}), which can run "
-                              "code when loaded; weights are read as safetensors only. Re-save the model with "
-                              "save_pretrained(..., safe_serialization=True) from a source you trust")
+        check_weight_files(path / (subfolder or ""), key, variant)
         return Source(path=str(path), subfolder=subfolder)
     component = key.split(".")[-1]
     presets = sorted(PRESETS.get(component, {})) + ([CAPTIONS_TOKENIZER] if component == "tokenizer" else [])
@@ -126,6 +123,35 @@ def _checked_path(value: str, key: str, subfolder: str | None) -> Source:
     return Source(path=value, subfolder=subfolder)
 
 
+def _variant_of(file_name: str) -> str | None:
+    """"fp16" for model.fp16.safetensors (and its shards, model.fp16-00001-of-00002.safetensors); None for
+    model.safetensors."""
+    parts = file_name.split(".")
+    return re.sub(r"-\d+-of-\d+$", "", parts[-2]) if len(parts) > 2 else None
+
+
+def check_weight_files(folder: Path, key: str, variant: str | None) -> None:
+    """Weights are read as safetensors only, and only the chosen variant's files: a hub repo such as Stable
+    Diffusion 1.x's holds model.safetensors, model.fp16.safetensors and pickled .bin copies side by side.
+    A folder without weight files (tokenizer/, scheduler/) passes."""
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    safetensors = [name for name in files if name.endswith(".safetensors")]
+    pickled = [name for name in files if Path(name).suffix in PICKLE_SUFFIXES]
+    if any(_variant_of(name) == variant for name in safetensors) or not (safetensors or pickled):
+        return
+    if not safetensors:
+        raise ConfigError(f"{key}: {folder} holds only pickled weights ({', '.join(pickled)}), which can run "
+                          "code when loaded; weights are read as safetensors only. Re-save the model with "
+                          "save_pretrained(..., safe_serialization=True) from a source you trust")
+    others = sorted({_variant_of(name) for name in safetensors}, key=str)
+    if variant is None:
+        raise ConfigError(f"{key}: {folder} holds only {others[0]} variant weights ({', '.join(safetensors)}); set "
+                          f"model.variant: {others[0]} to read them")
+    way_out = "remove model.variant to read them" if None in others else f"set model.variant: {others[0]}"
+    raise ConfigError(f"{key}: {folder} has no {variant} variant weights (*.{variant}.safetensors; model.variant: "
+                      f"{variant}), only {', '.join(safetensors)}; {way_out}")
+
+
 def _from_pretrained(cls, source: Source, key: str, **kwargs):
     try:
         if source.subfolder:  # transformers rejects subfolder=None
@@ -137,6 +163,12 @@ def _from_pretrained(cls, source: Source, key: str, **kwargs):
             f"{' '.join(str(error).split()).rstrip('.')}. Check the directory holds a saved model with "
             "safetensors weights (or that the hub is reachable for a hub id)."
         ) from error
+
+
+def _weights(model: ModelConfig) -> dict:
+    """Which pretrained weights are read: the configured variant, as float32 (the training copy; a fp16 variant
+    is upcast, mixed precision casts the frozen components itself)."""
+    return dict(variant=model.variant, dtype=torch.float32)
 
 
 def _preset(component: str, name: str, overrides: dict) -> dict:
@@ -158,7 +190,7 @@ def load_tokenizer(model: ModelConfig, captions: Callable[[], list[str]]) -> CLI
 def build_text_encoder(model: ModelConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
     source = resolve_source(model, "text_encoder")
     if source.path:
-        encoder = _from_pretrained(CLIPTextModel, source, "model.text_encoder", use_safetensors=True)
+        encoder = _from_pretrained(CLIPTextModel, source, "model.text_encoder", use_safetensors=True, **_weights(model))
     else:
         kwargs = _preset("text_encoder", source.preset, model.text_encoder_kwargs)
         kwargs.setdefault("vocab_size", len(tokenizer))
@@ -180,7 +212,7 @@ def build_text_encoder(model: ModelConfig, tokenizer: CLIPTokenizer) -> CLIPText
 def build_vae(model: ModelConfig) -> AutoencoderKL:
     source = resolve_source(model, "vae")
     if source.path:
-        return _from_pretrained(AutoencoderKL, source, "model.vae", use_safetensors=True)
+        return _from_pretrained(AutoencoderKL, source, "model.vae", use_safetensors=True, **_weights(model))
     kwargs = _preset("vae", source.preset, model.vae_kwargs)
     blocks = len(kwargs["block_out_channels"])
     kwargs.setdefault("down_block_types", ("DownEncoderBlock2D",) * blocks)
@@ -196,7 +228,7 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
 def build_unet(model: ModelConfig, resolution: int, vae: AutoencoderKL, text_encoder: CLIPTextModel):
     source = resolve_source(model, "unet")
     if source.path:
-        unet = _from_pretrained(UNet2DConditionModel, source, "model.unet", use_safetensors=True)
+        unet = _from_pretrained(UNet2DConditionModel, source, "model.unet", use_safetensors=True, **_weights(model))
     else:
         kwargs = _preset("unet", source.preset, model.unet_kwargs)
         kwargs.setdefault("sample_size", resolution // vae_scale_factor(vae))

@@ -26,6 +26,9 @@ from .models import make_sampler, vae_scale_factor
 from .tokenizer import save_tokenizer
 
 DEFAULTS_FILE = "ldm_pipeline.json"
+# Components of Stable Diffusion 1.x repos we never load (load_pipeline passes None for them), so a copy may lack
+# their folders.
+NOT_LOADED = ("safety_checker", "feature_extractor")
 FALLBACK_DEFAULTS = {"scheduler": "dpmsolver++", "num_inference_steps": 25, "guidance_scale": 7.5}
 
 
@@ -92,14 +95,30 @@ def best_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, scheduler: str | None = None):
+def load_pipeline(path_or_id: str | os.PathLike | None, device=None, dtype=None, scheduler: str | None = None,
+                  lora: str | os.PathLike | None = None, variant: str | None = None):
     """A ready `StableDiffusionPipeline`: best device and dtype, our fast sampler.
 
     `pipe.generation_defaults` holds the steps, guidance and (for models trained here) image size the
     model was trained to be sampled with; `generate` and the CLI use them, and
     `pipe(prompt, **pipe.generation_defaults)` does the same by hand. A bare `pipe(prompt)` is diffusers'
     own call: our sampler and the UNet's size, but diffusers' 50 steps and guidance 7.5.
+
+    `lora`: a LoRA directory (<output_dir>/lora of a LoRA run), loaded with diffusers' `load_lora_weights`;
+    `path_or_id` None then loads the base it names. `variant`: read the base's variant weight files, e.g.
+    "fp16" (default: the LoRA's, else the plain files). Safety checker and feature extractor are never loaded.
     """
+    if lora is not None:
+        from .lora import read_lora_dir
+
+        reference = read_lora_dir(lora)
+        if path_or_id is None and not reference.get("base_model"):
+            raise ConfigError(f"--lora {lora} does not name its base model (no base_model.json); give the base "
+                              "with --model")
+        path_or_id = path_or_id if path_or_id is not None else reference["base_model"]
+        variant = variant or reference.get("variant")
+    elif path_or_id is None:
+        raise ConfigError("give a model: a pipeline directory or hub id (--model), or a LoRA directory (--lora)")
     path = Path(path_or_id).expanduser()
     if not path.exists() and str(path_or_id).startswith((".", "/", "~")):
         raise ConfigError(f"model {path_or_id} does not exist; give a trained pipeline directory "
@@ -113,8 +132,8 @@ def load_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, schedu
     dtype = dtype or best_dtype(device)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(path_or_id), dtype=dtype, safety_checker=None, requires_safety_checker=False,
-            use_safetensors=True)
+            str(path_or_id), dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            use_safetensors=True, variant=variant)
     except OSError as error:
         raise ConfigError(f"could not load model {path_or_id}: {' '.join(str(error).split())} Weights are read "
                           "as safetensors only (pickled .bin files are refused).") from error
@@ -127,6 +146,12 @@ def load_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, schedu
     if defaults.get("resolution"):  # saved by training; without it diffusers' default size is used
         pipe.generation_defaults.update(height=defaults["resolution"], width=defaults["resolution"])
     pipe.scheduler_name = defaults["scheduler"]
+    pipe.lora_path = None
+    if lora is not None:
+        from .lora import load_lora
+
+        load_lora(pipe, lora)
+        pipe.lora_path = str(lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -140,7 +165,7 @@ def check_pipeline_folders(path: Path) -> None:
         raise ConfigError(f"model {path}: model_index.json cannot be read ({error}); copy the pipeline "
                           "directory again") from error
     missing = [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)
-               and value[0] is not None and not (path / name).is_dir()]
+               and value[0] is not None and not (path / name).is_dir() and name not in NOT_LOADED]
     if missing:
         raise ConfigError(f"model {path} is incomplete: model_index.json lists {', '.join(missing)} but there is "
                           f"no {missing[0]}/ folder; copy the whole pipeline directory")
@@ -236,6 +261,8 @@ def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None 
     settings = {"negative_prompt": negative_prompt or "", "num_inference_steps": steps, "guidance_scale": guidance,
                 "scheduler": getattr(pipe, "scheduler_name", type(pipe.scheduler).__name__),
                 "model": pipe.name_or_path or ""}
+    if getattr(pipe, "lora_path", None):
+        settings["lora"] = pipe.lora_path
 
     def make(jobs):  # [(index, prompt, seed)] -> [(index, image, frames)], one pipeline call
         steps_latents = []

@@ -1,4 +1,5 @@
-"""Synthetic shapes data set: one coloured shape on white, captioned "a {color} {shape} in the {position}".
+"""Synthetic shapes data set: one coloured shape on white (or, for a style to adapt to, on a dark background),
+captioned "a {color} {shape} in the {position}" on either.
 
 It is the project's embedded default data: small enough to train on a laptop, and every image can be
 checked automatically (see evaluate.py), so the spec below is fixed.
@@ -29,6 +30,9 @@ POSITIONS = {  # name -> (x, y) of the shape's centre as fractions of the image 
     "bottom right": (0.75, 0.75),
     "center": (0.5, 0.5),
 }
+# The default background, and a dark one: a style a LoRA can learn (benchmarks/lora_adaptation.py). Every
+# palette color is >= 146 levels (green's red channel) from the dark one in its most distant channel.
+BACKGROUNDS = {"white": (255, 255, 255), "dark": (24, 24, 24)}
 SIZE_RANGE = (0.30, 0.40)  # bounding-box side as a fraction of the image side
 JITTER = 0.05  # +- uniform jitter of the centre, fraction of the image side
 SUPERSAMPLE = 4  # draw 4x larger, then average 4x4 blocks: smooth edges, interior stays exactly the palette RGB
@@ -54,9 +58,17 @@ def parse_caption(text: str) -> tuple[str, str, str]:
     return _PARTS_BY_CAPTION[text]
 
 
-def draw_shape(color: str, shape: str, position: str, resolution: int, rng: random.Random) -> Image.Image:
+def check_background(background: str) -> None:
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background: {background!r} is not one of {list(BACKGROUNDS)} (make-shapes --background, "
+                         "data.make_shapes.background)")
+
+
+def draw_shape(color: str, shape: str, position: str, resolution: int, rng: random.Random,
+               background: str = "white") -> Image.Image:
     """Draw one image; `rng` supplies the size and the centre jitter, so a seeded rng gives the same image."""
     parse_caption(caption(color, shape, position))  # one place that names the valid values
+    check_background(background)
     if resolution < 16:
         raise ValueError(f"resolution must be >= 16 pixels so a shape is more than a few pixels wide, got {resolution}")
     side = rng.uniform(*SIZE_RANGE) * resolution
@@ -68,7 +80,7 @@ def draw_shape(color: str, shape: str, position: str, resolution: int, rng: rand
     # Box corners on the supersampled grid: [x0, x1) x [y0, y1); PIL's boxes include their last pixel, hence the -1.
     x0, y0 = (round((c - side / 2) * SUPERSAMPLE) for c in center)
     x1, y1 = (round((c + side / 2) * SUPERSAMPLE) for c in center)
-    image = Image.new("RGB", (big, big), (255, 255, 255))
+    image = Image.new("RGB", (big, big), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     rgb = COLORS[color]
     if shape == "circle":
@@ -98,9 +110,12 @@ def balanced_combinations(num_images: int, rng: random.Random, holdout=()) -> li
     return combos[:num_images]
 
 
-def make_shapes(out_dir, num_images: int, resolution: int = 64, seed: int = 0, holdout=()) -> Path:
-    """Write an image folder (00000.png, ... + metadata.jsonl) for datasets.load_dataset("imagefolder")."""
+def make_shapes(out_dir, num_images: int, resolution: int = 64, seed: int = 0, holdout=(),
+                background: str = "white") -> Path:
+    """Write an image folder (00000.png, ... + metadata.jsonl) for datasets.load_dataset("imagefolder").
+    The captions do not mention the background: a model trained on dark shapes draws them for the same prompts."""
     out_dir = Path(out_dir)
+    check_background(background)
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if resolution < 16:
@@ -119,9 +134,12 @@ def make_shapes(out_dir, num_images: int, resolution: int = 64, seed: int = 0, h
         with open(tmp_dir / "metadata.jsonl", "w") as metadata:
             for index, (color, shape, position) in enumerate(tqdm(combos, desc="shapes", disable=None)):
                 file_name = f"{index:05d}.png"
-                draw_shape(color, shape, position, resolution, rng).save(tmp_dir / file_name, compress_level=1)
+                image = draw_shape(color, shape, position, resolution, rng, background)
+                image.save(tmp_dir / file_name, compress_level=1)
                 row = {"file_name": file_name, "text": caption(color, shape, position),
                        "color": color, "shape": shape, "position": position}
+                if background != "white":
+                    row["background"] = background
                 metadata.write(json.dumps(row) + "\n")
         os.replace(tmp_dir, out_dir)  # also replaces an existing empty folder
     except BaseException:

@@ -44,6 +44,7 @@ from .card import training_card
 from .checkpoints import (
     check_output_dir,
     checkpoint_steps,
+    checkpoint_trained_weights_only,
     find_resume_checkpoint,
     load_checkpoint,
     output_dir_lock,
@@ -51,6 +52,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import Config, ConfigError, ModelConfig, add_run_arguments, load_config, os_error_message, to_yaml
+from .lora import TEXT_ENCODER_TARGETS, add_adapters, base_reference, check_targets, save_lora, trainable
 from .losses import diffusion_loss, diffusion_target, vae_loss
 from .models import (
     build_noise_scheduler,
@@ -91,6 +93,7 @@ class Stage:
     validate: Callable[[int], dict] | None = None  # runs on every process
     validation_steps: int = 0
     log_offset: int = 0  # tracker steps continue after earlier stages, so they only ever grow
+    trained_weights_only: bool = False  # checkpoints hold only the trained weights (a LoRA's adapters)
 
 
 @dataclass
@@ -178,7 +181,8 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
     progress_state = Progress()
     checkpoint = find_resume_checkpoint(config, stage.checkpoint_prefix)
     if checkpoint is not None:
-        saved = load_checkpoint(accelerator, checkpoint, stage.ema)
+        saved = load_checkpoint(accelerator, checkpoint, stage.ema,
+                                trained_only=stage.models if stage.trained_weights_only else None)
         stage.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         progress_state = Progress(**{k: saved[k] for k in ("step", "windows", "skipped_steps", "overflow_steps")})
         restore_hyperparameters(config, stage, yaml.safe_load((checkpoint / "config.yaml").read_text()), accelerator)
@@ -212,6 +216,10 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
         for batch in batches:
             generators = sample_generators(config.seed, state.windows * accum + micro,
                                            range(first_sample, first_sample + stage.batch_size))
+            # Randomness inside the models (a LoRA's dropout) draws from torch's global generator: seed it from
+            # the micro-step too, so a resume repeats it (at the same process count; its masks are per process).
+            torch.manual_seed(sample_generators(config.seed, state.windows * accum + micro,
+                                                [f"process{accelerator.process_index}"])[0].initial_seed())
             micro += 1
             with accelerator.accumulate(*stage.models):
                 loss = stage.compute_loss(batch, generators)
@@ -257,7 +265,7 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
             else:
                 bad_in_a_row = 0
                 if stage.ema is not None:
-                    stage.ema.step(accelerator.unwrap_model(stage.models[0]).parameters())
+                    stage.ema.step(trainable(accelerator.unwrap_model(stage.models[0])))
                 state.step += 1
                 steps_timed += 1
                 bar.update(1)
@@ -588,20 +596,44 @@ def unet_log_offset(config: Config) -> int:
     return config.vae_training.max_train_steps if "vae" in config.stages else 0
 
 
+def add_lora(accelerator, config: Config, unet, text_encoder, weight_dtype) -> None:
+    """Adapters on the pretrained UNet (and text encoder), each from its own seed; only they train. Under mixed
+    precision the frozen base weights are kept in its dtype (half the memory; autocast computes in it anyway),
+    the adapters in float32, the optimizer's master weights."""
+    from diffusers.training_utils import cast_training_params
+
+    for name, model, targets, wanted in (("unet", unet, config.lora.target_modules, True),
+                                         ("text_encoder", text_encoder, TEXT_ENCODER_TARGETS,
+                                          config.lora.train_text_encoder)):
+        if not wanted:
+            continue
+        if accelerator.native_amp:
+            model.to(weight_dtype)
+        seeded(config.seed, name, lambda model=model, targets=targets: add_adapters(model, config.lora, targets))
+        cast_training_params(model, torch.float32)
+        accelerator.print(f"[unet] LoRA rank {config.lora.rank} on the {name}'s {', '.join(targets)}: "
+                          f"{sum(p.numel() for p in trainable(model)) / 1e6:.3f}M trainable parameters")
+
+
 def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tokenizer, text_encoder, vae) -> Path:
+    lora = config.lora.rank > 0
+    train_text = config.train_text_encoder or (lora and config.lora.train_text_encoder)
     noise_scheduler = build_noise_scheduler(config.model, config.prediction_type)
     unet = seeded(config.seed, "unet", lambda: build_unet(config.model, config.resolution, vae, text_encoder))
     accelerator.print(f"[unet] {unet.num_parameters() / 1e6:.2f}M parameters")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
     text_encoder.requires_grad_(config.train_text_encoder)
-    if not config.train_text_encoder:
+    if lora:
+        add_lora(accelerator, config, unet, text_encoder, weight_dtype)
+        checkpoint_trained_weights_only(accelerator)
+    if not train_text:
         text_encoder.eval().to(accelerator.device, weight_dtype)
     if config.channels_last:
         unet.to(memory_format=torch.channels_last)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
+        if train_text:
             text_encoder.gradient_checkpointing_enable()
 
     data_lib.warn_truncated(tokenizer, train.captions)
@@ -623,22 +655,23 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
     accelerator.print(f"[unet] {len(dataset)} training examples, {len(heldout_set)} held out for val_loss")
 
     learning_rates = [config.learning_rate]
-    param_groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
-    if config.train_text_encoder:
+    param_groups = [{"params": trainable(unet), "lr": config.learning_rate}]
+    if train_text:
         learning_rates.append(config.text_encoder_learning_rate or config.learning_rate)
-        param_groups.append({"params": list(text_encoder.parameters()), "lr": learning_rates[-1]})
+        param_groups.append({"params": trainable(text_encoder), "lr": learning_rates[-1]})
     optimizer, lr_scheduler = make_optimizer(config, param_groups, config.learning_rate, config.lr_scheduler,
                                              config.lr_warmup_steps, config.max_train_steps)
     loader = make_loader(config, dataset, config.train_batch_size)
     accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
-    if config.train_text_encoder:
+    if train_text:
         unet, text_encoder, optimizer, loader = accelerator.prepare(unet, text_encoder, optimizer, loader)
     else:
         unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     ema = None
     if config.use_ema:
         plain = accelerator.unwrap_model(unet)
-        ema = EMAModel(plain.parameters(), decay=config.ema_decay, model_cls=UNet2DConditionModel,
+        # The trained weights: all of a UNet trained whole, the adapters of a LoRA.
+        ema = EMAModel(trainable(plain), decay=config.ema_decay, model_cls=UNet2DConditionModel,
                        model_config=plain.config, foreach=True)
         ema.to(accelerator.device)  # a resume copies the saved EMA weights into these tensors, in place
 
@@ -662,7 +695,7 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
             return embeds
         ids = batch["input_ids"].clone()
         ids[dropped] = empty_ids.to(ids.device)
-        if config.train_text_encoder and torch.is_grad_enabled():
+        if train_text and torch.is_grad_enabled():
             return text_encoder(ids)[0]
         with torch.no_grad():  # unwrapped: a DDP forward outside training could sync buffers
             return accelerator.unwrap_model(text_encoder)(ids)[0]
@@ -719,48 +752,53 @@ def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tok
 
     def validate(step, name=None):
         if ema is not None:  # validate what will be saved: the EMA weights
-            ema.store(accelerator.unwrap_model(unet).parameters())
-            ema.copy_to(accelerator.unwrap_model(unet).parameters())
+            ema.store(trainable(accelerator.unwrap_model(unet)))
+            ema.copy_to(trainable(accelerator.unwrap_model(unet)))
         try:
             accelerator.unwrap_model(unet).eval()
             return validator(step, name)
         finally:
             if ema is not None:
-                ema.restore(accelerator.unwrap_model(unet).parameters())
+                ema.restore(trainable(accelerator.unwrap_model(unet)))
 
-    models = [unet, text_encoder] if config.train_text_encoder else [unet]
+    models = [unet, text_encoder] if train_text else [unet]
     stage = Stage(name="unet", models=models, optimizer=optimizer, lr_scheduler=lr_scheduler,
                   learning_rates=learning_rates, dataloader=loader, compute_loss=compute_loss,
                   max_train_steps=config.max_train_steps, max_grad_norm=config.max_grad_norm,
                   checkpointing_steps=config.checkpointing_steps, checkpoint_prefix="", batch_size=batch_size,
                   ema=ema, validate=validate, validation_steps=config.validation.validation_steps,
-                  log_offset=unet_log_offset(config))
+                  log_offset=unet_log_offset(config), trained_weights_only=lora)
     fit(accelerator, config, stage)
 
     accelerator.wait_for_everyone()
     final_metrics = validate(config.max_train_steps, name="final")
     log_metrics(accelerator, config, {"stage": "unet", "step": config.max_train_steps, **final_metrics},
                 unet_log_offset(config))
-    pipeline_dir = Path(config.output_dir) / "pipeline"
+    result_dir = Path(config.output_dir) / ("lora" if lora else "pipeline")
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(unet)
+        unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
         if ema is not None:
-            ema.copy_to(unet.parameters())
-        full = {m: m if m.dtype == torch.float32 else m.to(torch.float32)
-                for m in (vae, accelerator.unwrap_model(text_encoder), unet)}
+            ema.copy_to(trainable(unet))
         grid = Path(config.output_dir) / "samples" / "final.png"
         card = training_card(config, num_images=len(dataset) + len(heldout_set), num_heldout=len(heldout_set),
                              num_processes=accelerator.num_processes, metrics=final_metrics, sample_grid=grid.is_file(),
                              parameters={"unet": unet.num_parameters(), "vae": vae.num_parameters(),
-                                         "text_encoder": accelerator.unwrap_model(text_encoder).num_parameters()})
-        save_pipeline(pipeline_dir, vae=full[vae], text_encoder=full[accelerator.unwrap_model(text_encoder)],
-                      tokenizer=tokenizer, unet=full[unet], noise_scheduler=noise_scheduler,
-                      sampling=config.sampling, extra={"resolution": config.resolution}, card=card,
+                                         "text_encoder": text_encoder.num_parameters(),
+                                         "trainable": sum(p.numel() for m in models for p in trainable(m))})
+        if lora:
+            save_lora(result_dir, unet, text_encoder if config.lora.train_text_encoder else None, config, card=card,
                       sample_grid=grid if grid.is_file() else None)
-        print(f"saved the pipeline to {pipeline_dir}")
+            print(f"saved the LoRA to {result_dir} (base: {base_reference(config.model)})")
+        else:
+            full = {m: m if m.dtype == torch.float32 else m.to(torch.float32) for m in (vae, text_encoder, unet)}
+            save_pipeline(result_dir, vae=full[vae], text_encoder=full[text_encoder], tokenizer=tokenizer,
+                          unet=full[unet], noise_scheduler=noise_scheduler, sampling=config.sampling,
+                          extra={"resolution": config.resolution}, card=card,
+                          sample_grid=grid if grid.is_file() else None)
+            print(f"saved the pipeline to {result_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return pipeline_dir
+    return result_dir
 
 
 # --- entry point ----------------------------------------------------------------------------------------
@@ -795,7 +833,7 @@ def ensure_shapes_data(accelerator: Accelerator, config: Config) -> None:
         from .shapes import make_shapes
 
         print(f"making {shapes.num_images} synthetic shapes images in {root}")
-        make_shapes(root, shapes.num_images, config.resolution, shapes.seed, shapes.holdout)
+        make_shapes(root, shapes.num_images, config.resolution, shapes.seed, shapes.holdout, shapes.background)
     accelerator.wait_for_everyone()
 
 
@@ -860,7 +898,8 @@ def needs_image_check(config: Config) -> bool:
 
 def cached_text_encoder(config: Config, text_encoder):
     """The text encoder whose outputs the latent cache holds, or None (it is trained, or not cached)."""
-    return None if config.train_text_encoder or not config.data.cache_text_embeddings else text_encoder
+    trained = config.train_text_encoder or (config.lora.rank > 0 and config.lora.train_text_encoder)
+    return None if trained or not config.data.cache_text_embeddings else text_encoder
 
 
 def build_cache(config: Config) -> Path:
@@ -905,13 +944,19 @@ def describe_run(config: Config, accelerator: Accelerator, components: dict, num
         lines.append(f"vae stage: {config.vae_training.max_train_steps} steps of batch "
                      f"{config.vae_training.train_batch_size * accelerator.num_processes}")
     out = Path(config.output_dir)
-    lines.append(f"writes: {out / 'pipeline'} (the model), {out / 'samples'} (image grids), "
+    if config.lora.rank:
+        lines.append(f"LoRA: rank {config.lora.rank} adapters on the UNet's {', '.join(config.lora.target_modules)}"
+                     + (" and the text encoder's attention" if config.lora.train_text_encoder else "")
+                     + f"; the rest of {config.model.pretrained_model_name_or_path} stays frozen")
+    result = out / ("lora" if config.lora.rank else "pipeline")
+    lines.append(f"writes: {result} (the {'LoRA' if config.lora.rank else 'model'}), {out / 'samples'} (image grids), "
                  f"{out / 'metrics.jsonl'}")
     return "\n".join(lines)
 
 
 def train(config: Config, dry_run: bool = False) -> Path | None:
-    """Run every configured stage; returns <output_dir>/pipeline (None for a dry run)."""
+    """Run every configured stage; returns <output_dir>/pipeline, or <output_dir>/lora for a LoRA run (None for a
+    dry run)."""
     accelerator = build_accelerator(config)
     set_seed(config.seed)
     if dry_run:  # everything a run checks before writing, without writing
@@ -931,6 +976,8 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
         accelerator.print(to_yaml(config))
         accelerator.print(describe_run(config, accelerator, components, num_examples))
         check_sizes(config, vae, num_examples, accelerator.num_processes)
+        if config.lora.rank:
+            check_targets(config.model, config.lora)
         return None
     with output_dir_lock(config.output_dir, hold=accelerator.is_main_process):  # one run per output_dir
         return train_stages(accelerator, config)
@@ -948,6 +995,8 @@ def train_stages(accelerator: Accelerator, config: Config) -> Path | None:
     tokenizer, text_encoder, built = run_text_components(config, train_data)
     for component in ("vae", "unet"):  # a missing or pickle-only model directory fails here, not mid-run
         resolve_source(config.model, component)
+    if config.lora.rank:
+        check_targets(config.model, config.lora)
     vae = seeded(config.seed, "vae", lambda: build_vae(config.model))
     check_sizes(config, vae, train_data.num_rows, accelerator.num_processes)
     prepare_output_dir(accelerator, config)  # after the checks; overwrite_output_dir clears vae/ here

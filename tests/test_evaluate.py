@@ -26,23 +26,25 @@ from ldm_pipeline.evaluate import (
 from ldm_pipeline.shapes import all_captions, draw_shape, parse_caption
 
 
-def drawn_grid(resolution: int, seeds) -> tuple[list[Image.Image], list[str]]:
+def drawn_grid(resolution: int, seeds, background: str = "white") -> tuple[list[Image.Image], list[str]]:
     """Every one of the 90 captions drawn once per seed."""
     images, captions = [], []
     for seed in seeds:
         rng = random.Random(seed)
         for text in all_captions():
-            images.append(draw_shape(*parse_caption(text), resolution, rng))
+            images.append(draw_shape(*parse_caption(text), resolution, rng, background))
             captions.append(text)
     return images, captions
 
 
-@pytest.mark.parametrize("resolution, seeds", [(64, [0, 1, 2]), (128, [3, 4])])
-def test_ideal_images_are_all_classified_correctly(resolution, seeds):
-    report = score_images(*drawn_grid(resolution, seeds))
+@pytest.mark.parametrize("resolution, seeds, background", [(64, [0, 1, 2], "white"), (128, [3, 4], "white"),
+                                                         (64, [0, 1], "dark")])
+def test_ideal_images_are_all_classified_correctly(resolution, seeds, background):
+    report = score_images(*drawn_grid(resolution, seeds, background))
     wrong = [row for row in report["per_image"] if not (row["color_correct"] and row["shape_correct"]
                                                          and row["position_correct"])]
     assert wrong == [] and report["all_accuracy"] == 1.0 and report["num_images"] == 90 * len(seeds)
+    assert report["dark_background_fraction"] == (1.0 if background == "dark" else 0.0)
 
 
 def degrade(image: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:
@@ -58,11 +60,13 @@ def degrade(image: Image.Image, kind: str, rng: np.random.Generator) -> Image.Im
 
 
 @pytest.mark.parametrize("kind", ["blur", "noise", "shift", "all"])
-def test_mild_degradations_are_still_classified(kind):
+@pytest.mark.parametrize("background", ["white", "dark"])
+def test_mild_degradations_are_still_classified(kind, background):
     rng = np.random.default_rng(0)
-    images, captions = drawn_grid(64, [5, 6])
+    images, captions = drawn_grid(64, [5, 6], background)
     report = score_images([degrade(image, kind, rng) for image in images], captions)
     assert report["all_accuracy"] >= 0.95, report["all_accuracy"]
+    assert report["dark_background_fraction"] == (1.0 if background == "dark" else 0.0)
 
 
 def test_no_usable_foreground_gives_none():
@@ -81,7 +85,8 @@ def test_grey_shape_has_a_shape_but_no_palette_color():
     image = Image.new("RGB", (64, 64), "white")
     ImageDraw.Draw(image).rectangle((40, 40, 59, 59), fill=(90, 90, 90))
     assert classify_image(image) | {"foreground_fraction": None} == {
-        "color": None, "shape": "square", "position": "bottom right", "foreground_fraction": None}
+        "color": None, "shape": "square", "position": "bottom right", "background": "white",
+        "foreground_fraction": None}
 
 
 def test_specks_and_spurs_do_not_change_the_answer():
@@ -102,7 +107,7 @@ def test_wrong_content_scores_zero():
     report = score_images([blue_square], ["a red circle in the top left"])
     assert report["color_accuracy"] == 0.0 and report["shape_accuracy"] == 0.0
     assert report["position_accuracy"] == 1.0 and report["all_accuracy"] == 0.0
-    assert report["per_image"] == [{"caption": "a red circle in the top left", "color": "blue",
+    assert report["per_image"] == [{"caption": "a red circle in the top left", "background": "white", "color": "blue",
                                     "color_correct": False, "shape": "square", "shape_correct": False,
                                     "position": "top left", "position_correct": True}]
 

@@ -189,3 +189,29 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         make_shapes(tmp_path / "shapes", 10, resolution=16)
     assert len(calls) == 5 and not any(tmp_path.iterdir())
+
+
+def test_make_shapes_dark_draws_the_same_shapes_and_captions_on_a_dark_background(tmp_path, capsys):
+    from ldm_pipeline.cli import main as cli
+    from ldm_pipeline.evaluate import score_images
+
+    assert cli(["make-shapes", "--out", str(tmp_path / "dark"), "--num-images", "30", "--resolution", "64",
+                "--seed", "3", "--background", "dark"]) == 0
+    assert "30 images (dark background)" in capsys.readouterr().out
+    white, dark = make_shapes(tmp_path / "white", 30, resolution=64, seed=3), tmp_path / "dark"
+    rows = read_metadata(dark)
+    assert [row["text"] for row in rows] == [row["text"] for row in read_metadata(white)]  # parseable as before
+    assert {row["background"] for row in rows} == {"dark"}
+    images = []
+    for row in rows:
+        with Image.open(dark / row["file_name"]) as image, Image.open(white / row["file_name"]) as plain:
+            pixels, plain_pixels = np.asarray(image.convert("RGB")), np.asarray(plain.convert("RGB"))
+            images.append(image.convert("RGB"))
+        assert (pixels[0, 0] == shapes.BACKGROUNDS["dark"]).all() and (plain_pixels[0, 0] == 255).all()
+        inside = (plain_pixels == COLORS[row["color"]]).all(axis=2)  # fully covered pixels: the palette color
+        assert inside.any() and (pixels[inside] == COLORS[row["color"]]).all()
+    report = score_images(images, [row["text"] for row in rows])
+    assert report["all_accuracy"] == 1.0 and report["dark_background_fraction"] == 1.0
+    assert cli(["make-shapes", "--out", str(tmp_path / "x"), "--background", "black"]) == 2
+    assert "background: 'black' is not one of ['white', 'dark']" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
