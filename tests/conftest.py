@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,30 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220)}
+
+
+@contextlib.contextmanager
+def stopped_after_checkpoint(at_step: int):
+    """A training run inside the block stops right after it has written checkpoint `at_step`, as a crash
+    would; the block expects that stop."""
+    import ldm_pipeline.train as train_module
+
+    save_checkpoint = train_module.save_checkpoint
+
+    class Stopped(Exception):
+        pass
+
+    def save_then_stop(accelerator, config, prefix, step, *args):
+        save_checkpoint(accelerator, config, prefix, step, *args)
+        if step == at_step:
+            raise Stopped
+
+    train_module.save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(Stopped):
+            yield
+    finally:
+        train_module.save_checkpoint = save_checkpoint
 
 
 def draw_square(color, left: bool, size: int = 32) -> Image.Image:

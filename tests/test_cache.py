@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_config_dict, write_caption_folder
+from conftest import stopped_after_checkpoint, tiny_config_dict, write_caption_folder
 from safetensors.torch import load_file
 from test_hub_layout import write_hub_layout
 from test_launch import ROOT, accelerate_launch
@@ -180,24 +180,12 @@ def test_training_from_the_disk_cache_equals_encoding_in_the_loop_to_fp16_roundi
     assert difference.norm() / update.norm() < 0.01  # measured: 3e-4
 
 
-def test_a_run_from_the_disk_cache_resumes_exactly(root, cached_reference, monkeypatch):
+def test_a_run_from_the_disk_cache_resumes_exactly(root, cached_reference):
     out = root / "cached_stopped"
     config = scale_config(out, root / "data", data__cache_latents=True, data__cache_shard_size=5,
                           data__latent_cache_dir=str(cached_reference / "latent_cache"))
-    save_checkpoint = train_module.save_checkpoint
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(accelerator, config, prefix, step, *args):
-        save_checkpoint(accelerator, config, prefix, step, *args)
-        if step == 2:
-            raise Stop
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
+    with stopped_after_checkpoint(2):
         train(config_from_dict(config))
-    monkeypatch.undo()
     train(config_from_dict({**config, "resume_from_checkpoint": "latest"}))
     assert_same_state(out / "checkpoints" / f"step-{STEPS}", cached_reference / "checkpoints" / f"step-{STEPS}")
 

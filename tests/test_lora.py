@@ -7,7 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_pipeline, save_untrained_pipeline, tiny_config_dict, write_caption_folder
+from conftest import (
+    save_tiny_pipeline,
+    save_untrained_pipeline,
+    stopped_after_checkpoint,
+    tiny_config_dict,
+    write_caption_folder,
+)
 from diffusers import StableDiffusionPipeline
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -15,7 +21,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_bad_input import assert_one_error_line
 
-import ldm_pipeline.train as train_module
 from ldm_pipeline import load_pipeline, read_png_metadata
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ConfigError, config_from_dict
@@ -151,7 +156,7 @@ def test_unknown_target_modules_are_refused_before_anything_is_written(root, tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_a_stopped_lora_run_resumes_exactly(root, tmp_path, monkeypatch):
+def test_a_stopped_lora_run_resumes_exactly(root, tmp_path):
     """EMA of the adapters and adapter dropout (global RNG) on: the resumed run ends with the uninterrupted one's
     adapters, EMA and optimizer state."""
     settings = dict(max_train_steps=5, checkpointing_steps=2, use_ema=True, ema_decay=0.9, lr_scheduler="linear",
@@ -159,21 +164,9 @@ def test_a_stopped_lora_run_resumes_exactly(root, tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     train(config_from_dict(lora_config(root, reference, **settings)))
 
-    class Stop(Exception):
-        pass
-
-    save_checkpoint = train_module.save_checkpoint
-
-    def save_then_stop(accelerator, config, prefix, step, *args):
-        save_checkpoint(accelerator, config, prefix, step, *args)
-        if step == 2:
-            raise Stop
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
+    with stopped_after_checkpoint(2):
         train(config_from_dict(lora_config(root, resumed, **settings)))
-    monkeypatch.undo()
     train(config_from_dict(lora_config(root, resumed, resume_from_checkpoint="latest", **settings)))
 
     for name in ("model.safetensors", "ema.safetensors"):

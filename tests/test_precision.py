@@ -7,32 +7,19 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import stopped_after_checkpoint, tiny_config
 from safetensors import safe_open
 
-import ldm_pipeline.train as train_module
 from ldm_pipeline import generate, load_pipeline
 from ldm_pipeline.train import train
 
 
-def test_bf16_trains_with_ema_resumes_and_generates(tmp_path, caption_folder, monkeypatch):
+def test_bf16_trains_with_ema_resumes_and_generates(tmp_path, caption_folder):
     settings = dict(stages=["vae", "unet"], mixed_precision="bf16", use_ema=True, ema_decay=0.9, max_train_steps=4,
                     checkpointing_steps=2, validation__validation_steps=2)
 
-    class Stop(Exception):
-        pass
-
-    save_checkpoint = train_module.save_checkpoint
-
-    def save_then_stop(accelerator, config, prefix, step, *args):
-        save_checkpoint(accelerator, config, prefix, step, *args)
-        if step == 2:
-            raise Stop
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
+    with stopped_after_checkpoint(2):
         train(tiny_config(tmp_path / "out", caption_folder, **settings))
-    monkeypatch.undo()
     pipeline = train(tiny_config(tmp_path / "out", caption_folder, resume_from_checkpoint="latest", **settings))
 
     assert (tmp_path / "out" / "samples" / "step-000002.png").is_file()  # validation ran in bf16

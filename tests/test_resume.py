@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import write_caption_folder
+from conftest import stopped_after_checkpoint, write_caption_folder
 from test_scale import STEPS, assert_same_state, checkpoint_names, logged, scale_config, training_state
 
 import ldm_pipeline.train as train_module
@@ -162,19 +162,9 @@ def test_a_resume_after_a_skipped_step_equals_the_uninterrupted_run(data_dir, tm
     assert training_state(reference / "checkpoints" / "step-4")["progress"] == {
         "step": 4, "windows": 5, "skipped_steps": 1, "overflow_steps": 0}
 
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(accelerator, config, prefix, step, *args):
-        save_checkpoint(accelerator, config, prefix, step, *args)
-        if step == 4:
-            raise Stop
-
-    resumed, save_checkpoint = tmp_path / "resumed", train_module.save_checkpoint
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
+    resumed = tmp_path / "resumed"
+    with stopped_after_checkpoint(4):
         train(config_from_dict(scale_config(resumed, data_dir)))
-    monkeypatch.setattr(train_module, "save_checkpoint", save_checkpoint)
     train(config_from_dict(scale_config(resumed, data_dir, resume_from_checkpoint="latest")))
     assert_same_state(resumed / "checkpoints" / f"step-{STEPS}", reference / "checkpoints" / f"step-{STEPS}")
     assert logged(resumed, "loss")[STEPS] == logged(reference, "loss")[STEPS]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_config_dict, write_caption_folder
+from conftest import stopped_after_checkpoint, tiny_config_dict, write_caption_folder
 from PIL import Image
 from safetensors.torch import load_file
 from test_launch import ROOT, accelerate_launch
@@ -175,23 +175,11 @@ def test_generate_at_two_processes_writes_every_image_once_as_one_process_does(t
         assert difference <= 1, name
 
 
-def test_a_run_stopped_after_a_checkpoint_resumes_exactly(reference, scale_root, monkeypatch, capsys):
+def test_a_run_stopped_after_a_checkpoint_resumes_exactly(reference, scale_root, capsys):
     out = scale_root / "stopped"
     config = scale_config(out, scale_root / "data")
-    save_checkpoint = train_module.save_checkpoint
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(accelerator, config, prefix, step, *args):
-        save_checkpoint(accelerator, config, prefix, step, *args)
-        if step == 2:
-            raise Stop
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
+    with stopped_after_checkpoint(2):
         train(config_from_dict(config))
-    monkeypatch.undo()
     assert checkpoint_names(out) == ["step-2"]
     train(config_from_dict({**config, "resume_from_checkpoint": "latest"}))
     assert f"resumed from {out / 'checkpoints' / 'step-2'} at step 2" in capsys.readouterr().out
