@@ -2,7 +2,7 @@
 directory, then `ldm-pipeline evaluate` at two sets of evaluation seeds.
 
     python benchmarks/shapes_benchmark.py --seeds 0 1 2 [--workdir DIR] [--set key=value ...]
-                                          [--first-seeds 1000 7000]
+                                          [--first-seeds 1000 7000 | --first-seeds]
 
 For each training seed it runs `accelerate launch train.py --config train_configs/shapes.yaml --set seed=N` with
 its data and output directories redirected into a fresh work directory (so the shapes are generated, the VAE and
@@ -123,8 +123,8 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (--set seed=N)")
-    parser.add_argument("--first-seeds", type=int, nargs="+", default=[1000, 7000],
-                        help="first evaluation seed of each evaluation run")
+    parser.add_argument("--first-seeds", type=int, nargs="*", default=[1000, 7000],
+                        help="first evaluation seed of each evaluation run (none: time the training only)")
     parser.add_argument("--workdir", help="where data and outputs go (default: a new temporary directory)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides passed to train.py, e.g. --set max_train_steps=500")
