@@ -617,11 +617,11 @@ def add_lora(accelerator, config: Config, unet, text_encoder, weight_dtype) -> N
 
 def train_unet_stage(accelerator, config: Config, train: data_lib.TrainData, tokenizer, text_encoder, vae) -> Path:
     lora = config.lora.rank > 0
-    train_text = config.train_text_encoder or (lora and config.lora.train_text_encoder)
+    train_text = trains_text_encoder(config)
     noise_scheduler = build_noise_scheduler(config.model, config.prediction_type)
     unet = seeded(config.seed, "unet", lambda: build_unet(config.model, config.resolution, vae, text_encoder))
     accelerator.print(f"[unet] {unet.num_parameters() / 1e6:.2f}M parameters")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = frozen_dtype(accelerator)
     vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
     text_encoder.requires_grad_(config.train_text_encoder)
     if lora:
@@ -896,10 +896,19 @@ def needs_image_check(config: Config) -> bool:
     return not config.data.cache_latents or "vae" in config.stages
 
 
+def trains_text_encoder(config: Config) -> bool:
+    """Whether the UNet stage trains the text encoder: whole, or through LoRA adapters."""
+    return config.train_text_encoder or (config.lora.rank > 0 and config.lora.train_text_encoder)
+
+
+def frozen_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype frozen models run in under the run's mixed precision (float32 without it)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
 def cached_text_encoder(config: Config, text_encoder):
     """The text encoder whose outputs the latent cache holds, or None (it is trained, or not cached)."""
-    trained = config.train_text_encoder or (config.lora.rank > 0 and config.lora.train_text_encoder)
-    return None if trained or not config.data.cache_text_embeddings else text_encoder
+    return None if trains_text_encoder(config) or not config.data.cache_text_embeddings else text_encoder
 
 
 def build_cache(config: Config) -> Path:
@@ -921,7 +930,7 @@ def build_cache(config: Config) -> Path:
     tokenizer, text_encoder, _ = run_text_components(config, train_data)
     vae = load_trained_vae(vae_dir) if (vae_dir / "config.json").is_file() else \
         seeded(config.seed, "vae", lambda: build_vae(config.model))
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = frozen_dtype(accelerator)
     vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
     text_encoder.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
     data_lib.warn_truncated(tokenizer, train_data.captions)
