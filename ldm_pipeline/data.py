@@ -218,6 +218,16 @@ def open_rgb(value) -> Image.Image:
 BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+def decode_or_note(value, row: int, bad: list) -> Image.Image | None:
+    """The image of `value`, or None after noting (row, reason) in `bad` when it fails to decode."""
+    try:
+        return open_rgb(value)
+    except BAD_IMAGE_ERRORS as error:
+        where = value.get("path") if isinstance(value, dict) else None
+        bad.append((row, f"{where or 'row ' + str(row)}: {error}"))
+        return None
+
+
 def find_bad_images(dataset: datasets.Dataset, image_column: str, start: int = 0, stop: int | None = None,
                     show_progress: bool = True) -> list[tuple[int, str]]:
     """(row, reason) for every image of rows [start, stop) that fails to decode; read in batches, so
@@ -227,10 +237,7 @@ def find_bad_images(dataset: datasets.Dataset, image_column: str, start: int = 0
     bar = tqdm(total=stop - start, desc="checking images", disable=None if show_progress else True, leave=False)
     for batch in dataset.select_columns([image_column]).select(range(start, stop)).iter(batch_size=256):
         for value in batch[image_column]:
-            try:
-                open_rgb(value)
-            except BAD_IMAGE_ERRORS as error:
-                bad.append((row, f"{value.get('path') or 'row ' + str(row)}: {error}"))
+            decode_or_note(value, row, bad)
             row += 1
         bar.update(len(batch[image_column]))
     bar.close()
@@ -538,11 +545,8 @@ def _encoder(config: Config, vae, text_encoder, tokenizer, bad: list):
     def encode(batch, rows, captions):
         pixels, kept, kept_captions = [], [], []
         for value, row, caption in zip(batch[data.image_column], rows, captions):
-            try:
-                image = open_rgb(value)
-            except BAD_IMAGE_ERRORS as error:
-                where = value.get("path") if isinstance(value, dict) else None
-                bad.append((row, f"{where or 'row ' + str(row)}: {error}"))
+            image = decode_or_note(value, row, bad)
+            if image is None:
                 continue
             pixels.append(torch.stack([image_to_tensor(image, resolution, True, flip) for flip in sides]))
             kept.append(row)
