@@ -60,7 +60,7 @@ def worker(job: str, config_path: str, overrides: list[str]) -> None:
     train_module = importlib.import_module("ldm_pipeline.train")  # the package exports train(), the function
 
     config = load_config(config_path, overrides)
-    train_module.set_cpu_threads(config)
+    train_module.set_up_cpu(config)
     rank = int(os.environ.get("RANK", 0))
     timed, loop_peak, loop_anon, sampling = {}, [0], [0], threading.Event()
 

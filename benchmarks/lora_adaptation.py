@@ -1,13 +1,14 @@
 """LoRA adaptation, measured: teach a trained shapes model a new style (shapes on a dark background) with a LoRA,
 then check that it draws the style and still draws what the prompt asks for.
 
-    python benchmarks/lora_adaptation.py [--base DIR] [--workdir DIR] [--steps 1200] [--rank 16] [--images 3000]
-                                         [--seeds-per-prompt 2] [--speed-rounds 5]
+    python benchmarks/lora_adaptation.py [--base DIR] [--workdir DIR] [--steps 1800] [--rank 16] [--images 3000]
+                                         [--seeds-per-prompt 2] [--speed-rounds 5] [--base-vae-steps 2000]
 
 0. The base. A LoRA adapts the UNet (and text encoder); the VAE stays, so it must already be able to draw the
    style. The main command's VAE has only seen white backgrounds and cannot (step 5 measures it), so without
    --base the base is made by the main command's recipe (train_configs/shapes.yaml) with one change: its VAE
-   stage trains on white and dark shapes alike (its UNet only ever sees white ones). Reused from --workdir.
+   stage trains on white and dark shapes alike, for 2,000 steps instead of 1,000 (its UNet only ever sees white
+   ones). Reused from --workdir.
 1. `make-shapes --background dark`: shapes drawn on a dark background, captioned as before.
 2. A LoRA run on them (`lora.rank`, adapters on the UNet's attention projections; the base stays frozen), at the
    base's resolution and sampling settings; seconds per optimizer step are timed (the first step left out).
@@ -95,9 +96,10 @@ def mixed_folder(out: Path, num_images: int) -> Path:
     return out
 
 
-def build_base(work: Path) -> Path:
-    """train_configs/shapes.yaml in two runs: the vae stage on white and dark shapes, then the unet stage on white
-    ones with that VAE. Returns the pipeline (reused when it exists)."""
+def build_base(work: Path, vae_steps: int) -> Path:
+    """train_configs/shapes.yaml in two runs: the vae stage on white and dark shapes (`vae_steps` steps: it learns
+    two backgrounds), then the unet stage on white ones with that VAE. Returns the pipeline (reused when it
+    exists)."""
     from ldm_pipeline.train import train
 
     pipeline = work / "base_unet" / "pipeline"
@@ -105,13 +107,14 @@ def build_base(work: Path) -> Path:
         return pipeline
     mixed = mixed_folder(work / "data_mixed", 6000)
     train(load_config(SHAPES_CONFIG, [f"data.train_data_dir={mixed}", "data.make_shapes=null",
-                                      f"output_dir={work / 'base_vae'}", "stages=[vae]"]))
+                                      f"output_dir={work / 'base_vae'}", "stages=[vae]",
+                                      f"vae_training.max_train_steps={vae_steps}"]))
     return train(load_config(SHAPES_CONFIG, [f"data.train_data_dir={work / 'data_white'}",
                                              f"output_dir={work / 'base_unet'}", "stages=[unet]",
                                              f"model.vae={work / 'base_vae' / 'vae'}"]))
 
 
-def vae_on_dark(base: Path, resolution: int, count: int = 90) -> dict:
+def vae_on_dark(base: Path, resolution: int, count: int = 450) -> dict:
     """The base VAE's reconstructions of fresh dark shapes: what any UNet adapter can draw at best."""
     from diffusers import AutoencoderKL
 
@@ -169,8 +172,11 @@ def main(argv=None) -> int:
     parser.add_argument("--base", default=None, help="a pipeline trained on shapes (default: made in --workdir, "
                         "see step 0)")
     parser.add_argument("--workdir", default=None, help="where data and runs go (default: a temporary folder)")
+    parser.add_argument("--base-vae-steps", type=int, default=2000,
+                        help="VAE steps of the base made without --base (the main command's 1,000 are for white "
+                             "shapes alone)")
     parser.add_argument("--images", type=int, default=3000, help="dark-background training images")
-    parser.add_argument("--steps", type=int, default=1200, help="LoRA optimizer steps (batch 32)")
+    parser.add_argument("--steps", type=int, default=1800, help="LoRA optimizer steps (batch 32)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--target-modules", default=",".join(STYLE_TARGETS),
                         help="comma-separated UNet layers that get adapters (default: attention, feed-forward and "
@@ -181,17 +187,17 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the idle cores)")
     args = parser.parse_args(argv)
 
+    from ldm_pipeline.cpu import set_up_cpu
     from ldm_pipeline.evaluate import evaluate_model
     from ldm_pipeline.pipeline import DEFAULTS_FILE
-    from ldm_pipeline.train import set_cpu_threads
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lora_adaptation-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     else:
-        set_cpu_threads(load_config(SHAPES_CONFIG))
-    base = Path(args.base).resolve() if args.base else build_base(work)
+        set_up_cpu(load_config(SHAPES_CONFIG))
+    base = Path(args.base).resolve() if args.base else build_base(work, args.base_vae_steps)
     if not (base / DEFAULTS_FILE).is_file():
         parser.error(f"--base {base}: not a pipeline trained here (no {DEFAULTS_FILE}); train one with "
                      "`accelerate launch train.py --config train_configs/shapes.yaml`")

@@ -2,6 +2,7 @@
 
     python benchmarks/step_speed.py [--config train_configs/shapes.yaml] [--steps 20] [--set key=value ...]
                                     [--only vae|unet] [--variants plain,channels_last,compile,...]
+                                    [--heap kept|default]
 
 Builds the VAE and the UNet exactly as the config does, then times full optimizer steps (forward,
 backward, AdamW) on random inputs of the config's shapes after a warm-up. Prints one row per variant
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ldm_pipeline.config import load_config  # noqa: E402
+from ldm_pipeline.cpu import keep_freed_heap  # noqa: E402
 from ldm_pipeline.losses import vae_loss  # noqa: E402
 from ldm_pipeline.models import build_text_encoder, build_unet, build_vae, vae_scale_factor  # noqa: E402
 from ldm_pipeline.tokenizer import build_tokenizer  # noqa: E402
@@ -79,9 +81,14 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=["vae", "unet"], default=None)
     parser.add_argument("--variants", default="plain,channels_last,fused")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--heap", choices=["kept", "default"], default="kept",
+                        help="kept: the heap settings training uses (ldm_pipeline.cpu.keep_freed_heap); "
+                             "default: glibc's own, to measure what they gain (one process each)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.heap == "kept":
+        keep_freed_heap()
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -94,7 +101,7 @@ def main(argv=None) -> int:
 
     tokenizer = build_tokenizer(all_captions())
     resolution = config.resolution
-    print(f"{cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"{cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {args.heap} heap")
     for name in ("vae", "unet"):
         if args.only and name != args.only:
             continue

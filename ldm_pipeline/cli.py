@@ -129,10 +129,11 @@ def cmd_train(args) -> int:
 
 def cmd_cache(args) -> int:
     from .config import load_config
-    from .train import build_cache, set_cpu_threads
+    from .cpu import set_up_cpu
+    from .train import build_cache
 
     config = load_config(args.config, args.overrides)
-    set_cpu_threads(config)
+    set_up_cpu(config)
     build_cache(config)
     return 0
 

@@ -13,9 +13,6 @@ therefore gives the same result at any process count and after a resume.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import gc
 import hashlib
 import json
 import math
@@ -27,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import psutil
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -52,6 +48,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import Config, ConfigError, ModelConfig, add_run_arguments, load_config, os_error_message, to_yaml
+from .cpu import return_freed_memory, set_up_cpu
 from .lora import TEXT_ENCODER_TARGETS, add_adapters, base_reference, check_targets, save_lora, trainable
 from .losses import diffusion_loss, diffusion_target, vae_loss
 from .models import (
@@ -161,17 +158,6 @@ def restore_hyperparameters(config: Config, stage: Stage, saved_config: dict, ac
                           f"{schedule.last_epoch}: {'; '.join(changed)} (LR now {schedule._last_lr[0]:.3g})")
     if stage.ema is not None:
         stage.ema.decay = config.ema_decay
-
-
-def return_freed_memory() -> None:
-    """Hand the heap that start-up used and freed back to the OS. Building the tokenizer from every caption
-    and listing the data files take memory in proportion to the data set (~200 MB at 100k images); glibc
-    keeps what was freed, and the run would carry it to the end. Only glibc has malloc_trim."""
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    if trim is not None:
-        gc.collect()
-        trim(0)
 
 
 def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
@@ -1035,33 +1021,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def set_cpu_threads(config: Config) -> None:
-    """Give a CPU run the machine's cores: `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise,
-    which halves the speed of the embedded default on 2 cores. On GPUs the host threads barely matter.
-
-    Cores that other programs keep busy (over a quarter second measured now) are left out: torch's threads
-    wait for each other at every operation, so a thread that has to share its core holds up all of them
-    (issue 13: all cores of a busy 2-core machine ran 6x slower than 1 thread)."""
-    if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
-        return
-    if config.cpu_threads:
-        torch.set_num_threads(config.cpu_threads)
-        return
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    busy = round(psutil.cpu_percent(interval=0.25) / 100 * cores)  # in cores; this process sleeps meanwhile
-    threads = max(1, (cores - busy) // local_processes)
-    torch.set_num_threads(threads)
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"cpu_threads: {threads} per process ({cores} physical cores, ~{busy} busy with other work, "
-              f"{local_processes} local process(es)); set cpu_threads to choose")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        set_cpu_threads(config)
+        set_up_cpu(config)
         train(config, dry_run=args.dry_run)
     except (ConfigError, data_lib.DataError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)

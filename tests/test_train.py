@@ -2,6 +2,9 @@
 
 import importlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import yaml
 from conftest import tiny_config, tiny_config_dict
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+from ldm_pipeline import cpu
 from ldm_pipeline.config import Config, ConfigError, ModelConfig
 from ldm_pipeline.losses import diffusion_loss, diffusion_target
 from ldm_pipeline.models import build_noise_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
@@ -147,12 +151,13 @@ def test_cpu_runs_use_the_cores_that_are_free(monkeypatch, capsys, configured, l
     # accelerate launch leaves each process OMP_NUM_THREADS=1; on 2 cores that halves CPU training speed. But
     # a thread on a core that another program keeps busy holds up the others: busy cores are left out.
     chosen = []
-    monkeypatch.setattr(train_module.torch, "set_num_threads", chosen.append)
-    monkeypatch.setattr(train_module.psutil, "cpu_count", lambda logical=True: cores)
-    monkeypatch.setattr(train_module.psutil, "cpu_percent", lambda interval=None: busy_percent)
-    monkeypatch.setattr(train_module.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpu.torch, "set_num_threads", chosen.append)
+    monkeypatch.setattr(cpu.psutil, "cpu_count", lambda logical=True: cores)
+    monkeypatch.setattr(cpu.psutil, "cpu_percent", lambda interval=None: busy_percent)
+    monkeypatch.setattr(cpu.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpu, "keep_freed_heap", lambda: None)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
-    train_module.set_cpu_threads(Config(cpu_threads=configured))
+    cpu.set_up_cpu(Config(cpu_threads=configured))
     assert chosen == [expected]
     if configured is None:
         assert f"cpu_threads: {expected} per process ({cores} physical cores" in capsys.readouterr().out
@@ -160,7 +165,7 @@ def test_cpu_runs_use_the_cores_that_are_free(monkeypatch, capsys, configured, l
 
 def test_command_line_runs_set_the_cpu_threads(tmp_path, caption_folder, monkeypatch):
     chosen = []
-    monkeypatch.setattr(train_module, "set_cpu_threads", lambda config: chosen.append(config.cpu_threads))
+    monkeypatch.setattr(train_module, "set_up_cpu", lambda config: chosen.append(config.cpu_threads))
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**tiny_config_dict(tmp_path / "out", caption_folder), "cpu_threads": None}))
     assert train_module.main(["--config", str(config), "--dry-run"]) == 0
@@ -211,3 +216,32 @@ def test_pruning_keeps_the_newest_checkpoints(tmp_path, caption_folder):
     train(tiny_config(out, caption_folder, max_train_steps=7, checkpointing_steps=1, checkpoints_total_limit=2,
                       validation__num_heldout=0, resume_from_checkpoint="latest"))  # a plain continuation
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6", "step-7"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_cpu_runs_keep_freed_memory_in_the_heap_for_the_next_step(tmp_path):
+    # glibc hands every allocation over 128 KiB back to the OS when it is freed, so each training step would
+    # fault its activations in again; after keep_freed_heap an 8 MiB block comes from (and returns to) the heap.
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import ctypes, sys\n"
+        "from ldm_pipeline.cpu import keep_freed_heap\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(name, ctypes.c_size_t) for name in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',\n"
+        "                'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = Info, ctypes.c_void_p, [ctypes.c_void_p]\n"
+        "if sys.argv[1] == 'kept':\n"
+        "    keep_freed_heap()\n"
+        "before = libc.mallinfo2().hblkhd\n"
+        "block = libc.malloc(8 << 20)\n"
+        "print(libc.mallinfo2().hblkhd - before)\n"
+        "libc.free(block)\n")
+    mapped = {}  # bytes mmapped for the block
+    for heap in ("default", "kept"):
+        result = subprocess.run([sys.executable, str(probe), heap], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent.parent)
+        assert result.returncode == 0, result.stderr
+        mapped[heap] = int(result.stdout)
+    assert mapped["default"] >= 8 << 20  # glibc's own setting: a block of its own, unmapped on free
+    assert mapped["kept"] == 0
