@@ -563,22 +563,40 @@ class LatentCache:
     directory: Path
 
 
-def gather_rows(rows: datasets.Dataset, indices: list[int], names: list[str]) -> dict[str, np.ndarray]:
-    """Columns `names` of `rows[indices]`, one array of shape (len(indices), *feature shape) each, taken from the
-    memory-mapped Arrow table directly: datasets' numpy formatting builds each row's nested arrays one by one
-    (a batch of 64 cached latents and text embeddings: 15.7 ms there, 5.8 ms here; one read per training step)."""
-    table = rows.data.table.select(names).take(pa.array(indices, pa.int64()))
-    columns = {}
-    for name in names:
-        array = table.column(name).combine_chunks()
-        if isinstance(array, pa.ExtensionArray):  # datasets' ArrayXD features: nested fixed-size lists inside
-            array = array.storage
-        while pa.types.is_fixed_size_list(array.type) or pa.types.is_list(array.type):
-            array = array.flatten()
-        feature = rows.features[name]
-        shape = getattr(feature, "shape", None) or ((feature.length,) if isinstance(feature, datasets.List) else ())
-        columns[name] = array.to_numpy(zero_copy_only=False).reshape(len(indices), *shape)
-    return columns
+class RowReader:
+    """`read(indices)`: those rows of a memory-mapped Arrow data set as one array per column, of shape
+    (len(indices), *feature shape). datasets' numpy formatting builds each row's nested arrays one by one (a
+    batch of 64 cached latents and text embeddings: 15.7 ms against 3-6 ms here, once per training step), and
+    Arrow's `take` on a table of many record batches (a cache of many shards) first copies them all into one
+    (1.5 s and 400 MB a read at 100k rows): each batch here gives only its own rows."""
+
+    def __init__(self, rows: datasets.Dataset, names: list[str]):
+        self.rows, self.names, self.batches = rows, names, None
+
+    def __getstate__(self):  # a DataLoader worker started by spawn reopens the files (datasets pickles paths)
+        return {**self.__dict__, "batches": None}
+
+    def read(self, indices: list[int]) -> dict[str, np.ndarray]:
+        if self.batches is None:
+            self.batches = self.rows.data.table.select(self.names).to_batches()  # views of the mapped files
+            self.starts = np.cumsum([0] + [batch.num_rows for batch in self.batches])
+        indices = np.asarray(indices, dtype=np.int64)
+        owner = np.searchsorted(self.starts, indices, side="right") - 1  # the record batch of each row
+        order = np.argsort(owner, kind="stable")
+        pieces = [self.batches[b].take(pa.array(indices[order][owner[order] == b] - self.starts[b]))
+                  for b in np.unique(owner)]
+        table = pa.Table.from_batches(pieces).combine_chunks().take(pa.array(np.argsort(order)))
+        columns = {}
+        for name in self.names:
+            array = table.column(name).combine_chunks()
+            if isinstance(array, pa.ExtensionArray):  # datasets' ArrayXD features: nested fixed-size lists inside
+                array = array.storage
+            while pa.types.is_fixed_size_list(array.type) or pa.types.is_list(array.type):
+                array = array.flatten()
+            feature = self.rows.features[name]
+            shape = getattr(feature, "shape", None) or ((feature.length,) if isinstance(feature, datasets.List) else ())
+            columns[name] = array.to_numpy(zero_copy_only=False).reshape(len(indices), *shape)
+        return columns
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -587,7 +605,7 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache: LatentCache, indices, random_flip: bool):
         self.rows, self.indices, self.random_flip = cache.rows, indices, random_flip
-        self.columns = [name for name in cache.rows.column_names if name != "row"]
+        self.reader = RowReader(cache.rows, [name for name in cache.rows.column_names if name != "row"])
 
     def __len__(self):
         return len(self.indices)
@@ -597,7 +615,7 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, positions):
         """A batch read at once from Arrow (the DataLoader calls this with a batch's indices)."""
-        columns = gather_rows(self.rows, [int(self.indices[i]) for i in positions], self.columns)
+        columns = self.reader.read([int(self.indices[i]) for i in positions])
         items = []
         for k in range(len(positions)):
             side = int(self.random_flip and random.random() < 0.5)
