@@ -4,6 +4,7 @@ import json
 import multiprocessing
 import os
 
+import datasets
 import pytest
 import torch
 from accelerate import Accelerator
@@ -230,3 +231,26 @@ def test_images_are_checked_by_their_shard_once_and_bad_ones_skipped_or_named(tm
     with pytest.raises(data_lib.DataError, match=r"rows 0-4: 1 image\(s\) failed to decode \(.*003.png.*"
                                                  "on_bad_image: skip"):
         data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+
+
+def test_row_reader_gives_datasets_own_rows_across_shards_in_any_order():
+    # A cache of several shards is a table of several record batches; a batch of training rows draws from any
+    # of them, in any order, repeats included.
+    features = datasets.Features({"row": datasets.Value("int64"),
+                                  "latent_mean": datasets.Array3D((2, 3, 3), "float16"),
+                                  "input_ids": datasets.List(datasets.Value("int32"), length=4)})
+    generator = torch.Generator().manual_seed(0)
+    shards = []
+    for shard, size in enumerate((5, 1, 7)):
+        shards.append(datasets.Dataset.from_dict({
+            "row": list(range(shard * 10, shard * 10 + size)),
+            "latent_mean": torch.randn(size, 2, 3, 3, generator=generator).half().numpy(),
+            "input_ids": torch.randint(0, 99, (size, 4), generator=generator, dtype=torch.int32).numpy()},
+            features=features))
+    rows = datasets.concatenate_datasets(shards).with_format("numpy")
+    reader = data_lib.RowReader(rows, ["latent_mean", "input_ids"])
+    indices = [12, 0, 5, 5, 7, 3, 12, 6]
+    read, expected = reader.read(indices), rows[indices]
+    assert read["latent_mean"].shape == (8, 2, 3, 3) and read["input_ids"].shape == (8, 4)
+    assert (read["latent_mean"] == expected["latent_mean"]).all()
+    assert (read["input_ids"] == expected["input_ids"]).all()
