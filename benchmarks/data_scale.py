@@ -55,6 +55,7 @@ def worker(job: str, config_path: str, overrides: list[str]) -> None:
     import psutil
 
     from ldm_pipeline import data as data_lib
+    from ldm_pipeline import vae_training
     from ldm_pipeline.config import load_config
 
     train_module = importlib.import_module("ldm_pipeline.train")  # the package exports train(), the function
@@ -87,7 +88,7 @@ def worker(job: str, config_path: str, overrides: list[str]) -> None:
         data_lib.build_latent_cache = timed_build
         train_module.build_cache(config)
     else:
-        fit = train_module.fit
+        fit = train_module.fit  # loop.fit, which each stage's module imports
 
         def timed_fit(accelerator, config, stage):
             thread = threading.Thread(target=sample_rss, daemon=True)
@@ -100,7 +101,7 @@ def worker(job: str, config_path: str, overrides: list[str]) -> None:
             timed["samples"] = state.step * stage.batch_size * accelerator.num_processes
             return state
 
-        train_module.fit = timed_fit
+        train_module.fit = vae_training.fit = timed_fit
         train_module.train(config)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     import torch

@@ -44,6 +44,7 @@ sys.path[:0] = [str(ROOT), str(BENCHMARKS)]
 from sd512_cpu import peak_rss_bytes, reset_peak_rss, write_images  # noqa: E402
 from step_speed import cpu_model  # noqa: E402
 
+import ldm_pipeline.loop as loop_module  # noqa: E402
 import ldm_pipeline.train as train_module  # noqa: E402
 from ldm_pipeline import load_pipeline  # noqa: E402
 from ldm_pipeline.config import config_from_dict  # noqa: E402
@@ -90,14 +91,14 @@ def train_in_subprocess(config: dict, work: Path, device: str, kill_at_step: int
 
 
 def child_main(config_path: str, kill_at_step: int) -> int:
-    sample_generators = train_module.sample_generators
+    sample_generators = loop_module.sample_generators
 
     def dying(seed, micro_step, indices):
         if micro_step == kill_at_step - 1:
             os.kill(os.getpid(), signal.SIGKILL)  # like a preempted machine: no cleanup, no exception
         return sample_generators(seed, micro_step, indices)
 
-    train_module.sample_generators = dying
+    loop_module.sample_generators = dying  # fit draws from it
     return train_module.main(["--config", config_path])
 
 
@@ -148,7 +149,7 @@ def check_fp16_overflow(work: Path, data_dir: Path, device: str, shrink: bool) -
 
     steps, inject_at = STEPS["shrink" if shrink else "full"], 2  # data window 2: meant as the third step
     window, skipped = {}, {}  # window -> did the GradScaler skip its update
-    sample_generators, build_unet = train_module.sample_generators, train_module.build_unet
+    sample_generators, build_unet = loop_module.sample_generators, train_module.build_unet
     was_skipped = Accelerator.optimizer_step_was_skipped
 
     def remember(seed, micro_step, indices):
@@ -167,9 +168,10 @@ def check_fp16_overflow(work: Path, data_dir: Path, device: str, shrink: bool) -
 
     out = work / "fp16_overflow"
     with ExitStack() as stack:
-        for name, value in (("build_accelerator", with_cpu_grad_scaler(train_module.build_accelerator)),
-                            ("sample_generators", remember), ("build_unet", unet_with_overflow)):
-            stack.enter_context(mock.patch.object(train_module, name, value))
+        for module, name, value in (
+                (train_module, "build_accelerator", with_cpu_grad_scaler(train_module.build_accelerator)),
+                (loop_module, "sample_generators", remember), (train_module, "build_unet", unet_with_overflow)):
+            stack.enter_context(mock.patch.object(module, name, value))
         stack.enter_context(mock.patch.object(Accelerator, "optimizer_step_was_skipped", property(recorded)))
         train_module.train(config_from_dict(run_config(out, data_dir, shrink, mixed_precision="fp16")))
     final = final_state(out)

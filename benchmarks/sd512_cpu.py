@@ -33,7 +33,9 @@ sys.path[:0] = [str(ROOT), str(BENCHMARKS)]
 
 from step_speed import cpu_model  # noqa: E402
 
+import ldm_pipeline.loop as loop_module  # noqa: E402
 import ldm_pipeline.train as train_module  # noqa: E402
+import ldm_pipeline.vae_training as vae_training  # noqa: E402
 from ldm_pipeline.config import ModelConfig, load_config  # noqa: E402
 from ldm_pipeline.models import build_text_encoder, build_unet, build_vae  # noqa: E402
 from ldm_pipeline.tokenizer import build_tokenizer  # noqa: E402
@@ -87,7 +89,7 @@ def reset_peak_rss() -> None:
 def measure_stages(config) -> tuple[dict, int]:
     """Train `config`. Per stage: seconds per step after the first and the training loop's peak RSS; and the
     whole run's peak RSS (ru_maxrss cannot give it: resetting VmHWM resets it too)."""
-    stages, fit, after_step, whole = {}, train_module.fit, train_module.after_step, [0]
+    stages, fit, after_step, whole = {}, loop_module.fit, loop_module.after_step, [0]
 
     def measured_fit(accelerator, config, stage):
         whole[0] = max(whole[0], peak_rss_bytes())
@@ -101,11 +103,14 @@ def measure_stages(config) -> tuple[dict, int]:
         stages[stage.name]["step_times"].append(time.perf_counter())
         return after_step(accelerator, config, stage, *args)
 
-    train_module.fit, train_module.after_step = measured_fit, timed_after_step
+    # Each stage calls fit from its own module; fit calls after_step from the loop's.
+    train_module.fit = vae_training.fit = measured_fit
+    loop_module.after_step = timed_after_step
     try:
         train_module.train(config)
     finally:
-        train_module.fit, train_module.after_step = fit, after_step
+        train_module.fit = vae_training.fit = fit
+        loop_module.after_step = after_step
     for row in stages.values():
         times = row.pop("step_times")
         row["s_per_step"] = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")

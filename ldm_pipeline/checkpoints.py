@@ -33,7 +33,7 @@ from .pipeline import replace_directory
 
 # A run resumes only with the settings it was started with where they shape the model, the data it
 # sees or the random draws of its steps. Every other key is read from the config at each (re)start;
-# learning-rate and Adam settings are re-applied to the restored optimizer (train.restore_hyperparameters).
+# learning-rate and Adam settings are re-applied to the restored optimizer (loop.restore_hyperparameters).
 RESUME_KEYS = ("model", "resolution", "prediction_type", "stages", "seed", "train_text_encoder", "use_ema", "lora",
                "data.train_data_dir", "data.dataset_name", "data.dataset_config_name", "data.image_column",
                "data.caption_column", "data.caption_template", "data.center_crop", "data.random_flip",

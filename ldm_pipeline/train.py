@@ -3,7 +3,8 @@
 `train(config)` reads top to bottom: Accelerator -> output directory -> data -> components ->
 the stages ("vae", then "unet"). Each stage builds its model, optimizer, LR schedule and loss and
 hands them to `fit`, the one optimisation loop (accumulation, non-finite guard, EMA, logging,
-validation, checkpoints, exact resume).
+validation, checkpoints, exact resume). This module holds the UNet stage and the entry point; the
+loop lives in `loop.py`, the VAE stage in `vae_training.py`.
 
 Randomness that shapes a step (noise, timesteps, caption dropout) is drawn for the whole global
 batch from a generator keyed by (seed, micro-step), and each process takes its slice. A run
@@ -19,38 +20,26 @@ import math
 import os
 import shutil
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from safetensors import SafetensorError
-from tqdm.auto import tqdm
 
 from . import data as data_lib
 from .card import training_card
-from .checkpoints import (
-    check_output_dir,
-    checkpoint_steps,
-    checkpoint_trained_weights_only,
-    find_resume_checkpoint,
-    load_checkpoint,
-    output_dir_lock,
-    prepare_output_dir,
-    save_checkpoint,
-)
+from .checkpoints import check_output_dir, checkpoint_trained_weights_only, output_dir_lock, prepare_output_dir
 from .config import Config, ConfigError, ModelConfig, add_run_arguments, load_config, os_error_message, to_yaml
-from .cpu import return_freed_memory, set_up_cpu
+from .cpu import set_up_cpu
+from .loop import Stage, TrainingError, fit, log_image, log_metrics, make_loader, make_optimizer
+from .loop import sample_generators as sample_generators  # re-exported: tests import it from here
 from .lora import TEXT_ENCODER_TARGETS, add_adapters, base_reference, check_targets, save_lora, trainable
-from .losses import diffusion_loss, diffusion_target, vae_loss
+from .losses import diffusion_loss, diffusion_target
 from .models import (
     build_noise_scheduler,
     build_text_encoder,
@@ -63,484 +52,8 @@ from .models import (
 )
 from .pipeline import check_process_group, generate, replace_directory, save_pipeline
 from .tokenizer import save_tokenizer
-
-
-class TrainingError(RuntimeError):
-    """Training had to stop; the message says why and what was kept."""
-
-
-# --- the optimisation loop ----------------------------------------------------------------------------
-
-
-@dataclass
-class Stage:
-    name: str  # "vae" or "unet"
-    models: list[torch.nn.Module]  # prepared, trainable
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
-    learning_rates: list[float]  # configured base LR of each parameter group
-    dataloader: torch.utils.data.DataLoader
-    compute_loss: Callable[[dict, list[torch.Generator]], torch.Tensor]
-    max_train_steps: int
-    max_grad_norm: float
-    checkpointing_steps: int
-    checkpoint_prefix: str
-    batch_size: int  # per process, per micro-batch
-    ema: EMAModel | None = None
-    validate: Callable[[int], dict] | None = None  # runs on every process
-    validation_steps: int = 0
-    log_offset: int = 0  # tracker steps continue after earlier stages, so they only ever grow
-    trained_weights_only: bool = False  # checkpoints hold only the trained weights (a LoRA's adapters)
-
-
-@dataclass
-class Progress:
-    """Where a stage stands; saved with every checkpoint. `windows` is the data position (accumulation
-    windows consumed, skipped ones included); `step` counts optimizer steps taken."""
-
-    step: int = 0
-    windows: int = 0
-    skipped_steps: int = 0  # non-finite loss
-    overflow_steps: int = 0  # fp16 gradient overflow: the GradScaler skipped the update
-
-
-def sample_generators(seed: int, micro_step: int, indices) -> list[torch.Generator]:
-    """One generator per sample, keyed by (seed, micro-step, the sample's index in the global batch):
-    a sample's noise is the same at any process count and after a resume, and each process draws
-    only for the samples it holds."""
-    keys = (hashlib.blake2b(f"{seed}/{micro_step}/{i}".encode(), digest_size=8).digest() for i in indices)
-    return [torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1) for key in keys]
-
-
-def log_metrics(accelerator: Accelerator, config: Config, metrics: dict, log_offset: int = 0) -> None:
-    if accelerator.is_main_process:
-        with open(Path(config.output_dir) / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
-    accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                    step=log_offset + metrics["step"])
-
-
-def log_image(accelerator: Accelerator, name: str, image, step: int) -> None:
-    """Send an image (a validation grid, the VAE's reconstructions) to every tracker that takes images."""
-    import numpy as np
-
-    for tracker in accelerator.trackers if accelerator.is_main_process else []:
-        if tracker.name == "tensorboard":
-            tracker.log_images({name: np.asarray(image.convert("RGB"))[None]}, step, dataformats="NHWC")
-        elif hasattr(tracker, "log_images"):
-            tracker.log_images({name: [image]}, step)
-
-
-def restore_hyperparameters(config: Config, stage: Stage, saved_config: dict, accelerator: Accelerator) -> None:
-    """After a resume, the optimizer and LR schedule hold the settings they were saved with; apply the
-    config's instead, so a changed learning_rate (or Adam setting) takes effect: the LR schedule keeps
-    its position and is rescaled to the new base."""
-    settings = config.vae_training if stage.name == "vae" else config
-    for group, base in zip(stage.optimizer.param_groups, stage.learning_rates):
-        group.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                     weight_decay=config.adam_weight_decay, initial_lr=base)
-    schedule = stage.lr_scheduler
-    schedule.base_lrs = list(stage.learning_rates)
-    for group, base, factor in zip(stage.optimizer.param_groups, stage.learning_rates, schedule.lr_lambdas):
-        group["lr"] = base * factor(schedule.last_epoch)
-    schedule._last_lr = [group["lr"] for group in stage.optimizer.param_groups]
-    prefix = "vae_training." if stage.name == "vae" else ""
-    keys = ["learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps"]
-    keys += [] if stage.name == "vae" else ["text_encoder_learning_rate"]
-    saved = saved_config.get("vae_training", {}) if stage.name == "vae" else saved_config
-    changed = [f"{prefix}{key} {saved.get(key)} -> {getattr(settings, key)}" for key in keys
-               if key in saved and saved[key] != getattr(settings, key)]
-    changed += [f"{key} {saved_config.get(key)} -> {getattr(config, key)}"
-                for key in ("adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "ema_decay")
-                if key in saved_config and saved_config[key] != getattr(config, key)]
-    if changed:
-        accelerator.print(f"[{stage.name}] resuming with changed settings, applied from step "
-                          f"{schedule.last_epoch}: {'; '.join(changed)} (LR now {schedule._last_lr[0]:.3g})")
-    if stage.ema is not None:
-        stage.ema.decay = config.ema_decay
-
-
-def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
-    """Run `stage` to `max_train_steps` optimizer steps, resuming from a checkpoint if asked."""
-    return_freed_memory()
-    accum = accelerator.gradient_accumulation_steps
-    progress_state = Progress()
-    checkpoint = find_resume_checkpoint(config, stage.checkpoint_prefix)
-    if checkpoint is not None:
-        saved = load_checkpoint(accelerator, checkpoint, stage.ema,
-                                trained_only=stage.models if stage.trained_weights_only else None)
-        stage.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        progress_state = Progress(**{k: saved[k] for k in ("step", "windows", "skipped_steps", "overflow_steps")})
-        restore_hyperparameters(config, stage, yaml.safe_load((checkpoint / "config.yaml").read_text()), accelerator)
-        accelerator.print(f"[{stage.name}] resumed from {checkpoint} at step {progress_state.step}")
-    elif config.resume_from_checkpoint == "latest" and (Path(config.output_dir) / "checkpoints").is_dir():
-        accelerator.print(f"[{stage.name}] no checkpoint of this stage to resume from yet: starting at step 0")
-
-    steps_per_epoch = len(stage.dataloader) // accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"the dataset has fewer than one optimizer step of samples: {len(stage.dataloader)} "
-                          f"batches for gradient_accumulation_steps={accum}; lower the batch size or add data")
-    global_batch = stage.batch_size * accelerator.num_processes * accum
-    first_sample = accelerator.process_index * stage.batch_size
-    bar = tqdm(total=stage.max_train_steps, initial=progress_state.step, desc=stage.name,
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    # Loss sums stay on the device: reading a loss every micro-step would stall a GPU at each one.
-    bad_in_a_row = 0
-    loss_sum, loss_count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    started, steps_timed = time.perf_counter(), 0
-    for model in stage.models:
-        model.train()
-
-    state = progress_state
-    while state.step < stage.max_train_steps:
-        epoch, done_in_epoch = divmod(state.windows, steps_per_epoch)
-        stage.dataloader.set_epoch(epoch)
-        batches = stage.dataloader
-        if done_in_epoch:
-            batches = accelerator.skip_first_batches(stage.dataloader, done_in_epoch * accum)
-        micro, window_bad = 0, torch.zeros((), device=accelerator.device)
-        for batch in batches:
-            generators = sample_generators(config.seed, state.windows * accum + micro,
-                                           range(first_sample, first_sample + stage.batch_size))
-            # Randomness inside the models (a LoRA's dropout) draws from torch's global generator: seed it from
-            # the micro-step too, so a resume repeats it (at the same process count; its masks are per process).
-            torch.manual_seed(sample_generators(config.seed, state.windows * accum + micro,
-                                                [f"process{accelerator.process_index}"])[0].initial_seed())
-            micro += 1
-            with accelerator.accumulate(*stage.models):
-                loss = stage.compute_loss(batch, generators)
-                window_bad += (~torch.isfinite(loss.detach())).float()
-                accelerator.backward(loss)
-                overflow = False
-                if accelerator.sync_gradients:
-                    # Every process joins this reduce, so all of them agree whether to skip.
-                    bad = accelerator.reduce(window_bad, "sum").item() > 0
-                    if not bad:
-                        params = [p for group in stage.optimizer.param_groups for p in group["params"]]
-                        grad_norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
-                        # A finite loss can still give inf gradients (bf16, fp32); clipping would turn them
-                        # into NaN weights. The norm is of the reduced gradients: every process agrees.
-                        # Under fp16 the GradScaler handles overflow itself and must see the step.
-                        bad = accelerator.scaler is None and grad_norm is not None \
-                            and not torch.isfinite(grad_norm).item()
-                    if not bad:
-                        stage.optimizer.step()
-                        overflow = accelerator.optimizer_step_was_skipped  # fp16: the GradScaler skipped it
-                        if not overflow:
-                            stage.lr_scheduler.step()  # ours, not Accelerate's: one step per optimizer step
-                    stage.optimizer.zero_grad(set_to_none=True)
-            finite = torch.isfinite(loss.detach())
-            loss_sum += torch.where(finite, loss.detach().float(), 0.0)
-            loss_count += finite.float()
-            if not accelerator.sync_gradients:
-                continue
-            micro, window_bad, state.windows = 0, torch.zeros((), device=accelerator.device), state.windows + 1
-            if bad:
-                bad_in_a_row, state.skipped_steps = bad_in_a_row + 1, state.skipped_steps + 1
-                accelerator.print(f"[{stage.name}] step {state.step + 1}: non-finite loss or gradient, step "
-                                  f"skipped ({bad_in_a_row} in a row, {state.skipped_steps} in all)")
-                if bad_in_a_row >= config.max_consecutive_bad_steps:
-                    kept = checkpoint_steps(config, stage.checkpoint_prefix)
-                    raise TrainingError(
-                        f"[{stage.name}] stopped at step {state.step}: the loss was not finite for "
-                        f"{bad_in_a_row} optimizer steps in a row (max_consecutive_bad_steps). "
-                        + (f"The last good checkpoint, {kept[-1][1]}, is intact. " if kept else "")
-                        + "Lower learning_rate, check the data, or try mixed_precision: 'no', then resume.")
-            elif overflow:
-                state.overflow_steps += 1  # the scaler lowers its scale and the window's data is spent
-            else:
-                bad_in_a_row = 0
-                if stage.ema is not None:
-                    stage.ema.step(trainable(accelerator.unwrap_model(stage.models[0])))
-                state.step += 1
-                steps_timed += 1
-                bar.update(1)
-                after_step(accelerator, config, stage, state, bar, loss_sum, loss_count,
-                           steps_timed * global_batch / (time.perf_counter() - started), grad_norm)
-                if state.step % config.logging_steps == 0:
-                    loss_sum.zero_(), loss_count.zero_()
-            if state.step >= stage.max_train_steps or state.windows % steps_per_epoch == 0:
-                break
-    bar.close()
-    return state
-
-
-def after_step(accelerator, config: Config, stage: Stage, state: Progress, bar, loss_sum: torch.Tensor,
-               loss_count: torch.Tensor, samples_per_s: float, grad_norm) -> None:
-    """Log, validate and checkpoint on schedule; every process calls this, so collectives match."""
-    step = state.step
-    if step % config.logging_steps == 0 or step == stage.max_train_steps:
-        loss = accelerator.reduce(loss_sum / loss_count.clamp_min(1), "mean").item()
-        lr = stage.lr_scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
-        log_metrics(accelerator, config, {"stage": stage.name, "step": step, "loss": loss, "lr": lr,
-                                          "grad_norm": None if grad_norm is None else float(grad_norm),
-                                          "samples_per_s": samples_per_s,
-                                          "skipped_steps": state.skipped_steps,
-                                          "overflow_steps": state.overflow_steps}, stage.log_offset)
-    if stage.validate and stage.validation_steps and step % stage.validation_steps == 0 \
-            and step < stage.max_train_steps:
-        log_metrics(accelerator, config, {"stage": stage.name, "step": step, **stage.validate(step)}, stage.log_offset)
-        for model in stage.models:
-            model.train()
-    every = stage.checkpointing_steps
-    if every and (step % every == 0 or step == stage.max_train_steps):
-        global_batch = stage.batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
-        saved = {**vars(state), "global_batch": global_batch, "lr_scheduler": stage.lr_scheduler.state_dict()}
-        save_checkpoint(accelerator, config, stage.checkpoint_prefix, step, saved, stage.ema)
-
-
-def make_optimizer(config: Config, param_groups, learning_rate: float, lr_scheduler: str, warmup: int,
-                   max_steps: int):
-    # The fused kernel updates every tensor in one pass: ~10% faster UNet steps on a CPU
-    # (benchmarks/step_speed.py); torch has it for CPU and CUDA parameters. Not under fp16: the GradScaler
-    # then hands a fused optimizer its overflow flag instead of skipping step(), and Accelerate's
-    # optimizer_step_was_skipped, which the loop needs to not count a skipped step, stays False.
-    params = [p for group in param_groups for p in (group["params"] if isinstance(group, dict) else [group])]
-    fused = config.mixed_precision != "fp16" and all(
-        p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda") for p in params)
-    optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=fused)
-    schedule = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
-    return optimizer, schedule
-
-
-def check_sizes(config: Config, vae: AutoencoderKL, num_examples: int, num_processes: int) -> None:
-    """What would otherwise fail only after the VAE stage, checked before anything is written (and by
-    --dry-run): the VAE's downsampling must divide the resolution, and every stage needs the examples
-    for one optimizer step."""
-    factor = vae_scale_factor(vae)
-    if config.resolution % factor:
-        raise ConfigError(f"resolution: {config.resolution} is not divisible by the VAE's downsampling "
-                          f"factor {factor}; use a multiple of {factor}")
-    stages = {"vae": ("vae_training.train_batch_size", config.vae_training.train_batch_size, 1,
-                      config.vae_training.psnr_samples),
-              "unet": ("train_batch_size", config.train_batch_size, config.gradient_accumulation_steps,
-                       config.validation.num_heldout)}
-    for stage in config.stages:
-        key, batch, accumulation, heldout = stages[stage]
-        rows = len(data_lib.split_heldout(num_examples, heldout, config.seed)[0])
-        if rows < batch * num_processes * accumulation:
-            raise ConfigError(
-                f"{key}: one optimizer step of the {stage} stage takes {batch * num_processes * accumulation} "
-                f"examples ({batch} per process x {num_processes} processes x {accumulation} accumulation), "
-                f"but it trains on {rows} ({num_examples} minus {num_examples - rows} held out); lower {key} "
-                "or add data")
-
-
-def make_loader(config: Config, dataset, batch_size: int):
-    if len(dataset) < batch_size:
-        raise ConfigError(f"the training set has {len(dataset)} examples, fewer than one batch of {batch_size}; "
-                          "add data or lower the batch size")
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       num_workers=config.data.dataloader_num_workers)
-
-
-# --- stage "vae" --------------------------------------------------------------------------------------
-
-
-class VAEForTraining(torch.nn.Module):
-    """Routes encode + decode through forward(), where DDP synchronises gradients."""
-
-    def __init__(self, vae: AutoencoderKL):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, pixels, posterior_noise):
-        posterior = self.vae.encode(pixels).latent_dist
-        latents = posterior.mean + posterior.std * posterior_noise
-        return self.vae.decode(latents).sample, posterior
-
-
-def shares(accelerator: Accelerator, count: int, chunk: int):
-    """This process's contiguous share of range(count), in chunks of at most `chunk` indices."""
-    with accelerator.split_between_processes(list(range(count))) as mine:
-        return [mine[i:i + chunk] for i in range(0, len(mine), chunk)]
-
-
-@torch.no_grad()
-def calibrate_latents(accelerator: Accelerator, vae: AutoencoderKL, dataset, num_samples: int,
-                      batch_size: int) -> dict:
-    """Center the latents and measure `scaling_factor` so the UNet sees zero-mean, unit-variance input.
-
-    The per-channel mean is folded into the biases of `quant_conv` (which makes the latent mean) and
-    `post_quant_conv` (which reads it): z' = z - mu, and W z + b = W z' + (W mu + b). The VAE's
-    reconstructions are unchanged and the pipeline stays plain Stable Diffusion, which only divides
-    by `scaling_factor` before decoding. Each process encodes its share of the images in training-size
-    batches (a 512 px VAE's activations are large) and only the per-channel sums are reduced.
-    """
-    channels = vae.config.latent_channels
-    sums = torch.zeros(3, channels, dtype=torch.float64, device=accelerator.device)  # count, sum, sum of squares
-    for rows in shares(accelerator, min(num_samples, len(dataset)), batch_size):
-        pixels = torch.stack([dataset[i]["pixel_values"] for i in rows]).to(accelerator.device, vae.dtype)
-        means = vae.encode(pixels).latent_dist.mean.double()  # (b, C, h, w)
-        sums[0] += means[:, 0].numel()
-        sums[1] += means.sum(dim=(0, 2, 3))
-        sums[2] += means.pow(2).sum(dim=(0, 2, 3))
-    count, total, squares = accelerator.reduce(sums, "sum").cpu()
-    mu = total / count  # (C,)
-    std = ((squares - count * mu.pow(2)).sum() / count.sum()).sqrt().item()
-    mu = mu.to(vae.dtype)
-    vae.quant_conv.bias[:channels] -= mu.to(vae.device)
-    vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ mu.to(vae.device)
-    vae.register_to_config(scaling_factor=1.0 / std)
-    return {"latent_channel_means": [round(v, 4) for v in mu.tolist()], "latent_std": std,
-            "scaling_factor": 1.0 / std}
-
-
-@torch.no_grad()
-def check_reconstructions(accelerator: Accelerator, vae: AutoencoderKL, heldout_set, captions: list[str] | None,
-                          batch_size: int) -> dict:
-    """Held-out PSNR and, for shapes data, the checker's color / shape / position accuracy on the VAE's
-    reconstructions (the UNet can draw no better than its VAE decodes). Every process scores its share."""
-    from .evaluate import reconstruction_sums
-
-    sums = torch.zeros(5)
-    for rows in shares(accelerator, len(heldout_set), batch_size):
-        pixels = torch.stack([heldout_set[i]["pixel_values"] for i in rows])
-        sums += reconstruction_sums(vae, pixels, [captions[i] for i in rows] if captions else None)
-    count, psnr_sum, *correct = accelerator.reduce(sums.to(accelerator.device), "sum").tolist()
-    if not count:
-        return {}
-    report = {"heldout_psnr_db": psnr_sum / count}
-    if captions:
-        report.update({f"recon_{field}_accuracy": value / count
-                       for field, value in zip(("color", "shape", "position"), correct)})
-    return report
-
-
-def vae_check_failures(settings, report: dict) -> list[str]:
-    """What the finished VAE misses of the bars set in `vae_training` (empty: it passes)."""
-    failures = []
-    if settings.min_psnr is not None and report.get("heldout_psnr_db", float("inf")) < settings.min_psnr:
-        failures.append(f"held-out PSNR {report['heldout_psnr_db']:.2f} dB < vae_training.min_psnr "
-                        f"{settings.min_psnr}")
-    color = report.get("recon_color_accuracy")
-    if settings.min_recon_color is not None and color is not None and color < settings.min_recon_color:
-        failures.append(f"reconstruction color accuracy {color:.1%} < vae_training.min_recon_color "
-                        f"{settings.min_recon_color:.0%} (the UNet cannot draw a color its VAE does not decode)")
-    return failures
-
-
-def report_vae_check(accelerator: Accelerator, config: Config, out: Path, failures: list[str]) -> None:
-    """Say loudly when the VAE misses its bars; stop before the UNet stage unless told to go on."""
-    if not failures:
-        return
-    settings = config.vae_training
-    advice = (f"To retrain it: delete {out}, then rerun with more steps (vae_training.max_train_steps, now "
-              f"{settings.max_train_steps}), or a different vae_training.learning_rate (now {settings.learning_rate}) "
-              f"or seed. The VAE and its report are kept in {out} (calibration.json, samples/vae.png).")
-    banner = "\n".join(["", "!" * 100, "[vae] THE VAE FAILED ITS CHECK:", *(f"  - {f}" for f in failures), advice,
-                         "!" * 100, ""])
-    accelerator.print(banner)
-    if settings.on_check_failure == "error":
-        raise TrainingError(f"[vae] the VAE failed its check: {'; '.join(failures)}. {advice} Set "
-                            "vae_training.on_check_failure: warn to train the UNet on it anyway.")
-
-
-def save_vae_grid(vae: AutoencoderKL, heldout_set, path: Path, count: int = 8):
-    """Held-out originals (top row) above their reconstructions (bottom row)."""
-    from .evaluate import to_pil
-
-    pixels = torch.stack([heldout_set[i]["pixel_values"] for i in range(min(count, len(heldout_set)))])
-    with torch.no_grad():
-        reconstruction = vae.decode(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean).sample
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_image_grid(to_pil(pixels) + to_pil(reconstruction), rows=2, cols=len(pixels))
-    grid.save(path)
-    return grid
-
-
-def load_trained_vae(folder: Path) -> AutoencoderKL:
-    """The VAE stage's result (<output_dir>/vae); a damaged one is named with the way out."""
-    try:
-        return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
-    except (OSError, ValueError, SafetensorError) as error:
-        raise ConfigError(f"{folder} holds a damaged VAE ({' '.join(str(error).split())}). Delete that folder "
-                          "to train the VAE again (stage vae), or restore it") from error
-
-
-def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.TrainData, vae: AutoencoderKL):
-    """Train the autoencoder, check and calibrate it, save it to <output_dir>/vae; skip if done."""
-    from .evaluate import is_shapes_data
-
-    out = Path(config.output_dir) / "vae"
-    settings = config.vae_training
-    if (out / "config.json").is_file():
-        accelerator.print(f"[vae] using the finished VAE in {out}")
-        calibration = out / "calibration.json"
-        report = json.loads(calibration.read_text()) if calibration.is_file() else {}
-        report_vae_check(accelerator, config, out, vae_check_failures(settings, report))
-        return load_trained_vae(out)
-    rows, heldout = data_lib.split_heldout(len(train.dataset), settings.psnr_samples, config.seed)
-    input_ids = torch.zeros(len(train.dataset), 1, dtype=torch.long)  # captions are not used here
-    dataset = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, rows)
-    heldout_config = type(config.data)(**{**vars(config.data), "random_flip": False})
-    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_config, config.resolution, heldout)
-    heldout_captions = [train.captions[row] for row in heldout]
-    if not is_shapes_data(heldout_captions):
-        heldout_captions = None  # the checker only knows the shapes data set
-    if not heldout:
-        accelerator.print(f"[vae] no held-out images (vae_training.psnr_samples: {settings.psnr_samples}, "
-                          f"{len(train.dataset)} images; at most a fifth is held out): the VAE is not checked")
-
-    accelerator.gradient_accumulation_steps = 1
-    if config.gradient_checkpointing:  # at 512 px the decoder's full-size activations dominate memory
-        vae.enable_gradient_checkpointing()
-    model = VAEForTraining(vae)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer, lr_scheduler = make_optimizer(config, list(model.parameters()), settings.learning_rate,
-                                             settings.lr_scheduler, settings.lr_warmup_steps,
-                                             settings.max_train_steps)
-    model, optimizer, loader = accelerator.prepare(model, optimizer,
-                                                   make_loader(config, dataset, settings.train_batch_size))
-    latent_shape = (vae.config.latent_channels,) + (config.resolution // vae_scale_factor(vae),) * 2
-    batch_size = settings.train_batch_size
-
-    def compute_loss(batch, generators):
-        pixels = batch["pixel_values"]
-        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(pixels.device)
-        reconstruction, posterior = model(pixels, noise)
-        return vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight)[0]
-
-    def validate(step):
-        report = check_reconstructions(accelerator, accelerator.unwrap_model(model).vae.eval(), heldout_set,
-                                       heldout_captions, batch_size)
-        accelerator.print(f"[vae] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
-        return report
-
-    stage = Stage(name="vae", models=[model], optimizer=optimizer, lr_scheduler=lr_scheduler,
-                  learning_rates=[settings.learning_rate], dataloader=loader, compute_loss=compute_loss,
-                  max_train_steps=settings.max_train_steps,
-                  max_grad_norm=settings.max_grad_norm, checkpointing_steps=settings.checkpointing_steps,
-                  checkpoint_prefix="vae-", batch_size=batch_size, validate=validate if heldout else None,
-                  validation_steps=settings.validation_steps)
-    fit(accelerator, config, stage)
-
-    vae = accelerator.unwrap_model(model).vae.eval()
-    stats = calibrate_latents(accelerator, vae, dataset, settings.scaling_samples, batch_size)
-    stats.update(check_reconstructions(accelerator, vae, heldout_set, heldout_captions, batch_size))
-    failures = vae_check_failures(settings, stats)
-    stats["check"] = {"passed": not failures, "failures": failures,
-                      "min_psnr": settings.min_psnr, "min_recon_color": settings.min_recon_color}
-    accelerator.print("[vae] " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items() if isinstance(v, float)))
-    if accelerator.is_main_process:
-        partial = out.with_name("vae.tmp")
-        shutil.rmtree(partial, ignore_errors=True)
-        vae.save_pretrained(partial, safe_serialization=True)
-        (partial / "calibration.json").write_text(json.dumps(stats, indent=2))
-        replace_directory(partial, out)
-        if heldout:
-            grid = save_vae_grid(vae, heldout_set, Path(config.output_dir) / "samples" / "vae.png")
-            log_image(accelerator, "vae_reconstructions", grid, settings.max_train_steps)
-        log_metrics(accelerator, config, {"stage": "vae", "step": settings.max_train_steps,
-                                          **{k: v for k, v in stats.items() if k != "check"}})
-    accelerator.wait_for_everyone()
-    accelerator.free_memory()  # forget the VAE's optimizer before the next stage
-    report_vae_check(accelerator, config, out, failures)
-    return AutoencoderKL.from_pretrained(out, use_safetensors=True)
-
+from .vae_training import calibrate_latents as calibrate_latents  # re-exported: tests import it from here
+from .vae_training import load_trained_vae, train_vae_stage
 
 # --- stage "unet" -------------------------------------------------------------------------------------
 
@@ -924,6 +437,29 @@ def build_cache(config: Config) -> Path:
                                         cached_text_encoder(config, text_encoder), tokenizer)
     accelerator.print(f"latent cache ready: {cache.directory} ({len(cache.rows)} images)")
     return cache.directory
+
+
+def check_sizes(config: Config, vae: AutoencoderKL, num_examples: int, num_processes: int) -> None:
+    """What would otherwise fail only after the VAE stage, checked before anything is written (and by
+    --dry-run): the VAE's downsampling must divide the resolution, and every stage needs the examples
+    for one optimizer step."""
+    factor = vae_scale_factor(vae)
+    if config.resolution % factor:
+        raise ConfigError(f"resolution: {config.resolution} is not divisible by the VAE's downsampling "
+                          f"factor {factor}; use a multiple of {factor}")
+    stages = {"vae": ("vae_training.train_batch_size", config.vae_training.train_batch_size, 1,
+                      config.vae_training.psnr_samples),
+              "unet": ("train_batch_size", config.train_batch_size, config.gradient_accumulation_steps,
+                       config.validation.num_heldout)}
+    for stage in config.stages:
+        key, batch, accumulation, heldout = stages[stage]
+        rows = len(data_lib.split_heldout(num_examples, heldout, config.seed)[0])
+        if rows < batch * num_processes * accumulation:
+            raise ConfigError(
+                f"{key}: one optimizer step of the {stage} stage takes {batch * num_processes * accumulation} "
+                f"examples ({batch} per process x {num_processes} processes x {accumulation} accumulation), "
+                f"but it trains on {rows} ({num_examples} minus {num_examples - rows} held out); lower {key} "
+                "or add data")
 
 
 def describe_run(config: Config, accelerator: Accelerator, components: dict, num_examples: int | None) -> str:

@@ -29,9 +29,9 @@ COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220)}
 def stopped_after_checkpoint(at_step: int):
     """A training run inside the block stops right after it has written checkpoint `at_step`, as a crash
     would; the block expects that stop."""
-    import ldm_pipeline.train as train_module
+    import ldm_pipeline.loop as loop_module  # the loop saves its checkpoints: the name is looked up there
 
-    save_checkpoint = train_module.save_checkpoint
+    save_checkpoint = loop_module.save_checkpoint
 
     class Stopped(Exception):
         pass
@@ -41,12 +41,12 @@ def stopped_after_checkpoint(at_step: int):
         if step == at_step:
             raise Stopped
 
-    train_module.save_checkpoint = save_then_stop
+    loop_module.save_checkpoint = save_then_stop
     try:
         with pytest.raises(Stopped):
             yield
     finally:
-        train_module.save_checkpoint = save_checkpoint
+        loop_module.save_checkpoint = save_checkpoint
 
 
 def draw_square(color, left: bool, size: int = 32) -> Image.Image:

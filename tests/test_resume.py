@@ -11,6 +11,7 @@ import torch
 from conftest import stopped_after_checkpoint, write_caption_folder
 from test_scale import STEPS, assert_same_state, checkpoint_names, logged, scale_config, training_state
 
+import ldm_pipeline.loop as loop_module
 import ldm_pipeline.train as train_module
 from ldm_pipeline.checkpoints import load_checkpoint
 from ldm_pipeline.config import ConfigError, config_from_dict
@@ -139,7 +140,7 @@ def test_ema_weights_are_restored_in_place_on_the_models_device(finished):
 def flaky(monkeypatch, bad_windows: set, accumulation: int = 1):
     """Make the loss non-finite on the given data windows (by data position, so a resumed run sees them too)."""
     current = {}
-    sample_generators, diffusion_loss = train_module.sample_generators, train_module.diffusion_loss
+    sample_generators, diffusion_loss = loop_module.sample_generators, train_module.diffusion_loss
 
     def remember(seed, micro_step, indices):
         current["window"] = micro_step // accumulation
@@ -150,7 +151,7 @@ def flaky(monkeypatch, bad_windows: set, accumulation: int = 1):
         bad = torch.is_grad_enabled() and current.get("window") in bad_windows
         return value * float("nan") if bad else value
 
-    monkeypatch.setattr(train_module, "sample_generators", remember)
+    monkeypatch.setattr(loop_module, "sample_generators", remember)  # the loop draws; the UNet stage computes
     monkeypatch.setattr(train_module, "diffusion_loss", loss)
 
 

@@ -196,19 +196,20 @@ import os, signal, sys
 from pathlib import Path
 
 import ldm_pipeline.checkpoints as checkpoints
+import ldm_pipeline.loop as loop
 import ldm_pipeline.train as train
 
 when, step = sys.argv[1], int(sys.argv[2])
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if when == "training":
-    sample_generators = train.sample_generators
+    sample_generators = loop.sample_generators
 
     def dying_sample_generators(seed, micro_step, indices):
         if micro_step == step - 1:
             die()
         return sample_generators(seed, micro_step, indices)
 
-    train.sample_generators = dying_sample_generators
+    loop.sample_generators = dying_sample_generators
 else:
     save_file = checkpoints.save_file
 

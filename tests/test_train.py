@@ -13,6 +13,7 @@ from conftest import tiny_config, tiny_config_dict
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from ldm_pipeline import cpu
+from ldm_pipeline import loop as loop_module
 from ldm_pipeline.config import Config, ConfigError, ModelConfig
 from ldm_pipeline.losses import diffusion_loss, diffusion_target
 from ldm_pipeline.models import build_noise_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
@@ -186,7 +187,7 @@ def test_a_rolled_back_run_never_prunes_its_starting_point_or_newer_checkpoints(
     # Roll back to step-4, checkpoint every step, and crash right after step-5 is saved.
     step_4 = str(out / "checkpoints" / "step-4")
     rollback = tiny_config(out, caption_folder, checkpointing_steps=1, resume_from_checkpoint=step_4, **common)
-    save_checkpoint = train_module.save_checkpoint
+    save_checkpoint = loop_module.save_checkpoint
 
     class Crash(Exception):
         pass
@@ -196,7 +197,7 @@ def test_a_rolled_back_run_never_prunes_its_starting_point_or_newer_checkpoints(
         if step == 5:
             raise Crash
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_crash)  # where the loop looks it up
     with pytest.raises(Crash):
         train(rollback)
     monkeypatch.undo()

@@ -1,0 +1,228 @@
+"""The "vae" stage: train the autoencoder, check its held-out reconstructions against the configured bars,
+calibrate its latents for the UNet, and save it to <output_dir>/vae.
+
+Its own module because only this stage needs it; the loop it runs is `loop.fit`, and `train.py` calls
+`train_vae_stage` before the UNet stage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+from diffusers.utils import make_image_grid
+from safetensors import SafetensorError
+
+from . import data as data_lib
+from .config import Config, ConfigError
+from .loop import Stage, TrainingError, fit, log_image, log_metrics, make_loader, make_optimizer
+from .losses import vae_loss
+from .models import vae_scale_factor
+from .pipeline import replace_directory
+
+
+class VAEForTraining(torch.nn.Module):
+    """Routes encode + decode through forward(), where DDP synchronises gradients."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels, posterior_noise):
+        posterior = self.vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * posterior_noise
+        return self.vae.decode(latents).sample, posterior
+
+
+def shares(accelerator: Accelerator, count: int, chunk: int):
+    """This process's contiguous share of range(count), in chunks of at most `chunk` indices."""
+    with accelerator.split_between_processes(list(range(count))) as mine:
+        return [mine[i:i + chunk] for i in range(0, len(mine), chunk)]
+
+
+@torch.no_grad()
+def calibrate_latents(accelerator: Accelerator, vae: AutoencoderKL, dataset, num_samples: int,
+                      batch_size: int) -> dict:
+    """Center the latents and measure `scaling_factor` so the UNet sees zero-mean, unit-variance input.
+
+    The per-channel mean is folded into the biases of `quant_conv` (which makes the latent mean) and
+    `post_quant_conv` (which reads it): z' = z - mu, and W z + b = W z' + (W mu + b). The VAE's
+    reconstructions are unchanged and the pipeline stays plain Stable Diffusion, which only divides
+    by `scaling_factor` before decoding. Each process encodes its share of the images in training-size
+    batches (a 512 px VAE's activations are large) and only the per-channel sums are reduced.
+    """
+    channels = vae.config.latent_channels
+    sums = torch.zeros(3, channels, dtype=torch.float64, device=accelerator.device)  # count, sum, sum of squares
+    for rows in shares(accelerator, min(num_samples, len(dataset)), batch_size):
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in rows]).to(accelerator.device, vae.dtype)
+        means = vae.encode(pixels).latent_dist.mean.double()  # (b, C, h, w)
+        sums[0] += means[:, 0].numel()
+        sums[1] += means.sum(dim=(0, 2, 3))
+        sums[2] += means.pow(2).sum(dim=(0, 2, 3))
+    count, total, squares = accelerator.reduce(sums, "sum").cpu()
+    mu = total / count  # (C,)
+    std = ((squares - count * mu.pow(2)).sum() / count.sum()).sqrt().item()
+    mu = mu.to(vae.dtype)
+    vae.quant_conv.bias[:channels] -= mu.to(vae.device)
+    vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ mu.to(vae.device)
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return {"latent_channel_means": [round(v, 4) for v in mu.tolist()], "latent_std": std,
+            "scaling_factor": 1.0 / std}
+
+
+@torch.no_grad()
+def check_reconstructions(accelerator: Accelerator, vae: AutoencoderKL, heldout_set, captions: list[str] | None,
+                          batch_size: int) -> dict:
+    """Held-out PSNR and, for shapes data, the checker's color / shape / position accuracy on the VAE's
+    reconstructions (the UNet can draw no better than its VAE decodes). Every process scores its share."""
+    from .evaluate import reconstruction_sums
+
+    sums = torch.zeros(5)
+    for rows in shares(accelerator, len(heldout_set), batch_size):
+        pixels = torch.stack([heldout_set[i]["pixel_values"] for i in rows])
+        sums += reconstruction_sums(vae, pixels, [captions[i] for i in rows] if captions else None)
+    count, psnr_sum, *correct = accelerator.reduce(sums.to(accelerator.device), "sum").tolist()
+    if not count:
+        return {}
+    report = {"heldout_psnr_db": psnr_sum / count}
+    if captions:
+        report.update({f"recon_{field}_accuracy": value / count
+                       for field, value in zip(("color", "shape", "position"), correct)})
+    return report
+
+
+def vae_check_failures(settings, report: dict) -> list[str]:
+    """What the finished VAE misses of the bars set in `vae_training` (empty: it passes)."""
+    failures = []
+    if settings.min_psnr is not None and report.get("heldout_psnr_db", float("inf")) < settings.min_psnr:
+        failures.append(f"held-out PSNR {report['heldout_psnr_db']:.2f} dB < vae_training.min_psnr "
+                        f"{settings.min_psnr}")
+    color = report.get("recon_color_accuracy")
+    if settings.min_recon_color is not None and color is not None and color < settings.min_recon_color:
+        failures.append(f"reconstruction color accuracy {color:.1%} < vae_training.min_recon_color "
+                        f"{settings.min_recon_color:.0%} (the UNet cannot draw a color its VAE does not decode)")
+    return failures
+
+
+def report_vae_check(accelerator: Accelerator, config: Config, out: Path, failures: list[str]) -> None:
+    """Say loudly when the VAE misses its bars; stop before the UNet stage unless told to go on."""
+    if not failures:
+        return
+    settings = config.vae_training
+    advice = (f"To retrain it: delete {out}, then rerun with more steps (vae_training.max_train_steps, now "
+              f"{settings.max_train_steps}), or a different vae_training.learning_rate (now {settings.learning_rate}) "
+              f"or seed. The VAE and its report are kept in {out} (calibration.json, samples/vae.png).")
+    banner = "\n".join(["", "!" * 100, "[vae] THE VAE FAILED ITS CHECK:", *(f"  - {f}" for f in failures), advice,
+                         "!" * 100, ""])
+    accelerator.print(banner)
+    if settings.on_check_failure == "error":
+        raise TrainingError(f"[vae] the VAE failed its check: {'; '.join(failures)}. {advice} Set "
+                            "vae_training.on_check_failure: warn to train the UNet on it anyway.")
+
+
+def save_vae_grid(vae: AutoencoderKL, heldout_set, path: Path, count: int = 8):
+    """Held-out originals (top row) above their reconstructions (bottom row)."""
+    from .evaluate import to_pil
+
+    pixels = torch.stack([heldout_set[i]["pixel_values"] for i in range(min(count, len(heldout_set)))])
+    with torch.no_grad():
+        reconstruction = vae.decode(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean).sample
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_image_grid(to_pil(pixels) + to_pil(reconstruction), rows=2, cols=len(pixels))
+    grid.save(path)
+    return grid
+
+
+def load_trained_vae(folder: Path) -> AutoencoderKL:
+    """The VAE stage's result (<output_dir>/vae); a damaged one is named with the way out."""
+    try:
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ConfigError(f"{folder} holds a damaged VAE ({' '.join(str(error).split())}). Delete that folder "
+                          "to train the VAE again (stage vae), or restore it") from error
+
+
+def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.TrainData, vae: AutoencoderKL):
+    """Train the autoencoder, check and calibrate it, save it to <output_dir>/vae; skip if done."""
+    from .evaluate import is_shapes_data
+
+    out = Path(config.output_dir) / "vae"
+    settings = config.vae_training
+    if (out / "config.json").is_file():
+        accelerator.print(f"[vae] using the finished VAE in {out}")
+        calibration = out / "calibration.json"
+        report = json.loads(calibration.read_text()) if calibration.is_file() else {}
+        report_vae_check(accelerator, config, out, vae_check_failures(settings, report))
+        return load_trained_vae(out)
+    rows, heldout = data_lib.split_heldout(len(train.dataset), settings.psnr_samples, config.seed)
+    input_ids = torch.zeros(len(train.dataset), 1, dtype=torch.long)  # captions are not used here
+    dataset = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, rows)
+    heldout_config = type(config.data)(**{**vars(config.data), "random_flip": False})
+    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_config, config.resolution, heldout)
+    heldout_captions = [train.captions[row] for row in heldout]
+    if not is_shapes_data(heldout_captions):
+        heldout_captions = None  # the checker only knows the shapes data set
+    if not heldout:
+        accelerator.print(f"[vae] no held-out images (vae_training.psnr_samples: {settings.psnr_samples}, "
+                          f"{len(train.dataset)} images; at most a fifth is held out): the VAE is not checked")
+
+    accelerator.gradient_accumulation_steps = 1
+    if config.gradient_checkpointing:  # at 512 px the decoder's full-size activations dominate memory
+        vae.enable_gradient_checkpointing()
+    model = VAEForTraining(vae)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer, lr_scheduler = make_optimizer(config, list(model.parameters()), settings.learning_rate,
+                                             settings.lr_scheduler, settings.lr_warmup_steps,
+                                             settings.max_train_steps)
+    model, optimizer, loader = accelerator.prepare(model, optimizer,
+                                                   make_loader(config, dataset, settings.train_batch_size))
+    latent_shape = (vae.config.latent_channels,) + (config.resolution // vae_scale_factor(vae),) * 2
+    batch_size = settings.train_batch_size
+
+    def compute_loss(batch, generators):
+        pixels = batch["pixel_values"]
+        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(pixels.device)
+        reconstruction, posterior = model(pixels, noise)
+        return vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight)[0]
+
+    def validate(step):
+        report = check_reconstructions(accelerator, accelerator.unwrap_model(model).vae.eval(), heldout_set,
+                                       heldout_captions, batch_size)
+        accelerator.print(f"[vae] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+        return report
+
+    stage = Stage(name="vae", models=[model], optimizer=optimizer, lr_scheduler=lr_scheduler,
+                  learning_rates=[settings.learning_rate], dataloader=loader, compute_loss=compute_loss,
+                  max_train_steps=settings.max_train_steps,
+                  max_grad_norm=settings.max_grad_norm, checkpointing_steps=settings.checkpointing_steps,
+                  checkpoint_prefix="vae-", batch_size=batch_size, validate=validate if heldout else None,
+                  validation_steps=settings.validation_steps)
+    fit(accelerator, config, stage)
+
+    vae = accelerator.unwrap_model(model).vae.eval()
+    stats = calibrate_latents(accelerator, vae, dataset, settings.scaling_samples, batch_size)
+    stats.update(check_reconstructions(accelerator, vae, heldout_set, heldout_captions, batch_size))
+    failures = vae_check_failures(settings, stats)
+    stats["check"] = {"passed": not failures, "failures": failures,
+                      "min_psnr": settings.min_psnr, "min_recon_color": settings.min_recon_color}
+    accelerator.print("[vae] " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items() if isinstance(v, float)))
+    if accelerator.is_main_process:
+        partial = out.with_name("vae.tmp")
+        shutil.rmtree(partial, ignore_errors=True)
+        vae.save_pretrained(partial, safe_serialization=True)
+        (partial / "calibration.json").write_text(json.dumps(stats, indent=2))
+        replace_directory(partial, out)
+        if heldout:
+            grid = save_vae_grid(vae, heldout_set, Path(config.output_dir) / "samples" / "vae.png")
+            log_image(accelerator, "vae_reconstructions", grid, settings.max_train_steps)
+        log_metrics(accelerator, config, {"stage": "vae", "step": settings.max_train_steps,
+                                          **{k: v for k, v in stats.items() if k != "check"}})
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # forget the VAE's optimizer before the next stage
+    report_vae_check(accelerator, config, out, failures)
+    return AutoencoderKL.from_pretrained(out, use_safetensors=True)
