@@ -3,6 +3,7 @@ then check that it draws the style and still draws what the prompt asks for.
 
     python benchmarks/lora_adaptation.py [--base DIR] [--workdir DIR] [--steps 1800] [--rank 16] [--images 3000]
                                          [--seeds-per-prompt 2] [--speed-rounds 5] [--base-vae-steps 2000]
+                                         [--seed 0]
 
 0. The base. A LoRA adapts the UNet (and text encoder); the VAE stays, so it must already be able to draw the
    style. The main command's VAE has only seen white backgrounds and cannot (step 5 measures it), so without
@@ -64,7 +65,7 @@ def run_config(base: Path, data_dir: Path, out: Path, steps: int, defaults: dict
     """A UNet run on the dark shapes from `base` at its resolution and sampling settings."""
     prompts = all_captions()[::15]  # six prompts: every color
     config = {
-        "output_dir": str(out), "seed": 0, "resolution": defaults["resolution"], "stages": ["unet"],
+        "output_dir": str(out), "resolution": defaults["resolution"], "stages": ["unet"],
         "model": {"pretrained_model_name_or_path": str(base)},
         "data": {"train_data_dir": str(data_dir), "cache_latents": True},
         "train_batch_size": 32, "max_train_steps": steps, "lr_scheduler": "cosine", "lr_warmup_steps": 10,
@@ -96,7 +97,7 @@ def mixed_folder(out: Path, num_images: int) -> Path:
     return out
 
 
-def build_base(work: Path, vae_steps: int) -> Path:
+def build_base(work: Path, vae_steps: int, seed: int) -> Path:
     """train_configs/shapes.yaml in two runs: the vae stage on white and dark shapes (`vae_steps` steps: it learns
     two backgrounds), then the unet stage on white ones with that VAE. Returns the pipeline (reused when it
     exists)."""
@@ -108,8 +109,8 @@ def build_base(work: Path, vae_steps: int) -> Path:
     mixed = mixed_folder(work / "data_mixed", 6000)
     train(load_config(SHAPES_CONFIG, [f"data.train_data_dir={mixed}", "data.make_shapes=null",
                                       f"output_dir={work / 'base_vae'}", "stages=[vae]",
-                                      f"vae_training.max_train_steps={vae_steps}"]))
-    return train(load_config(SHAPES_CONFIG, [f"data.train_data_dir={work / 'data_white'}",
+                                      f"vae_training.max_train_steps={vae_steps}", f"seed={seed}"]))
+    return train(load_config(SHAPES_CONFIG, [f"data.train_data_dir={work / 'data_white'}", f"seed={seed}",
                                              f"output_dir={work / 'base_unet'}", "stages=[unet]",
                                              f"model.vae={work / 'base_vae' / 'vae'}"]))
 
@@ -176,6 +177,7 @@ def main(argv=None) -> int:
                         help="VAE steps of the base made without --base (the main command's 1,000 are for white "
                              "shapes alone)")
     parser.add_argument("--images", type=int, default=3000, help="dark-background training images")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of the base (when made here) and the LoRA")
     parser.add_argument("--steps", type=int, default=1800, help="LoRA optimizer steps (batch 32)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--target-modules", default=",".join(STYLE_TARGETS),
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     else:
         set_up_cpu(load_config(SHAPES_CONFIG))
-    base = Path(args.base).resolve() if args.base else build_base(work, args.base_vae_steps)
+    base = Path(args.base).resolve() if args.base else build_base(work, args.base_vae_steps, args.seed)
     if not (base / DEFAULTS_FILE).is_file():
         parser.error(f"--base {base}: not a pipeline trained here (no {DEFAULTS_FILE}); train one with "
                      "`accelerate launch train.py --config train_configs/shapes.yaml`")
@@ -209,7 +211,7 @@ def main(argv=None) -> int:
 
     shutil.rmtree(work / "lora_run", ignore_errors=True)  # the result of an earlier call with other settings
     lora_config = config_from_dict(run_config(base, data_dir, work / "lora_run", args.steps, defaults,
-                                              learning_rate=args.learning_rate,
+                                              learning_rate=args.learning_rate, seed=args.seed,
                                               lora={"rank": args.rank, "alpha": float(args.rank),
                                                     "target_modules": args.target_modules.split(",")}))
     start = time.perf_counter()
@@ -227,6 +229,7 @@ def main(argv=None) -> int:
     unet_bytes = sum(p.stat().st_size for p in (base / "unet").glob("*.safetensors"))
     result = {
         "cpu": cpu_description(), "threads": torch.get_num_threads(), "base": str(base), "images": args.images,
+        "seed": args.seed,
         "lora": {"rank": args.rank, "target_modules": args.target_modules.split(","), "steps": args.steps,
                  "batch": 32, "learning_rate": args.learning_rate,
                  "wall_s": round(lora_wall, 1)},
@@ -237,8 +240,8 @@ def main(argv=None) -> int:
     (work / "lora_adaptation.json").write_text(json.dumps(result, indent=2))
 
     print(f"\n{result['cpu']}, {result['threads']} torch threads; base {base}")
-    print(f"LoRA rank {args.rank} on {args.target_modules}, {args.steps} steps of batch 32 on {args.images} "
-          f"dark-background shapes, lr {args.learning_rate:g}: {lora_wall:.0f} s including data caching, "
+    print(f"LoRA rank {args.rank} on {args.target_modules}, seed {args.seed}, {args.steps} steps of batch 32 on "
+          f"{args.images} dark-background shapes, lr {args.learning_rate:g}: {lora_wall:.0f} s including data caching, "
           "validation and saving")
     print(f"evaluation: 90 prompts x {args.seeds_per_prompt} seeds, {defaults['scheduler']} "
           f"{defaults['num_inference_steps']} steps, guidance {defaults['guidance_scale']}")
