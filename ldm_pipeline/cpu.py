@@ -59,7 +59,7 @@ def keep_freed_heap() -> None:
     glibc serves each allocation over 128 KiB from a fresh mmap and returns it on free, and trims the heap
     whenever 128 KiB at its top are free: every step then page-faults its activations in again (and the
     kernel zeroes each page). With allocations up to 32 MiB kept in the heap, 256 MiB of free heap kept and
-    64 MiB asked for at a time, the embedded default's UNet step took 318-350 ms instead of 399-407 ms
+    64 MiB asked for at a time, the embedded default's UNet step took 318-351 ms instead of 399-407 ms
     (benchmarks/step_speed.py, AMD EPYC, 2 threads). `return_freed_memory` still trims on purpose. Only
     glibc has mallopt; elsewhere this does nothing."""
     libc = _glibc()
