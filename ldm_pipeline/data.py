@@ -401,11 +401,17 @@ def load_train_data(config: Config, accelerator=None, check_images: bool = True)
     if data.train_data_dir and "fork" in multiprocessing.get_all_start_methods():
         dataset, captions, fingerprint = _list_folder_in_child(data)
     else:
-        dataset = load_source(data)
-        captions = captions_of(dataset, data)
-        fingerprint = data_fingerprint(dataset, data, len(captions))
+        _, dataset, captions, fingerprint = _list_source(data)
     train = TrainData(dataset=dataset, captions=captions, fingerprint=fingerprint, checked=False)
     return check_train_images(train, data, accelerator) if check_images else train
+
+
+def _list_source(data: DataConfig):
+    """(the source as opened, the dataset `load_source` gives, its captions, its fingerprint)."""
+    opened = _open_source(data)
+    dataset = _finish_source(opened, data)
+    captions = captions_of(dataset, data)
+    return opened, dataset, captions, data_fingerprint(dataset, data, len(captions))
 
 
 def _list_folder_in_child(data: DataConfig):
@@ -435,14 +441,11 @@ def _list_folder_in_child(data: DataConfig):
 
 def _send_listing(data: DataConfig, sender) -> None:
     try:
-        dataset = _open_source(data)
-        if not dataset.cache_files:
+        opened, _, captions, fingerprint = _list_source(data)
+        if not opened.cache_files:
             raise DataError(f"datasets kept the listing of {data.train_data_dir} in memory, not in its cache; "
                             "set HF_DATASETS_CACHE to a writable directory")
-        files = [entry["filename"] for entry in dataset.cache_files]
-        dataset = _finish_source(dataset, data)
-        captions = captions_of(dataset, data)
-        sender.send(("ok", files, captions, data_fingerprint(dataset, data, len(captions))))
+        sender.send(("ok", [entry["filename"] for entry in opened.cache_files], captions, fingerprint))
     except Exception as error:  # every failure goes back to the parent, which raises it
         message = str(error) if isinstance(error, DataError) else traceback.format_exc()
         sender.send(("error", isinstance(error, DataError), message))
@@ -583,9 +586,9 @@ class RowReader:
         indices = np.asarray(indices, dtype=np.int64)
         owner = np.searchsorted(self.starts, indices, side="right") - 1  # the record batch of each row
         order = np.argsort(owner, kind="stable")
-        pieces = [self.batches[b].take(pa.array(indices[order][owner[order] == b] - self.starts[b]))
-                  for b in np.unique(owner)]
-        table = pa.Table.from_batches(pieces).combine_chunks().take(pa.array(np.argsort(order)))
+        indices, owner = indices[order], owner[order]  # grouped by record batch
+        pieces = [self.batches[b].take(pa.array(indices[owner == b] - self.starts[b])) for b in np.unique(owner)]
+        table = pa.Table.from_batches(pieces).combine_chunks().take(pa.array(np.argsort(order)))  # asked order
         columns = {}
         for name in self.names:
             array = table.column(name).combine_chunks()
@@ -604,7 +607,7 @@ class LatentDataset(torch.utils.data.Dataset):
     "prompt_embeds": (L, D) when cached. With random flips each row picks one of its two orientations."""
 
     def __init__(self, cache: LatentCache, indices, random_flip: bool):
-        self.rows, self.indices, self.random_flip = cache.rows, indices, random_flip
+        self.indices, self.random_flip = indices, random_flip
         self.reader = RowReader(cache.rows, [name for name in cache.rows.column_names if name != "row"])
 
     def __len__(self):
