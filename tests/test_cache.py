@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 
 import datasets
@@ -20,7 +19,7 @@ import yaml
 from conftest import stopped_after_checkpoint, tiny_config_dict, write_caption_folder
 from safetensors.torch import load_file
 from test_hub_layout import write_hub_layout
-from test_launch import ROOT, accelerate_launch
+from test_launch import ROOT, accelerate_launch, run_watched
 from test_scale import STEPS, assert_same_state, scale_config
 
 import ldm_pipeline.train as train_module
@@ -111,8 +110,8 @@ def test_a_killed_cache_build_resumes_and_ends_equal(root, one_process_cache, ca
     (root / "killer.py").write_text(KILLER)
     out = root / "killed"
     config = write_config(root / "killed.yaml", cache_config(out, root / "data"))
-    result = subprocess.run([sys.executable, str(root / "killer.py"), "--config", config], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    result = run_watched([sys.executable, str(root / "killer.py"), "--config", config], cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     cache = out / "latent_cache"
     assert sorted(p.name for p in cache.glob("shard-*")) == SHARDS[:2]

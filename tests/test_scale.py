@@ -12,7 +12,6 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -22,7 +21,7 @@ import yaml
 from conftest import stopped_after_checkpoint, tiny_config_dict, write_caption_folder
 from PIL import Image
 from safetensors.torch import load_file
-from test_launch import ROOT, accelerate_launch
+from test_launch import ROOT, accelerate_launch, run_watched
 
 import ldm_pipeline.train as train_module
 from ldm_pipeline.checkpoints import find_resume_checkpoint
@@ -158,8 +157,7 @@ def test_generate_at_two_processes_writes_every_image_once_as_one_process_does(t
     paths = {"DIR": str(trained_run / "pipeline"), "prompts.txt": str(tmp_path / "prompts.txt"),
              "gen/": str(tmp_path / "two")}
     command = [sys.executable, "-m", "accelerate.commands.launch", *[paths.get(w, w) for w in words[3:]], *settings]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True,
-                            text=True, timeout=300)
+    result = run_watched(command, cwd=ROOT, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "generating 5 images on 2 process(es)" in result.stdout
     assert result.stdout.count("wrote 5 images") == 1  # the main process alone writes
@@ -227,9 +225,8 @@ def killed_run(root, when: str, step: int, **overrides):
     (root / "killer.py").write_text(KILLER)
     out = root / f"killed_{when}"
     config = write_config(root / f"killed_{when}.yaml", scale_config(out, root / "data", **overrides))
-    result = subprocess.run([sys.executable, str(root / "killer.py"), when, str(step), "--config", str(config)],
-                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},  # as this process: exact
-                            capture_output=True, text=True, timeout=300)
+    result = run_watched([sys.executable, str(root / "killer.py"), when, str(step), "--config", str(config)],
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # as this process: exact
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     return out
 
