@@ -9,15 +9,10 @@ mid-save loses nothing but that save.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
 import shutil
-import socket
-import time
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 from pickle import UnpicklingError  # what a weights_only load raises; nothing here unpickles
 
@@ -29,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import Config, ConfigError, _safe_yaml, to_yaml
+from .locks import directory_lock
 from .pipeline import replace_directory
 
 # A run resumes only with the settings it was started with where they shape the model, the data it
@@ -44,59 +40,10 @@ FINISHED_VAE_KEYS = tuple(f"vae_training.{key}" for key in (
     "train_batch_size", "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "kl_weight",
     "foreground_weight", "max_grad_norm", "scaling_samples", "psnr_samples"))
 
-LOCK_FILE = ".ldm_pipeline.lock"
 
-
-@contextmanager
 def output_dir_lock(output_dir, hold: bool = True):
-    """Hold an exclusive lock on `output_dir` for a whole run; only the main process takes it (`hold`).
-
-    The lock is `flock` on `<output_dir>/.ldm_pipeline.lock`: the OS drops it when the holding process
-    ends, however it ends (SIGKILL too), so a lock file left behind never blocks the next run. Folders
-    made here only to hold the lock are removed again if the run leaves them empty (a refused run
-    leaves nothing behind).
-    """
-    if not hold:
-        yield
-        return
-    out = Path(output_dir)
-    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_FILE
-    handle = _take_lock(path)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        handle.close()
-        for folder in created:
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-
-
-def _take_lock(path: Path):
-    while True:
-        handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "a process that has not written its pid yet"
-            handle.close()
-            raise ConfigError(
-                f"output_dir: {path.parent} is in use by another training run ({holder}; lock file {path}). "
-                "Wait for that run to finish, or choose another output_dir. The lock ends with its process, "
-                "even a killed one, so there is no stale lock to delete.") from None
-        # The holder removes the file when it finishes: if that happened between our open and our lock,
-        # we locked a file that no longer has this name, so take the lock again on the current one.
-        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-            break
-        handle.close()
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    return handle
-
+    """One training run per `output_dir`, for the whole run; only the main process takes the lock (`hold`)."""
+    return directory_lock(output_dir, "output_dir", "training run", ConfigError, hold)
 
 
 def check_output_dir(config: Config, num_processes: int = 1) -> None:

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import Config, DataConfig
+from .locks import LOCK_FILE, directory_lock
 
 logger = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
@@ -759,7 +760,6 @@ def _shard_names(cache_dir: Path, manifest: dict) -> list[str]:
     return names
 
 
-@torch.no_grad()
 def build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_encoder, tokenizer) -> LatentCache:
     """Open the cache at `latent_cache_dir`, encoding what it lacks first; refuse a stale or foreign one.
 
@@ -767,8 +767,19 @@ def build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_
     data.cache_shard_size, not by the process count, so the cache is the same at any process count) and
     checks those images, once. Finished shards are kept: a build that was killed, or is run again, only
     encodes the rest. `text_encoder` is None when its outputs are not to be cached.
+
+    A build holds the cache directory's lock (its main process does), so a second build of the same cache
+    is refused instead of removing the first one's shards in progress; reading a finished cache takes none.
     """
     cache_dir = latent_cache_dir(config)
+    builds = accelerator.is_main_process and not (read_manifest(cache_dir) or {}).get("complete")
+    with directory_lock(cache_dir, "data.latent_cache_dir", "latent cache build", DataError, hold=builds):
+        return _build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer, cache_dir)
+
+
+@torch.no_grad()
+def _build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_encoder, tokenizer,
+                        cache_dir: Path) -> LatentCache:
     key = cache_key(config, train, vae, text_encoder, tokenizer)
     manifest = read_manifest(cache_dir)
     if manifest is not None:
@@ -785,7 +796,7 @@ def build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_
             if accelerator.is_main_process:
                 print(f"reusing latent cache {cache_dir} ({manifest['cached_rows']} images)")
             return open_latent_cache(cache_dir, manifest, cache_features(config, vae, text_encoder, tokenizer))
-    elif cache_dir.exists() and any(cache_dir.iterdir()):
+    elif cache_dir.exists() and any(path.name != LOCK_FILE for path in cache_dir.iterdir()):
         raise DataError(f"data.latent_cache_dir: {cache_dir} exists but holds no latent cache "
                         "(no manifest.json); point it at a new or empty directory")
     empty_embeds = None

@@ -18,6 +18,7 @@ import torch
 import yaml
 from conftest import stopped_after_checkpoint, tiny_config_dict, write_caption_folder
 from safetensors.torch import load_file
+from test_bad_input import assert_one_error_line
 from test_hub_layout import write_hub_layout
 from test_launch import ROOT, accelerate_launch, run_watched
 from test_scale import STEPS, assert_same_state, scale_config
@@ -25,6 +26,7 @@ from test_scale import STEPS, assert_same_state, scale_config
 import ldm_pipeline.train as train_module
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ModelConfig, config_from_dict
+from ldm_pipeline.locks import LOCK_FILE, directory_lock
 from ldm_pipeline.train import train
 
 SHARDS = ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
@@ -136,6 +138,28 @@ def test_a_cache_of_other_weights_is_refused_and_kept(root, one_process_cache, t
                                                "different vae, text_encoder")
     assert "Delete that directory to rebuild it, or set data.latent_cache_dir to a new path" in err[0]
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == before
+
+
+def test_a_second_build_of_a_cache_in_progress_is_refused_and_removes_nothing(root, one_process_cache, tmp_path,
+                                                                             capsys):
+    cache = shutil.copytree(one_process_cache, tmp_path / "cache")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    shutil.rmtree(cache / "shard-00003")
+    (cache / ".partial-shard-00003-4242").mkdir()  # the shard the other build is writing
+    config = write_config(tmp_path / "run.yaml", cache_config(tmp_path / "out", root / "data",
+                                                              data__latent_cache_dir=str(cache)))
+    with directory_lock(cache, "data.latent_cache_dir", "latent cache build", RuntimeError):  # the other build
+        assert cli(["cache", "--config", config]) == 2
+        assert_one_error_line(capsys.readouterr().err, f"data.latent_cache_dir: {cache} is in use by another "
+                                                       f"latent cache build (pid {os.getpid()} on ")
+        assert (cache / ".partial-shard-00003-4242").is_dir()
+    assert cli(["cache", "--config", config]) == 0  # once it is gone, a build finishes the cache
+    assert not list(cache.glob(".partial-*")) and not (cache / LOCK_FILE).exists()
+    assert_same_cache(cache, one_process_cache)
+    with directory_lock(cache, "data.latent_cache_dir", "latent cache build", RuntimeError):
+        assert cli(["cache", "--config", config]) == 0  # a finished cache is read without the lock
+        assert f"reusing latent cache {cache}" in capsys.readouterr().out
 
 
 def test_the_cache_command_refuses_a_run_whose_vae_is_not_trained_yet(root, tmp_path, capsys):

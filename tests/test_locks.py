@@ -14,9 +14,10 @@ from PIL import Image
 from test_bad_input import assert_one_error_line, files_of
 from test_launch import ROOT
 
-from ldm_pipeline.checkpoints import LOCK_FILE, output_dir_lock
+from ldm_pipeline.checkpoints import output_dir_lock
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ConfigError
+from ldm_pipeline.locks import LOCK_FILE
 from ldm_pipeline.pipeline import ImageWriter, read_png_metadata
 from ldm_pipeline.train import main as train_main
 from ldm_pipeline.train import train
