@@ -37,7 +37,6 @@ from .checkpoints import check_output_dir, checkpoint_trained_weights_only, outp
 from .config import Config, ConfigError, ModelConfig, add_run_arguments, load_config, os_error_message, to_yaml
 from .cpu import set_up_cpu
 from .loop import Stage, TrainingError, fit, log_image, log_metrics, make_loader, make_optimizer
-from .loop import sample_generators as sample_generators  # re-exported: tests import it from here
 from .lora import TEXT_ENCODER_TARGETS, add_adapters, base_reference, check_targets, save_lora, trainable
 from .losses import diffusion_loss, diffusion_target
 from .models import (
@@ -52,7 +51,6 @@ from .models import (
 )
 from .pipeline import check_process_group, generate, replace_directory, save_pipeline
 from .tokenizer import save_tokenizer
-from .vae_training import calibrate_latents as calibrate_latents  # re-exported: tests import it from here
 from .vae_training import load_trained_vae, train_vae_stage
 
 # --- stage "unet" -------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ from conftest import tiny_config
 from PIL import Image
 
 from ldm_pipeline.evaluate import is_shapes_data, reconstruction_sums, to_pil
+from ldm_pipeline.loop import TrainingError, sample_generators
 from ldm_pipeline.shapes import make_shapes
-from ldm_pipeline.train import TrainingError, calibrate_latents, train
+from ldm_pipeline.train import train
+from ldm_pipeline.vae_training import calibrate_latents
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +119,7 @@ def test_calibration_centres_the_latents_and_keeps_reconstructions(tmp_path):
 
 def test_the_seed_changes_the_vae_init_the_data_order_and_the_noise(tmp_path, shapes_folder):
     from ldm_pipeline.models import ModelConfig, build_vae
-    from ldm_pipeline.train import build_accelerator, sample_generators, seeded
+    from ldm_pipeline.train import build_accelerator, seeded
 
     def vae_weights(seed):
         return seeded(seed, "vae", lambda: build_vae(ModelConfig())).encoder.conv_in.weight
