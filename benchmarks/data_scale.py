@@ -50,18 +50,15 @@ def settings(data_dir: Path, out: Path, steps: int, cache: bool, threads: int | 
 
 def worker(job: str, config_path: str, overrides: list[str]) -> None:
     """Runs inside `accelerate launch`: one cache build or one training run; prints a JSON line per process."""
-    import importlib
 
     import psutil
 
-    from ldm_pipeline import data as data_lib
-    from ldm_pipeline import vae_training
+    from ldm_pipeline import latent_cache, training, unet_stage, vae_stage
     from ldm_pipeline.config import load_config
-
-    train_module = importlib.import_module("ldm_pipeline.train")  # the package exports train(), the function
+    from ldm_pipeline.cpu import set_up_cpu
 
     config = load_config(config_path, overrides)
-    train_module.set_up_cpu(config)
+    set_up_cpu(config)
     rank = int(os.environ.get("RANK", 0))
     timed, loop_peak, loop_anon, sampling = {}, [0], [0], threading.Event()
 
@@ -77,7 +74,7 @@ def worker(job: str, config_path: str, overrides: list[str]) -> None:
             time.sleep(0.05)
 
     if job == "cache":
-        build = data_lib.build_latent_cache
+        build = latent_cache.build_latent_cache
 
         def timed_build(*args, **kwargs):
             start = time.perf_counter()
@@ -85,10 +82,10 @@ def worker(job: str, config_path: str, overrides: list[str]) -> None:
             timed["encode_s"] = time.perf_counter() - start
             return cache
 
-        data_lib.build_latent_cache = timed_build
-        train_module.build_cache(config)
+        latent_cache.build_latent_cache = timed_build
+        training.build_cache(config)
     else:
-        fit = train_module.fit  # loop.fit, which each stage's module imports
+        fit = unet_stage.fit  # loop.fit, which each stage's module imports
 
         def timed_fit(accelerator, config, stage):
             thread = threading.Thread(target=sample_rss, daemon=True)
@@ -98,11 +95,11 @@ def worker(job: str, config_path: str, overrides: list[str]) -> None:
             timed["train_s"] = time.perf_counter() - start
             sampling.set()
             thread.join()
-            timed["samples"] = state.step * stage.batch_size * accelerator.num_processes
+            timed["samples"] = state.step * stage.settings.train_batch_size * accelerator.num_processes
             return state
 
-        train_module.fit = vae_training.fit = timed_fit
-        train_module.train(config)
+        unet_stage.fit = vae_stage.fit = timed_fit
+        training.train(config)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     import torch
 
@@ -170,7 +167,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.config, args.overrides)
 
-    from ldm_pipeline.shapes import make_shapes
+    from ldm_pipeline.shapes.maker import make_shapes
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,8 @@ from sd512_cpu import peak_rss_bytes, reset_peak_rss, write_images  # noqa: E402
 from step_speed import cpu_model  # noqa: E402
 
 import ldm_pipeline.loop as loop_module  # noqa: E402
-import ldm_pipeline.train as train_module  # noqa: E402
+import ldm_pipeline.training as train_module  # noqa: E402
+import ldm_pipeline.unet_stage as unet_stage  # noqa: E402
 from ldm_pipeline import load_pipeline  # noqa: E402
 from ldm_pipeline.config import config_from_dict  # noqa: E402
 from ldm_pipeline.models import UNET_PRESETS  # noqa: E402
@@ -149,7 +150,7 @@ def check_fp16_overflow(work: Path, data_dir: Path, device: str, shrink: bool) -
 
     steps, inject_at = STEPS["shrink" if shrink else "full"], 2  # data window 2: meant as the third step
     window, skipped = {}, {}  # window -> did the GradScaler skip its update
-    sample_generators, build_unet = loop_module.sample_generators, train_module.build_unet
+    sample_generators, build_unet = loop_module.sample_generators, unet_stage.build_unet
     was_skipped = Accelerator.optimizer_step_was_skipped
 
     def remember(seed, micro_step, indices):
@@ -170,7 +171,7 @@ def check_fp16_overflow(work: Path, data_dir: Path, device: str, shrink: bool) -
     with ExitStack() as stack:
         for module, name, value in (
                 (train_module, "build_accelerator", with_cpu_grad_scaler(train_module.build_accelerator)),
-                (loop_module, "sample_generators", remember), (train_module, "build_unet", unet_with_overflow)):
+                (loop_module, "sample_generators", remember), (unet_stage, "build_unet", unet_with_overflow)):
             stack.enter_context(mock.patch.object(module, name, value))
         stack.enter_context(mock.patch.object(Accelerator, "optimizer_step_was_skipped", property(recorded)))
         train_module.train(config_from_dict(run_config(out, data_dir, shrink, mixed_precision="fp16")))

@@ -49,7 +49,7 @@ from step_speed import time_steps  # noqa: E402
 
 from ldm_pipeline.config import config_from_dict, load_config  # noqa: E402
 from ldm_pipeline.lora import WEIGHTS_NAME  # noqa: E402
-from ldm_pipeline.shapes import all_captions, balanced_combinations, caption, draw_shape, make_shapes  # noqa: E402
+from ldm_pipeline.shapes.maker import all_captions, balanced_combinations, caption, draw_shape, make_shapes  # noqa: E402
 
 SHAPES_CONFIG = ROOT / "train_configs" / "shapes.yaml"
 # A background is in every latent pixel: besides attention, the adapters go on the feed-forward layers, the
@@ -101,7 +101,7 @@ def build_base(work: Path, vae_steps: int, seed: int) -> Path:
     """train_configs/shapes.yaml in two runs: the vae stage on white and dark shapes (`vae_steps` steps: it learns
     two backgrounds), then the unet stage on white ones with that VAE. Returns the pipeline (reused when it
     exists)."""
-    from ldm_pipeline.train import train
+    from ldm_pipeline.training import train
 
     pipeline = work / "base_unet" / "pipeline"
     if (pipeline / "model_index.json").is_file():
@@ -119,15 +119,15 @@ def vae_on_dark(base: Path, resolution: int, count: int = 450) -> dict:
     """The base VAE's reconstructions of fresh dark shapes: what any UNet adapter can draw at best."""
     from diffusers import AutoencoderKL
 
-    from ldm_pipeline.evaluate import _to_tensor, psnr, score_images, to_pil
+    from ldm_pipeline.evaluate import IMAGES, psnr, reconstruct
+    from ldm_pipeline.shapes.checker import score_images
 
     rng = random.Random(12345)
     combos = balanced_combinations(count, rng)
-    pixels = _to_tensor([draw_shape(c, s, p, resolution, rng, "dark") for c, s, p in combos])
+    pixels = IMAGES.preprocess([draw_shape(c, s, p, resolution, rng, "dark") for c, s, p in combos])
     vae = AutoencoderKL.from_pretrained(base / "vae", use_safetensors=True)
-    with torch.no_grad():
-        reconstructions = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
-    report = score_images(to_pil(reconstructions), [caption(*combo) for combo in combos])
+    reconstructions = reconstruct(vae, pixels)
+    report = score_images(IMAGES.postprocess(reconstructions, output_type="pil"), [caption(*combo) for combo in combos])
     return {"psnr_db": psnr(pixels, reconstructions), "dark_background_fraction": report["dark_background_fraction"],
             **{f"{field}_accuracy": report[f"{field}_accuracy"] for field in ("color", "shape", "position")}}
 
@@ -190,8 +190,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from ldm_pipeline.cpu import set_up_cpu
-    from ldm_pipeline.evaluate import evaluate_model
     from ldm_pipeline.pipeline import DEFAULTS_FILE
+    from ldm_pipeline.shapes.checker import evaluate_model
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lora_adaptation-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,9 @@ sys.path[:0] = [str(ROOT), str(BENCHMARKS)]
 from step_speed import cpu_model  # noqa: E402
 
 import ldm_pipeline.loop as loop_module  # noqa: E402
-import ldm_pipeline.train as train_module  # noqa: E402
-import ldm_pipeline.vae_training as vae_training  # noqa: E402
+import ldm_pipeline.training as train_module  # noqa: E402
+import ldm_pipeline.unet_stage as unet_stage  # noqa: E402
+import ldm_pipeline.vae_stage as vae_stage  # noqa: E402
 from ldm_pipeline.config import ModelConfig, load_config  # noqa: E402
 from ldm_pipeline.models import build_text_encoder, build_unet, build_vae  # noqa: E402
 from ldm_pipeline.tokenizer import build_tokenizer  # noqa: E402
@@ -94,22 +95,22 @@ def measure_stages(config) -> tuple[dict, int]:
     def measured_fit(accelerator, config, stage):
         whole[0] = max(whole[0], peak_rss_bytes())
         reset_peak_rss()
-        stages[stage.name] = {"step_times": []}
+        stages[stage.settings.name] = {"step_times": []}
         state = fit(accelerator, config, stage)
-        stages[stage.name]["peak_rss_bytes"] = peak_rss_bytes()
+        stages[stage.settings.name]["peak_rss_bytes"] = peak_rss_bytes()
         return state
 
     def timed_after_step(accelerator, config, stage, *args):
-        stages[stage.name]["step_times"].append(time.perf_counter())
+        stages[stage.settings.name]["step_times"].append(time.perf_counter())
         return after_step(accelerator, config, stage, *args)
 
     # Each stage calls fit from its own module; fit calls after_step from the loop's.
-    train_module.fit = vae_training.fit = measured_fit
+    unet_stage.fit = vae_stage.fit = measured_fit
     loop_module.after_step = timed_after_step
     try:
         train_module.train(config)
     finally:
-        train_module.fit = vae_training.fit = fit
+        unet_stage.fit = vae_stage.fit = fit
         loop_module.after_step = after_step
     for row in stages.values():
         times = row.pop("step_times")

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     # Only the model settings are used: any existing folder, apart from output_dir, stands in for the data.
     config = load_config(args.config, args.overrides + ["data.make_shapes=null",
                                                         f"data.train_data_dir={tempfile.mkdtemp()}"])
-    from ldm_pipeline.shapes import all_captions
+    from ldm_pipeline.shapes.maker import all_captions
 
     tokenizer = build_tokenizer(all_captions())
     resolution = config.resolution

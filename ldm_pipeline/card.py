@@ -13,8 +13,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .config import Config
-from .models import resolve_source
+from .config import TEXT_ENCODER_LORA_TARGETS, Config, fields_with, get_setting
+from .models import base_reference, resolve_source
 
 TAGS = ["ldm_pipeline", "text-to-image", "diffusers", "stable-diffusion-style"]
 SAMPLE_GRID = "sample_grid.png"  # the final validation grid, copied next to the card
@@ -45,8 +45,6 @@ def _usage(sampling) -> str:
 
 
 def _lora_usage(config: Config) -> str:
-    from .lora import base_reference
-
     sampling = config.sampling
     return ("## Use\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
             f"pipe = StableDiffusionPipeline.from_pretrained(\"{base_reference(config.model)}\")\n"
@@ -58,11 +56,9 @@ def _lora_usage(config: Config) -> str:
 
 
 def _lora_section(config: Config, parameters: dict[str, int]) -> str:
-    from .lora import TEXT_ENCODER_TARGETS, base_reference
-
     lora = config.lora
     targets = f"the UNet's {', '.join(lora.target_modules)}" + (
-        f" and the text encoder's {', '.join(TEXT_ENCODER_TARGETS)}" if lora.train_text_encoder else "")
+        f" and the text encoder's {', '.join(TEXT_ENCODER_LORA_TARGETS)}" if lora.train_text_encoder else "")
     return (f"## LoRA\n\nRank {lora.rank} adapters (alpha {lora.alpha or lora.rank}, dropout {lora.dropout}) on "
             f"{targets} of `{base_reference(config.model)}`: {parameters['trainable'] / 1e6:.3f}M trained "
             "parameters; the base stays as it is. The weights are in diffusers' LoRA format "
@@ -113,10 +109,7 @@ def _training_section(config: Config, num_processes: int, parameters: dict[str, 
     components = "\n".join(f"- {name}: {parameters[name] / 1e6:.2f}M parameters, initialised from "
                            f"{resolve_source(config.model, name).describe()}{trained[name]}"
                            for name in ("unet", "vae", "text_encoder"))
-    settings = {"resolution": config.resolution, "mixed_precision": config.mixed_precision,
-                "prediction_type": config.prediction_type, "use_ema": config.use_ema, "snr_gamma": config.snr_gamma,
-                "noise_offset": config.noise_offset, "train_text_encoder": config.train_text_encoder,
-                "processes": num_processes, "seed": config.seed}
+    settings = {key: get_setting(config, key) for key in fields_with(card=True)} | {"processes": num_processes}
     return ("## Training\n\n| stage | optimizer steps | global batch | learning rate |\n|---|---|---|---|\n"
             + "\n".join(rows) + "\n\n" + ", ".join(f"`{k}`: {v}" for k, v in settings.items())
             + f"\n\n{components}")

@@ -1,4 +1,5 @@
-"""`ldm-pipeline` command line: generate, evaluate, make-shapes, train, cache, export, demo.
+"""`ldm-pipeline` command line: generate, train, cache, export, demo, and the commands of the plug-ins (the shapes
+plug-in's make-shapes and evaluate).
 
 `generate` also runs under `accelerate launch -m ldm_pipeline.cli generate ...`: prompts are split
 across processes and every image is written once, by the main process, identical at any process
@@ -8,12 +9,13 @@ count.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from pathlib import Path
 
-from .config import ConfigError, add_run_arguments, os_error_message
+from . import plugins
+from .config import ConfigError, add_run_arguments, load_config, os_error_message
+from .console import quiet_library_logs
 
 
 def _prompts(args) -> list[str]:
@@ -29,14 +31,9 @@ def _prompts(args) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from .pipeline import (
-        ImageWriter,
-        check_generation_settings,
-        generate_batches,
-        load_pipeline,
-        process_state,
-        save_progress_gif,
-    )
+    from .distributed import process_state
+    from .generation import ImageWriter, check_generation_settings, generate_batches, save_progress_gif
+    from .pipeline import load_pipeline
 
     if args.num_images < 1:
         raise ConfigError("--num-images must be at least 1")
@@ -89,48 +86,16 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_model
-    from .pipeline import process_state
-
-    state = process_state()
-    if args.model is None and args.lora is None:
-        raise ConfigError("give --model (a pipeline directory) or --lora (a LoRA directory, evaluated on its base)")
-    report = evaluate_model(args.model, seeds_per_prompt=args.seeds_per_prompt, num_inference_steps=args.steps,
-                            guidance_scale=args.guidance, batch_size=args.batch_size,
-                            psnr_images=args.psnr_images, device=args.device, first_seed=args.first_seed,
-                            lora=args.lora)
-    if not state.is_main_process:
-        return 0
-    out = Path(args.out or Path(args.lora or args.model).parent / "evaluation.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    summary = {k: report[k] for k in ("color_accuracy", "shape_accuracy", "position_accuracy", "all_accuracy",
-                                       "dark_background_fraction", "vae_psnr_db")}
-    print(json.dumps(summary, indent=2))
-    print(f"wrote the full report to {out}")
-    return 0
-
-
-def cmd_make_shapes(args) -> int:
-    from .shapes import make_shapes
-
-    path = make_shapes(args.out, args.num_images, args.resolution, args.seed, args.holdout or (), args.background)
-    print(f"wrote {args.num_images} images ({args.background} background) and metadata.jsonl to {path}")
-    return 0
-
-
 def cmd_train(args) -> int:
-    from .train import main as train_main
+    from .training import main as train_main
 
     argv = ["--config", args.config] + [f"--set={item}" for item in args.overrides]
     return train_main(argv + (["--dry-run"] if args.dry_run else []))
 
 
 def cmd_cache(args) -> int:
-    from .config import load_config
     from .cpu import set_up_cpu
-    from .train import build_cache
+    from .training import build_cache
 
     config = load_config(args.config, args.overrides)
     set_up_cpu(config)
@@ -189,33 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="generated", help="output directory (existing images are kept)")
     gen.set_defaults(run=cmd_generate)
 
-    ev = commands.add_parser("evaluate", help="score a shapes model: color / shape / position accuracy, VAE PSNR")
-    ev.add_argument("--model", help="pipeline directory of a model trained on shapes")
-    ev.add_argument("--lora", help="a LoRA directory to load into the model (default model: the LoRA's base)")
-    ev.add_argument("--seeds-per-prompt", type=int, default=2, help="images per each of the 90 prompts")
-    ev.add_argument("--first-seed", type=int, default=1000, help="seeds are first-seed, first-seed + 1, ...")
-    ev.add_argument("--steps", type=int, default=None)
-    ev.add_argument("--guidance", type=float, default=None)
-    ev.add_argument("--batch-size", type=int, default=30)
-    ev.add_argument("--psnr-images", type=int, default=256, help="held-out images for the VAE PSNR")
-    ev.add_argument("--device", default=None)
-    ev.add_argument("--out", default=None, help="JSON report path (default: next to the model)")
-    ev.set_defaults(run=cmd_evaluate)
-
-    shapes = commands.add_parser("make-shapes", help="write the synthetic shapes image folder")
-    shapes.add_argument("--out", required=True)
-    shapes.add_argument("--num-images", type=int, default=6000)
-    shapes.add_argument("--resolution", type=int, default=64)
-    shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--holdout", action="append", metavar="CAPTION",
-                        help='a caption never drawn, e.g. "a red circle in the top left" (repeatable)')
-    shapes.add_argument("--background", default="white",
-                        help="white (the default) or dark; the captions are the same on either")
-    shapes.set_defaults(run=cmd_make_shapes)
-
-    tr = commands.add_parser("train", help="train in this process (for several, use accelerate launch train.py)",
-                             description="Train a latent diffusion text-to-image model in this process; "
-                             "`accelerate launch train.py` takes the same options.")
+    tr = commands.add_parser("train", help="train a model (on several processes: accelerate launch -m "
+                             "ldm_pipeline.cli train ...)",
+                             description="Train a latent diffusion text-to-image model in this process, or on every "
+                             "process of `accelerate launch -m ldm_pipeline.cli train ...`; `accelerate launch "
+                             "train.py` in a checkout takes the same options.")
     add_run_arguments(tr)
     tr.set_defaults(run=cmd_train)
 
@@ -226,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "default <output_dir>/latent_cache): VAE latents, token ids and, with a frozen text encoder, its "
         "outputs, as Arrow shards. Finished shards are kept, so a killed or repeated run only does the rest. "
         "Run it on several processes with `accelerate launch -m ldm_pipeline.cli cache --config ...`.")
-    cache.add_argument("--config", required=True, help="the training YAML config, e.g. train_configs/shapes.yaml")
+    cache.add_argument("--config", required=True, help="the training YAML config, e.g. train_configs/shapes.yaml, or "
+                       "the name of a packaged one, e.g. shapes")
     cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, as for train (repeatable)")
     cache.set_defaults(run=cmd_cache)
@@ -245,11 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best available)")
     demo.add_argument("--out", default=None, help="directory the PNGs are added to (default: a temporary one)")
     demo.set_defaults(run=cmd_demo)
+    plugins.add_commands(commands)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_library_logs()
     try:
         return args.run(args)
     except ValueError as error:  # ConfigError and the other bad-input errors

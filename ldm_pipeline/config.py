@@ -3,6 +3,16 @@
 Keys for the UNet stage follow diffusers' `examples/text_to_image/train_text_to_image.py` flags
 (`train_batch_size`, `learning_rate`, `snr_gamma`, ...) so users of that script feel at home.
 Defaults live here and nowhere else; YAML files hold only what differs.
+
+Every field says what a resume does with it (its field metadata, read by `fields_with`):
+
+- `fixed`: it shapes the model, the data it sees or the random draws of its steps; a resume refuses a change;
+- `reapplied`: an optimizer or schedule setting; a resume applies the new value to the restored optimizer and
+  says so (`all_stages`: shared by the VAE and UNet stages);
+- `free`: read afresh at every (re)start.
+
+Some fields also carry `vae_result` (fixed once <output_dir>/vae holds the finished VAE), `cache_key` (the
+latent cache depends on it) and `card` (shown in the model card's settings).
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Literal, Union
 
@@ -24,9 +35,36 @@ class ConfigError(ValueError):
     """A config value a user can fix; the message names the key."""
 
 
+FIXED, REAPPLIED, FREE = "fixed", "reapplied", "free"
+
+
+def _setting(resume: str, default, factory, flags: dict):
+    metadata = {"resume": resume, **flags}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def fixed(default=None, *, factory=None, **flags):
+    return _setting(FIXED, default, factory, flags)
+
+
+def reapplied(default=None, *, factory=None, **flags):
+    return _setting(REAPPLIED, default, factory, flags)
+
+
+def free(default=None, *, factory=None, **flags):
+    return _setting(FREE, default, factory, flags)
+
+
+def section(cls):
+    """A nested group of settings; each of its fields carries its own policy."""
+    return field(default_factory=cls, metadata={"section": True})
+
+
 @dataclass
 class ShapesDataConfig:
-    """Generate the synthetic shapes dataset into `data.train_data_dir` when it is absent."""
+    """Generate the synthetic shapes dataset into `data.train_data_dir` when it is absent (the shapes plug-in)."""
 
     num_images: int = 6000
     seed: int = 0
@@ -36,28 +74,29 @@ class ShapesDataConfig:
 
 @dataclass
 class DataConfig:
-    train_data_dir: str | None = None  # image folder (metadata.jsonl captions or class subfolders)
-    dataset_name: str | None = None  # hub dataset id or local dataset script, loaded the same way
-    dataset_config_name: str | None = None
-    image_column: str = "image"
-    caption_column: str | None = "text"  # null: unconditional (every prompt empty)
-    caption_template: str = "a photo of a {label}"  # class subfolders -> captions
-    caption_dropout: float = 0.1  # empty prompt this often, so classifier-free guidance works
-    center_crop: bool = True  # false: random crop
-    random_flip: bool = False  # off by default: a flip changes "left" into "right" in captions
-    max_train_samples: int | None = None
-    on_bad_image: Literal["error", "skip"] = "error"
-    make_shapes: ShapesDataConfig | None = None
-    cache_latents: bool = False  # encode the data once with the frozen VAE (and text encoder)
-    latent_cache_dir: str | None = None  # default: <output_dir>/latent_cache
+    train_data_dir: str | None = fixed()  # image folder (metadata.jsonl captions or class subfolders)
+    dataset_name: str | None = fixed()  # hub dataset id or local dataset script, loaded the same way
+    dataset_config_name: str | None = fixed()
+    image_column: str = fixed("image")
+    caption_column: str | None = fixed("text")  # null: unconditional (every prompt empty)
+    caption_template: str = fixed("a photo of a {label}")  # class subfolders -> captions
+    caption_dropout: float = free(0.1)  # empty prompt this often, so classifier-free guidance works
+    center_crop: bool = fixed(True, cache_key=True)  # false: random crop
+    random_flip: bool = fixed(False, cache_key=True)  # off by default: a flip changes "left" into "right" in captions
+    max_train_samples: int | None = fixed()
+    on_bad_image: Literal["error", "skip"] = fixed("error")
+    # Data a plug-in writes when train_data_dir is absent: the synthetic shapes (ldm_pipeline.shapes).
+    make_shapes: ShapesDataConfig | None = fixed()
+    cache_latents: bool = free(False)  # encode the data once with the frozen VAE (and text encoder)
+    latent_cache_dir: str | None = free()  # default: <output_dir>/latent_cache
     # Rows per cache shard (an Arrow folder), at most; each process encodes whole shards and a killed build
     # keeps its finished ones. A multiple of 32 (the VAE's batch) keeps the bytes the same at any process count.
-    cache_shard_size: int = 8192
-    cache_text_embeddings: bool = True  # also cache the frozen text encoder's outputs (~118 KB a row at CLIP-L)
+    cache_shard_size: int = free(8192)
+    cache_text_embeddings: bool = free(True)  # also cache the frozen text encoder's outputs (~118 KB a row at CLIP-L)
     # Read a hub-style data set (data.dataset_name) as a stream, split across processes by
     # datasets.distributed.split_dataset_by_node, straight into the latent cache (needs cache_latents).
-    streaming: bool = False
-    dataloader_num_workers: int = 0
+    streaming: bool = fixed(False)
+    dataloader_num_workers: int = free(0)
 
 
 @dataclass
@@ -69,21 +108,22 @@ class ModelConfig:
     built from the training captions.
     """
 
-    pretrained_model_name_or_path: str | None = None
+    pretrained_model_name_or_path: str | None = fixed()
     # Read a hub repo's variant weight files, e.g. "fp16": *.fp16.safetensors (half the download; weights are
     # upcast to float32 for training). null: the plain files (diffusion_pytorch_model.safetensors, ...).
-    variant: str | None = None
-    unet: str | None = None
-    vae: str | None = None
-    text_encoder: str | None = None
-    tokenizer: str | None = None  # "captions": built offline from the training captions
-    unet_kwargs: dict = field(default_factory=dict)  # overrides on top of a preset
-    vae_kwargs: dict = field(default_factory=dict)
-    text_encoder_kwargs: dict = field(default_factory=dict)
+    variant: str | None = fixed()
+    unet: str | None = fixed()
+    vae: str | None = fixed()
+    text_encoder: str | None = fixed()
+    tokenizer: str | None = fixed()  # "captions": built offline from the training captions
+    unet_kwargs: dict = fixed(factory=dict)  # overrides on top of a preset
+    vae_kwargs: dict = fixed(factory=dict)
+    text_encoder_kwargs: dict = fixed(factory=dict)
 
 
 # The attention projections of diffusers' UNet blocks: queries, keys, values and the output projection.
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the attention projections of CLIP's layers
 
 
 @dataclass
@@ -95,108 +135,166 @@ class LoraConfig:
     projections (q_proj, k_proj, v_proj, out_proj) get adapters too.
     """
 
-    rank: int = 0  # 0: off (the whole UNet trains); 4-16 is usual
-    alpha: float | None = None  # the adapters' output is scaled by alpha / rank; null: alpha = rank
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(UNET_LORA_TARGETS))  # UNet module names
-    train_text_encoder: bool = False
+    rank: int = fixed(0)  # 0: off (the whole UNet trains); 4-16 is usual
+    alpha: float | None = fixed()  # the adapters' output is scaled by alpha / rank; null: alpha = rank
+    dropout: float = fixed(0.0)
+    target_modules: list[str] = fixed(factory=lambda: list(UNET_LORA_TARGETS))  # UNet module names
+    train_text_encoder: bool = fixed(False)
 
 
 @dataclass
 class VAETrainingConfig:
     """The `vae` stage: AutoencoderKL trained on reconstruction + KL."""
 
-    train_batch_size: int = 32
-    max_train_steps: int = 1000
-    learning_rate: float = 1e-3
-    lr_scheduler: str = "cosine"
-    lr_warmup_steps: int = 50
-    kl_weight: float = 1e-6
+    train_batch_size: int = free(32, vae_result=True)  # a resume keeps the global batch (checked with the position)
+    max_train_steps: int = reapplied(1000, vae_result=True)
+    learning_rate: float = reapplied(1e-3, vae_result=True)
+    lr_scheduler: str = reapplied("cosine", vae_result=True)
+    lr_warmup_steps: int = reapplied(50, vae_result=True)
+    kl_weight: float = free(1e-6, vae_result=True)
     # Extra loss weight on pixels unlike the image's background (its median color): 4 turns a VAE that
     # paints red, orange and yellow shapes one orange into one that keeps all six shapes colors (see
     # losses.vae_loss). 0 weighs every pixel alike; useful for small objects on a plain background.
-    foreground_weight: float = 0.0
-    max_grad_norm: float = 1.0
-    checkpointing_steps: int = 0  # 0: only the finished VAE is saved
-    scaling_samples: int = 512  # images encoded to measure the latent scaling factor
-    psnr_samples: int = 256  # held-out images (never trained on) for the reconstruction check
-    validation_steps: int = 0  # also check reconstructions every N steps (0: only at the end)
-    # The check at the end: held-out PSNR, and for the shapes data set the fraction of reconstructions
-    # whose color the automatic checker reads right. A VAE below a bar stops the run before the UNet
-    # stage (on_check_failure: error) or is only reported (warn). null: no bar.
-    min_psnr: float | None = None
-    min_recon_color: float | None = None
-    on_check_failure: Literal["error", "warn"] = "error"
+    foreground_weight: float = free(0.0, vae_result=True)
+    max_grad_norm: float = free(1.0, vae_result=True)
+    checkpointing_steps: int = free(0)  # 0: only the finished VAE is saved
+    scaling_samples: int = free(512, vae_result=True)  # images encoded to measure the latent scaling factor
+    psnr_samples: int = fixed(256, vae_result=True)  # held-out images (never trained on) for the reconstruction check
+    validation_steps: int = free(0)  # also check reconstructions every N steps (0: only at the end)
+    # The check at the end: held-out PSNR, and where a plug-in's checker knows the data (the shapes) the fraction
+    # of reconstructions whose color it reads right. A VAE below a bar stops the run before the UNet stage
+    # (on_check_failure: error) or is only reported (warn). null: no bar.
+    min_psnr: float | None = free()
+    min_recon_color: float | None = free()
+    on_check_failure: Literal["error", "warn"] = free("error")
 
 
 @dataclass
 class SamplingConfig:
     """Default generation settings, used for validation and saved with the pipeline."""
 
-    scheduler: Literal["dpmsolver++", "ddim", "euler", "ddpm"] = "dpmsolver++"
-    num_inference_steps: int = 20
-    guidance_scale: float = 5.0
+    scheduler: Literal["dpmsolver++", "ddim", "euler", "ddpm"] = free("dpmsolver++")
+    num_inference_steps: int = free(20)
+    guidance_scale: float = free(5.0)
 
 
 @dataclass
 class ValidationConfig:
-    prompts: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # one grid row per seed
-    validation_steps: int = 500  # 0 disables mid-run validation; a final grid is always made
-    num_heldout: int = 64  # held-out examples for the validation loss (not trained on)
+    prompts: list[str] = free(factory=list)
+    seeds: list[int] = free(factory=lambda: [0, 1, 2, 3])  # one grid row per seed
+    validation_steps: int = free(500)  # 0 disables mid-run validation; a final grid is always made
+    num_heldout: int = fixed(64)  # held-out examples for the validation loss (not trained on): picks the training rows
 
 
 @dataclass
 class Config:
-    output_dir: str = "outputs/run"
-    overwrite_output_dir: bool = False
-    seed: int = 0
-    resolution: int = 64
-    stages: list[Literal["vae", "unet"]] = field(default_factory=lambda: ["unet"])
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    vae_training: VAETrainingConfig = field(default_factory=VAETrainingConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    output_dir: str = free("outputs/run")
+    overwrite_output_dir: bool = free(False)
+    seed: int = fixed(0, card=True)
+    resolution: int = fixed(64, cache_key=True, card=True)
+    stages: list[Literal["vae", "unet"]] = fixed(factory=lambda: ["unet"])
+    model: ModelConfig = section(ModelConfig)
+    data: DataConfig = section(DataConfig)
+    vae_training: VAETrainingConfig = section(VAETrainingConfig)
+    validation: ValidationConfig = section(ValidationConfig)
+    sampling: SamplingConfig = section(SamplingConfig)
     # UNet stage, named as in diffusers' train_text_to_image.py
-    train_batch_size: int = 16  # per process
-    max_train_steps: int = 1000  # optimizer steps, at any process count
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
+    train_batch_size: int = free(16)  # per process; a resume keeps the global batch (checked with the position)
+    max_train_steps: int = reapplied(1000)  # optimizer steps, at any process count
+    gradient_accumulation_steps: int = free(1)
+    learning_rate: float = reapplied(1e-4)
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-    ] = "constant_with_warmup"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False  # the UNet (+ a trained text encoder) and the vae stage
+    ] = reapplied("constant_with_warmup")
+    lr_warmup_steps: int = reapplied(0)
+    adam_beta1: float = reapplied(0.9, all_stages=True)
+    adam_beta2: float = reapplied(0.999, all_stages=True)
+    adam_weight_decay: float = reapplied(1e-2, all_stages=True)
+    adam_epsilon: float = reapplied(1e-8, all_stages=True)
+    max_grad_norm: float = free(1.0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = free("no", card=True)
+    gradient_checkpointing: bool = free(False)  # the UNet (+ a trained text encoder) and the vae stage
     # NHWC weights and activations for the convolutions of the UNet and of the VAE stage: faster on
     # CPUs (oneDNN: 20% for the shapes VAE, 5% for its UNet) and on GPUs in mixed precision.
-    channels_last: bool = True
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is the paper's
-    noise_offset: float = 0.0  # offset noise (Guttenberg 2023); ~0.05 lets images get darker
+    channels_last: bool = free(True)
+    use_ema: bool = fixed(False, card=True)
+    ema_decay: float = reapplied(0.9999)
+    snr_gamma: float | None = free(card=True)  # min-SNR weighting (Hang et al. 2023); 5.0 is the paper's
+    noise_offset: float = free(0.0, card=True)  # offset noise (Guttenberg 2023); ~0.05 lets images get darker
     # null: the pretrained pipeline's own (a v-prediction model stays v-prediction), else epsilon
-    prediction_type: Literal["epsilon", "v_prediction"] | None = None
-    train_text_encoder: bool = False  # the whole text encoder; with LoRA use lora.train_text_encoder
-    text_encoder_learning_rate: float | None = None  # default: learning_rate
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
-    max_consecutive_bad_steps: int = 5  # non-finite losses in a row before training stops
-    logging_steps: int = 10
+    prediction_type: Literal["epsilon", "v_prediction"] | None = fixed(card=True)
+    # the whole text encoder; with LoRA use lora.train_text_encoder
+    train_text_encoder: bool = fixed(False, card=True)
+    text_encoder_learning_rate: float | None = reapplied()  # default: learning_rate
+    lora: LoraConfig = section(LoraConfig)
+    checkpointing_steps: int = free(500)
+    checkpoints_total_limit: int | None = free()
+    resume_from_checkpoint: str | None = free()  # "latest" or a checkpoint directory
+    max_consecutive_bad_steps: int = free(5)  # non-finite losses in a row before training stops
+    logging_steps: int = free(10)
     # Torch threads per process when training on CPU from the command line. null: the machine's physical
     # cores shared among its processes (accelerate launch would otherwise leave each process 1 thread).
-    cpu_threads: int | None = None
+    cpu_threads: int | None = free()
     # An Accelerate tracker: "tensorboard" (logs to <output_dir>/logs), "wandb", ...; "none" for none.
     # metrics.jsonl is always written.
-    report_to: str | None = "tensorboard"
+    report_to: str | None = free("tensorboard")
+
+
+def setting_fields(cls=Config, prefix: str = ""):
+    """(dotted key, dataclasses.Field) of every setting, sections walked into."""
+    for item in dataclasses.fields(cls):
+        if item.metadata.get("section"):
+            yield from setting_fields(typing.get_type_hints(cls)[item.name], f"{prefix}{item.name}.")
+        else:
+            yield f"{prefix}{item.name}", item
+
+
+def fields_with(resume: str | None = None, **flags) -> list[str]:
+    """Dotted keys of the settings with this resume policy (None: any) and these metadata flags."""
+    return [key for key, item in setting_fields()
+            if (resume is None or item.metadata.get("resume") == resume)
+            and all(item.metadata.get(flag, False) == value for flag, value in flags.items())]
+
+
+def get_setting(tree, dotted: str):
+    """The value at a dotted key of a config or of its dict form (None where a level is missing)."""
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else getattr(tree, part, None)
+    return tree
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What the loop, the checkpoints and the resume checks need to know of a training stage, from the config."""
+
+    name: str
+    key_prefix: str  # where its settings live: "vae_training." or "" (the top level)
+    checkpoint_prefix: str  # checkpoints/<prefix>step-N
+    train_batch_size: int  # per process, per micro-batch
+    gradient_accumulation_steps: int
+    max_train_steps: int
+    max_grad_norm: float
+    checkpointing_steps: int
+    validation_steps: int
+    log_offset: int  # tracker steps continue after earlier stages, so they only ever grow
+
+    @property
+    def reapplied_keys(self) -> list[str]:
+        """The reapplied settings of this stage: those of its own section, and those all stages share."""
+        section = self.key_prefix.rstrip(".")
+        own = [key for key in fields_with(REAPPLIED, all_stages=False) if key.rpartition(".")[0] == section]
+        return own + fields_with(REAPPLIED, all_stages=True)
+
+
+def stage_settings(config: Config, name: str) -> StageSettings:
+    if name == "vae":
+        vae = config.vae_training
+        return StageSettings("vae", "vae_training.", "vae-", vae.train_batch_size, 1, vae.max_train_steps,
+                             vae.max_grad_norm, vae.checkpointing_steps, vae.validation_steps, 0)
+    return StageSettings("unet", "", "", config.train_batch_size, config.gradient_accumulation_steps,
+                         config.max_train_steps, config.max_grad_norm, config.checkpointing_steps,
+                         config.validation.validation_steps,
+                         config.vae_training.max_train_steps if "vae" in config.stages else 0)
 
 
 def _type_name(tp) -> str:
@@ -271,7 +369,7 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
-    node[leaf] = _safe_yaml(raw, f"--set {assignment!r}")
+    node[leaf] = safe_yaml(raw, f"--set {assignment!r}")
 
 
 class _Loader(yaml.SafeLoader):
@@ -303,7 +401,7 @@ def _expanded_size(node, sizes: dict) -> int:
     return sizes[id(node)]
 
 
-def _safe_yaml(text: str, where: str):
+def safe_yaml(text: str, where: str):
     """YAML through a safe loader: tags that build Python objects (`!!python/...`) are refused, never run,
     and so are aliases that expand to more than MAX_YAML_VALUES values."""
     loader = _Loader(text)
@@ -342,7 +440,8 @@ def os_error_message(error: Exception) -> str:
 
 def add_run_arguments(parser) -> None:
     """The options of a training run, shared by `accelerate launch train.py` and `ldm-pipeline train`."""
-    parser.add_argument("--config", required=True, help="YAML config, e.g. train_configs/shapes.yaml")
+    parser.add_argument("--config", required=True, help="YAML config, e.g. train_configs/shapes.yaml, or the name of "
+                        "a packaged one, e.g. shapes")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set max_train_steps=100 or --set "
                         "data.train_data_dir=path/to/images (repeatable; the value is read as YAML)")
@@ -351,16 +450,34 @@ def add_run_arguments(parser) -> None:
                         "fills a batch, then exit without writing anything")
 
 
+def packaged_configs() -> dict:
+    """name -> the YAML file of each config in train_configs/, which is installed with the package."""
+    folder = resources.files("ldm_pipeline.train_configs")
+    return {item.name.removesuffix(".yaml"): item for item in folder.iterdir() if item.name.endswith(".yaml")}
+
+
+def config_text(path: str | Path) -> tuple[str, str]:
+    """(YAML text, how to name it in messages) of a config file, or of a packaged config given by bare name
+    (`shapes`, `shapes.yaml`): `--config shapes` works from any folder and from a non-editable install."""
+    path = Path(path)
+    if path.is_file():
+        return path.read_text(), f"config file {path}"
+    packaged = packaged_configs()
+    name = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and name in packaged:
+        return packaged[name].read_text(), f"packaged config {name} (train_configs/{name}.yaml)"
+    raise ConfigError(f"config file {path} does not exist; give a YAML file or the name of a packaged config: "
+                      f"{', '.join(sorted(packaged))}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), **values) -> Config:
     """Load a YAML config (or none: all defaults), apply `--set` overrides and keyword values."""
     data = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; see train_configs/ for examples")
-        data = _safe_yaml(path.read_text(), f"config file {path}") or {}
+        text, where = config_text(path)
+        data = safe_yaml(text, where) or {}
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+            raise ConfigError(f"{where} must hold a mapping of keys, got {type(data).__name__}")
     for assignment in overrides:
         apply_override(data, assignment)
     data.update(values)
@@ -457,7 +574,7 @@ def validate(config: Config) -> None:
                  "sit among files the run replaces. Keep them apart, e.g. data/my_images and outputs/my_run")
     _validate_lora(c)
     if c.report_to not in (None, "none"):
-        from accelerate.utils import LoggerType
+        from accelerate.utils import LoggerType  # here: the config itself loads without torch
 
         known = [tracker.value for tracker in LoggerType]
         for name in [c.report_to] if isinstance(c.report_to, str) else c.report_to:

@@ -1,10 +1,9 @@
-"""Data: `datasets` sources, caption rules, image transforms, the held-out split, the latent cache.
+"""Data: `datasets` sources, caption rules, image transforms and checks, the held-out split.
 
 Every source goes through `datasets.load_dataset`: an image folder with `metadata.jsonl`
 captions, an image folder whose class subfolders become captions through a template, an image
-folder without captions (unconditional), or a hub dataset name (also streamed, into the cache).
-The latent cache is Arrow shards on disk, built by every process for its share of the shards and
-read memory-mapped: no process holds the data set in RAM or decodes all of it.
+folder without captions (unconditional), or a hub dataset name (also streamed, into the latent
+cache of `latent_cache.py`).
 """
 
 from __future__ import annotations
@@ -12,29 +11,24 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import itertools
 import json
 import logging
-import math
 import multiprocessing
 import os
 import random
-import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import torch
+from accelerate.utils import gather_object
+from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from PIL import Image, ImageFile
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import Config, DataConfig
-from .locks import LOCK_FILE, directory_lock
 
 logger = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
@@ -42,11 +36,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a
 
 class DataError(ValueError):
     """A problem with the training data that the user must fix."""
-
-
-def load_source(data: DataConfig) -> datasets.Dataset:
-    """The configured dataset, images left undecoded (decoding happens in our own transform)."""
-    return _finish_source(_open_source(data), data)
 
 
 def _open_source(data: DataConfig):
@@ -60,7 +49,7 @@ def _open_source(data: DataConfig):
             # splits walks the folder dozens of times (8 s of a 6,000-image folder's 10 s load).
             split_folders = (root / "train").is_dir()
             files = {"data_dir": str(root)} if split_folders else {"data_files": {"train": str(root / "**")}}
-            dataset = _quietly(datasets.load_dataset, "imagefolder", **files, split="train")
+            dataset = quietly(datasets.load_dataset, "imagefolder", **files, split="train")
         except (ValueError, FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
             raise DataError(f"data.train_data_dir: {root} holds no readable images ({error}); "
                             "put .png/.jpg files there (see the README for accepted layouts)") from error
@@ -111,7 +100,7 @@ def _checked_stream(dataset: datasets.IterableDataset, data: DataConfig) -> data
     return dataset
 
 
-def _quietly(function, *args, **kwargs):
+def quietly(function, *args, **kwargs):
     """Run without datasets' progress bars: for a local folder "Downloading data" only lists its files."""
     was_disabled = datasets.utils.are_progress_bars_disabled()
     datasets.utils.disable_progress_bars()
@@ -160,8 +149,6 @@ def _json_lines(path: Path, text: str):
 
 def _count_images(root: Path) -> int:
     """Image files as imagefolder finds them (by extension; hidden and `__*` folders skipped)."""
-    from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
-
     return sum(1 for path in root.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS
                and not any(part.startswith((".", "__")) for part in path.relative_to(root).parts))
 
@@ -273,8 +260,6 @@ def drop_bad_images(dataset: datasets.Dataset, captions: list[str], data: DataCo
     bad = find_bad_images(dataset, data.image_column, rows * rank // world, rows * (rank + 1) // world,
                           show_progress=rank == 0)
     if world > 1:
-        from accelerate.utils import gather_object
-
         bad = sorted(gather_object(bad))
     if not bad:
         return dataset, captions
@@ -387,8 +372,9 @@ def data_fingerprint(dataset, data: DataConfig, num_rows: int) -> str:
                 stat = os.stat(os.path.join(folder, name))
                 relative = os.path.relpath(os.path.join(folder, name), root)
                 digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    else:
-        own = "streamed" if data.streaming else dataset._fingerprint
+    else:  # the Arrow files datasets made of the hub data: their names carry the hash of what was downloaded
+        files = [] if data.streaming else [Path(entry["filename"]) for entry in dataset.cache_files]
+        own = "".join(f"{path.name}\0{path.stat().st_size}\n" for path in files) or "streamed"
         digest.update(f"{data.dataset_name}\0{data.dataset_config_name}\0{own}".encode())
     digest.update(f"{data.max_train_samples}\0{num_rows}".encode())
     return digest.hexdigest()[:16]
@@ -408,7 +394,7 @@ def load_train_data(config: Config, accelerator=None, check_images: bool = True)
 
 
 def _list_source(data: DataConfig):
-    """(the source as opened, the dataset `load_source` gives, its captions, its fingerprint)."""
+    """(the source as opened, the dataset to train on, its captions, its fingerprint)."""
     opened = _open_source(data)
     dataset = _finish_source(opened, data)
     captions = captions_of(dataset, data)
@@ -416,10 +402,10 @@ def _list_source(data: DataConfig):
 
 
 def _list_folder_in_child(data: DataConfig):
-    """`load_source`, `captions_of` and `data_fingerprint` of an image folder, run in a forked child: datasets'
-    listing of the files leaves Python's 1 MiB small-object arenas nearly empty but pinned (~0.85 KB per file:
-    85 MB at 100k images) for the rest of the run. The child hands back the Arrow files datasets wrote, which are
-    opened here memory-mapped, the captions and the fingerprint."""
+    """`_list_source` of an image folder, run in a forked child: datasets' listing of the files leaves Python's
+    1 MiB small-object arenas nearly empty but pinned (~0.85 KB per file: 85 MB at 100k images) for the rest of the
+    run. The child hands back the Arrow files datasets wrote, which are opened here memory-mapped, the captions and
+    the fingerprint."""
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_send_listing, args=(data, sender), daemon=True)
@@ -460,433 +446,3 @@ def check_train_images(train: TrainData, data: DataConfig, accelerator=None) -> 
         return train
     dataset, captions = drop_bad_images(train.dataset, train.captions, data, accelerator)
     return TrainData(dataset=dataset, captions=captions, fingerprint=train.fingerprint, checked=True)
-
-
-# --- latent cache -------------------------------------------------------------------------------
-#
-# <latent_cache_dir>/manifest.json        what the cache is valid for (`key`), its layout, and once complete its
-#                                         shards and their row counts
-# <latent_cache_dir>/shard-00000/ ...     `save_to_disk` folders: shard k holds the data set's rows
-#                                         [k * shard_size, (k + 1) * shard_size), bad images left out
-# <latent_cache_dir>/stream-p0of2-00000/  (data.streaming) shard k of process 0's part of the stream
-# <latent_cache_dir>/empty_prompt_embeds.safetensors   (text embeddings cached) for caption dropout
-# <latent_cache_dir>/.partial-*           a shard being written, renamed when whole: a killed build leaves
-#                                         only these, and the next build removes them and redoes that shard
-
-CACHE_FORMAT = 2
-ENCODE_BATCH = 32  # images per VAE call; fixed, so a shard's bytes do not depend on the process count
-EMPTY_EMBEDS_FILE = "empty_prompt_embeds.safetensors"
-
-
-def weights_hash(module: torch.nn.Module | None) -> str | None:
-    if module is None:
-        return None
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def latent_cache_dir(config: Config) -> Path:
-    return Path(config.data.latent_cache_dir or Path(config.output_dir) / "latent_cache")
-
-
-def cache_key(config: Config, train: TrainData, vae, text_encoder, tokenizer) -> dict:
-    """Everything the cached rows depend on; a cache whose key differs is stale. `text_encoder` is None
-    when its outputs are not cached (it is trained, or data.cache_text_embeddings is off)."""
-    captions = hashlib.sha256()
-    for caption in train.captions:
-        captions.update(caption.encode() + b"\n")
-    return {
-        "vae": weights_hash(vae),
-        "data": train.fingerprint,
-        "rows": train.num_rows,
-        "resolution": config.resolution,
-        "center_crop": config.data.center_crop,
-        "random_flip": config.data.random_flip,
-        "text_encoder": weights_hash(text_encoder),
-        "captions": captions.hexdigest()[:16],
-        "tokenizer": hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16],
-        "max_length": tokenizer.model_max_length,
-    }
-
-
-def cache_features(config: Config, vae, text_encoder, tokenizer) -> datasets.Features:
-    """One row per image: its latent distribution (mean, std) for each cached orientation (with random
-    flips both: the VAE is not flip-equivariant, so mirrored latents would not be exact), the caption's
-    token ids, and its text-encoder output when that is cached. `row` is the image's row in the data set
-    (for a streamed data set: its position in the stream of the process that encoded it)."""
-    from .models import vae_scale_factor
-
-    side = config.resolution // vae_scale_factor(vae)
-    latent = ((2 if config.data.random_flip else 1), vae.config.latent_channels, side, side)
-    features = {"row": datasets.Value("int64"),
-                "latent_mean": datasets.Array4D(latent, "float16"),
-                "latent_std": datasets.Array4D(latent, "float16"),
-                "input_ids": datasets.Sequence(datasets.Value("int32"), length=tokenizer.model_max_length)}
-    if text_encoder is not None:
-        features["prompt_embeds"] = datasets.Array2D(
-            (tokenizer.model_max_length, text_encoder.config.hidden_size), "float16")
-    return datasets.Features(features)
-
-
-def _unreadable_cache(cache_dir: Path, path: Path, error: Exception) -> DataError:
-    return DataError(f"the latent cache at {cache_dir} is damaged: {path.name} cannot be read "
-                     f"({' '.join(str(error).split())}). Delete that directory to rebuild it")
-
-
-def read_manifest(cache_dir: Path) -> dict | None:
-    path = cache_dir / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-        manifest["key"].items()
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise _unreadable_cache(cache_dir, path, error) from error
-    if manifest.get("format") != CACHE_FORMAT:
-        raise DataError(f"the latent cache at {cache_dir} was written by an older version of ldm_pipeline (one "
-                        "latents.safetensors file loaded whole); delete that directory to rebuild it as shards")
-    return manifest
-
-
-def _write_json(path: Path, value: dict) -> None:
-    partial = path.with_name(f".partial-{path.name}-{os.getpid()}")
-    partial.write_text(json.dumps(value, indent=2))
-    partial.replace(path)
-
-
-@dataclass
-class LatentCache:
-    """The cache, memory-mapped: `rows` is the concatenation of its shards (nothing is read into RAM
-    until a row is asked for)."""
-
-    rows: datasets.Dataset
-    empty_prompt_embeds: torch.Tensor | None  # (L, D), when text embeddings are cached
-    directory: Path
-
-
-class RowReader:
-    """`read(indices)`: those rows of a memory-mapped Arrow data set as one array per column, of shape
-    (len(indices), *feature shape). datasets' numpy formatting builds each row's nested arrays one by one (a
-    batch of 64 cached latents and text embeddings: 15.7 ms against 3-6 ms here, once per training step), and
-    Arrow's `take` on a table of many record batches (a cache of many shards) first copies them all into one
-    (1.5 s and 400 MB a read at 100k rows): each batch here gives only its own rows."""
-
-    def __init__(self, rows: datasets.Dataset, names: list[str]):
-        self.rows, self.names, self.batches = rows, names, None
-
-    def __getstate__(self):  # a DataLoader worker started by spawn reopens the files (datasets pickles paths)
-        return {**self.__dict__, "batches": None}
-
-    def read(self, indices: list[int]) -> dict[str, np.ndarray]:
-        if self.batches is None:
-            self.batches = self.rows.data.table.select(self.names).to_batches()  # views of the mapped files
-            self.starts = np.cumsum([0] + [batch.num_rows for batch in self.batches])
-        indices = np.asarray(indices, dtype=np.int64)
-        owner = np.searchsorted(self.starts, indices, side="right") - 1  # the record batch of each row
-        order = np.argsort(owner, kind="stable")
-        indices, owner = indices[order], owner[order]  # grouped by record batch
-        pieces = [self.batches[b].take(pa.array(indices[owner == b] - self.starts[b])) for b in np.unique(owner)]
-        table = pa.Table.from_batches(pieces).combine_chunks().take(pa.array(np.argsort(order)))  # asked order
-        columns = {}
-        for name in self.names:
-            array = table.column(name).combine_chunks()
-            if isinstance(array, pa.ExtensionArray):  # datasets' ArrayXD features: nested fixed-size lists inside
-                array = array.storage
-            while pa.types.is_fixed_size_list(array.type) or pa.types.is_list(array.type):
-                array = array.flatten()
-            feature = self.rows.features[name]
-            shape = getattr(feature, "shape", None) or ((feature.length,) if isinstance(feature, datasets.List) else ())
-            columns[name] = array.to_numpy(zero_copy_only=False).reshape(len(indices), *shape)
-        return columns
-
-
-class LatentDataset(torch.utils.data.Dataset):
-    """Rows of the latent cache: {"latent_mean", "latent_std": (C, h, w), "input_ids": (L,)} and
-    "prompt_embeds": (L, D) when cached. With random flips each row picks one of its two orientations."""
-
-    def __init__(self, cache: LatentCache, indices, random_flip: bool):
-        self.indices, self.random_flip = indices, random_flip
-        self.reader = RowReader(cache.rows, [name for name in cache.rows.column_names if name != "row"])
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.__getitems__([i])[0]
-
-    def __getitems__(self, positions):
-        """A batch read at once from Arrow (the DataLoader calls this with a batch's indices)."""
-        columns = self.reader.read([int(self.indices[i]) for i in positions])
-        items = []
-        for k in range(len(positions)):
-            side = int(self.random_flip and random.random() < 0.5)
-            item = {"latent_mean": torch.from_numpy(columns["latent_mean"][k, side]).float(),
-                    "latent_std": torch.from_numpy(columns["latent_std"][k, side]).float(),
-                    "input_ids": torch.from_numpy(columns["input_ids"][k]).long()}
-            if "prompt_embeds" in columns:
-                item["prompt_embeds"] = torch.from_numpy(columns["prompt_embeds"][k]).float()
-            items.append(item)
-        return items
-
-
-def _encoder(config: Config, vae, text_encoder, tokenizer, bad: list):
-    """encode(batch of raw rows, their row numbers, their captions) -> columns of cache rows. An image
-    that fails to decode is left out and noted in `bad` as (row, reason)."""
-    data, resolution = config.data, config.resolution
-    sides = (False, True) if data.random_flip else (False,)
-
-    def encode(batch, rows, captions):
-        pixels, kept, kept_captions = [], [], []
-        for value, row, caption in zip(batch[data.image_column], rows, captions):
-            image = decode_or_note(value, row, bad)
-            if image is None:
-                continue
-            pixels.append(torch.stack([image_to_tensor(image, resolution, True, flip) for flip in sides]))
-            kept.append(row)
-            kept_captions.append(caption)
-        if not kept:
-            return {"row": [], "latent_mean": [], "latent_std": [], "input_ids": []} | (
-                {"prompt_embeds": []} if text_encoder is not None else {})
-        pixels = torch.stack(pixels)  # (b, sides, 3, R, R)
-        dist = vae.encode(pixels.flatten(0, 1).to(vae.device, vae.dtype)).latent_dist
-        shape = (len(kept), len(sides))
-        ids = tokenize(tokenizer, kept_captions, warn=False)  # (b, L)
-        columns = {"row": kept,
-                   "latent_mean": dist.mean.float().half().unflatten(0, shape).cpu().numpy(),
-                   "latent_std": dist.std.float().half().unflatten(0, shape).cpu().numpy(),
-                   "input_ids": ids.to(torch.int32).numpy()}
-        if text_encoder is not None:
-            embeds = text_encoder(ids.to(text_encoder.device))[0]  # (b, L, D)
-            columns["prompt_embeds"] = embeds.float().half().cpu().numpy()
-        return columns
-
-    return encode
-
-
-def _check_shard_images(bad: list, data: DataConfig, where: str) -> None:
-    if bad:
-        error = bad_image_error(sorted(bad), data)
-        if error:
-            raise DataError(f"{where}: {error}")
-
-
-def _encode_shard(cache_dir: Path, name: str, part: datasets.Dataset, start: int, captions: list[str],
-                  encode_rows, features, data: DataConfig, bar, bad: list) -> None:
-    """Encode rows [start, start + len(part)) of the data set with `datasets.map` into an Arrow file,
-    `save_to_disk` it under a temporary name, and rename it into place when whole."""
-    partial = cache_dir / f".partial-{name}-{os.getpid()}"
-    scratch = cache_dir / f".partial-{name}-{os.getpid()}.arrow"
-
-    def encode(batch, indices):
-        bar.update(len(indices))
-        return encode_rows(batch, [start + i for i in indices], [captions[start + i] for i in indices])
-
-    encoded = _quietly(part.map, encode, batched=True, batch_size=ENCODE_BATCH, with_indices=True,
-                       remove_columns=part.column_names, features=features, cache_file_name=str(scratch),
-                       load_from_cache_file=False, new_fingerprint=f"latent-cache-{name}-{os.getpid()}")
-    _check_shard_images(bad, data, f"rows {start}-{start + len(part) - 1}")
-    _quietly(encoded.save_to_disk, str(partial))
-    del encoded
-    scratch.unlink()
-    partial.rename(cache_dir / name)
-
-
-def _encode_stream(cache_dir: Path, accelerator, train: TrainData, shard_size: int, encode_rows, features,
-                   data: DataConfig, bar, bad: list) -> None:
-    """This process's part of a streamed data set (`split_dataset_by_node`), shard after shard; a resumed
-    build skips the rows of the shards already written."""
-    from datasets.distributed import split_dataset_by_node
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    prefix = f"stream-p{rank}of{world}-"
-    done_marker = cache_dir / f"{prefix}done.json"
-    if done_marker.is_file():
-        return
-    done = 0
-    while (cache_dir / f"{prefix}{done:05d}").is_dir():
-        done += 1
-    stream = split_dataset_by_node(train.dataset, rank=rank, world_size=world).skip(done * shard_size)
-    _, rule = caption_rule(train.dataset.features or {data.caption_column: datasets.Value("string")}, data)
-    rows = iter(stream)
-    shard, position = done, done * shard_size
-    while (head := next(rows, None)) is not None:
-        shard_rows = itertools.chain([head], itertools.islice(rows, shard_size - 1))
-        written = [0]
-
-        def generate(shard_rows=shard_rows, first=position, written=written):
-            """The shard's rows, encoded batch by batch and written as Arrow as they come (never the whole
-            shard's images in memory)."""
-            while batch := list(itertools.islice(shard_rows, ENCODE_BATCH)):
-                columns = {key: [row[key] for row in batch] for key in batch[0]}
-                captions = rule(columns) if rule else [""] * len(batch)
-                encoded = encode_rows(columns, list(range(first, first + len(batch))), captions)
-                for i in range(len(encoded["row"])):
-                    yield {key: value[i] for key, value in encoded.items()}
-                first, written[0] = first + len(batch), written[0] + len(encoded["row"])
-                bar.update(len(batch))
-
-        name = f"{prefix}{shard:05d}"
-        partial = cache_dir / f".partial-{name}-{os.getpid()}"
-        scratch = cache_dir / f".partial-{name}-{os.getpid()}.tmp"
-        try:
-            part = _quietly(datasets.Dataset.from_generator, generate, features=features, cache_dir=str(scratch),
-                            fingerprint=f"latent-cache-{name}-{os.getpid()}")
-        except ValueError:
-            if written[0]:
-                raise
-            part = datasets.Dataset.from_dict({key: [] for key in features}, features=features)  # all bad images
-        _check_shard_images(bad, data, f"stream shard {name}")
-        _quietly(part.save_to_disk, str(partial))
-        del part
-        shutil.rmtree(scratch, ignore_errors=True)
-        partial.rename(cache_dir / name)
-        shard, position = shard + 1, position + shard_size
-        bad.clear()
-    _write_json(done_marker, {"shards": shard})
-
-
-def _shard_names(cache_dir: Path, manifest: dict) -> list[str]:
-    if not manifest["streaming"]:
-        count = math.ceil(manifest["key"]["rows"] / manifest["shard_size"])
-        return [f"shard-{k:05d}" for k in range(count)]
-    names = []
-    for rank in range(manifest["processes"]):
-        prefix = f"stream-p{rank}of{manifest['processes']}-"
-        shards = json.loads((cache_dir / f"{prefix}done.json").read_text())["shards"]
-        names += [f"{prefix}{k:05d}" for k in range(shards)]
-    return names
-
-
-def build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_encoder, tokenizer) -> LatentCache:
-    """Open the cache at `latent_cache_dir`, encoding what it lacks first; refuse a stale or foreign one.
-
-    Each process encodes its contiguous part of the missing shards (a shard's rows are fixed by
-    data.cache_shard_size, not by the process count, so the cache is the same at any process count) and
-    checks those images, once. Finished shards are kept: a build that was killed, or is run again, only
-    encodes the rest. `text_encoder` is None when its outputs are not to be cached.
-
-    A build holds the cache directory's lock (its main process does), so a second build of the same cache
-    is refused instead of removing the first one's shards in progress; reading a finished cache takes none.
-    """
-    cache_dir = latent_cache_dir(config)
-    builds = accelerator.is_main_process and not (read_manifest(cache_dir) or {}).get("complete")
-    with directory_lock(cache_dir, "data.latent_cache_dir", "latent cache build", DataError, hold=builds):
-        return _build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer, cache_dir)
-
-
-@torch.no_grad()
-def _build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_encoder, tokenizer,
-                        cache_dir: Path) -> LatentCache:
-    key = cache_key(config, train, vae, text_encoder, tokenizer)
-    manifest = read_manifest(cache_dir)
-    if manifest is not None:
-        changed = [name for name in key if manifest["key"].get(name) != key[name]]
-        if changed:
-            raise DataError(
-                f"the latent cache at {cache_dir} is stale: it was built with different {', '.join(changed)}. "
-                "Delete that directory to rebuild it, or set data.latent_cache_dir to a new path.")
-        if manifest["streaming"] and not manifest["complete"] and manifest["processes"] != accelerator.num_processes:
-            raise DataError(f"the latent cache at {cache_dir} is half built from a stream by "
-                            f"{manifest['processes']} process(es); finish it with that many processes, or delete "
-                            "that directory to start again")
-        if manifest["complete"]:
-            if accelerator.is_main_process:
-                print(f"reusing latent cache {cache_dir} ({manifest['cached_rows']} images)")
-            return open_latent_cache(cache_dir, manifest, cache_features(config, vae, text_encoder, tokenizer))
-    elif cache_dir.exists() and any(path.name != LOCK_FILE for path in cache_dir.iterdir()):
-        raise DataError(f"data.latent_cache_dir: {cache_dir} exists but holds no latent cache "
-                        "(no manifest.json); point it at a new or empty directory")
-    empty_embeds = None
-    if text_encoder is not None:
-        empty_ids = tokenize(tokenizer, [""], warn=False).to(text_encoder.device)
-        empty_embeds = text_encoder(empty_ids)[0][0].float().half().cpu()  # (L, D)
-    accelerator.wait_for_everyone()  # every process has read the directory before the main one writes
-    if manifest is None or not manifest["complete"]:
-        if manifest is None:
-            # Shards of whole 32-image batches, at least one per process: the VAE then sees the same batches
-            # at any shard size and process count, and every process has a shard to encode.
-            per_process = math.ceil(train.num_rows / accelerator.num_processes)
-            shard_size = min(config.data.cache_shard_size, ENCODE_BATCH * math.ceil(per_process / ENCODE_BATCH))
-            manifest = {"format": CACHE_FORMAT, "key": key, "shard_size": shard_size,
-                        "streaming": config.data.streaming, "processes": accelerator.num_processes,
-                        "complete": False}
-            if accelerator.is_main_process:
-                cache_dir.mkdir(parents=True, exist_ok=True)
-                if empty_embeds is not None:
-                    save_file({"empty_prompt_embeds": empty_embeds}, str(cache_dir / EMPTY_EMBEDS_FILE))
-                _write_json(cache_dir / "manifest.json", manifest)
-        elif accelerator.is_main_process:
-            for leftover in cache_dir.glob(".partial-*"):  # of a killed build: incomplete by construction
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        _encode_missing(accelerator, config, train, vae, text_encoder, tokenizer, cache_dir, manifest)
-    return open_latent_cache(cache_dir, read_manifest(cache_dir), cache_features(config, vae, text_encoder, tokenizer))
-
-
-def _encode_missing(accelerator, config, train, vae, text_encoder, tokenizer, cache_dir: Path, manifest) -> None:
-    shard_size, data = manifest["shard_size"], config.data
-    features = cache_features(config, vae, text_encoder, tokenizer)
-    bad = []
-    encode_rows = _encoder(config, vae, text_encoder, tokenizer, bad)
-    main = accelerator.is_main_process
-    if manifest["streaming"]:
-        accelerator.wait_for_everyone()
-        bar = tqdm(desc="caching latents (streamed)", unit="img", disable=not main, dynamic_ncols=True)
-        _encode_stream(cache_dir, accelerator, train, shard_size, encode_rows, features, data, bar, bad)
-    else:
-        names = [f"shard-{k:05d}" for k in range(math.ceil(train.num_rows / shard_size))]
-        missing = [k for k, name in enumerate(names) if not (cache_dir / name).is_dir()]
-        accelerator.wait_for_everyone()  # every process has listed the finished shards before any is added
-        rank, world = accelerator.process_index, accelerator.num_processes
-        mine = missing[len(missing) * rank // world:len(missing) * (rank + 1) // world]
-        if main and len(missing) < len(names):
-            print(f"latent cache {cache_dir}: {len(names) - len(missing)} of {len(names)} shards are done; "
-                  f"encoding the other {len(missing)}")
-        total = sum(min(train.num_rows, (k + 1) * shard_size) - k * shard_size for k in mine)
-        bar = tqdm(total=total, desc=f"caching latents ({world} process(es))", unit="img", disable=not main,
-                   dynamic_ncols=True)
-        for k in mine:
-            start, stop = k * shard_size, min(train.num_rows, (k + 1) * shard_size)
-            _encode_shard(cache_dir, names[k], train.dataset.select(range(start, stop)), start, train.captions,
-                          encode_rows, features, data, bar, bad)
-            bad.clear()
-    bar.close()
-    accelerator.wait_for_everyone()
-    if main:
-        names = _shard_names(cache_dir, manifest)
-        shards = [{"name": name, "rows": datasets.load_from_disk(str(cache_dir / name)).num_rows} for name in names]
-        rows = sum(shard["rows"] for shard in shards)
-        _write_json(cache_dir / "manifest.json", {**manifest, "complete": True, "shards": shards, "cached_rows": rows})
-        size = sum(path.stat().st_size for path in cache_dir.rglob("*") if path.is_file())
-        print(f"wrote latent cache {cache_dir} ({rows} images, {len(shards)} shard(s), {size / 1e6:.1f} MB)")
-    accelerator.wait_for_everyone()
-
-
-def open_latent_cache(cache_dir: Path, manifest: dict, features: datasets.Features) -> LatentCache:
-    """The finished cache, memory-mapped; a damaged shard or one that does not fit this run is named."""
-    parts = []
-    for shard in manifest["shards"]:
-        path = cache_dir / shard["name"]
-        try:
-            part = datasets.load_from_disk(str(path))
-        except (OSError, ValueError, KeyError, pa.ArrowException) as error:
-            raise _unreadable_cache(cache_dir, path, error) from error
-        if part.features != features or part.num_rows != shard["rows"]:
-            have = {name: getattr(part.features.get(name), "shape", None) for name in ("latent_mean", "prompt_embeds")}
-            want = {name: getattr(features.get(name), "shape", None) for name in ("latent_mean", "prompt_embeds")}
-            raise DataError(f"the latent cache at {cache_dir} does not fit this run: {shard['name']} holds "
-                            f"{part.num_rows} rows of {have} where the manifest says {shard['rows']} rows and this "
-                            f"run needs {want} (a shard from another run?). Delete that directory to rebuild it")
-        parts.append(part)
-    if not parts:
-        raise DataError(f"the latent cache at {cache_dir} holds no images: every image failed to decode")
-    empty = None
-    if "prompt_embeds" in features:
-        try:
-            empty = load_file(str(cache_dir / EMPTY_EMBEDS_FILE))["empty_prompt_embeds"]
-        except (SafetensorError, OSError, KeyError) as error:
-            raise _unreadable_cache(cache_dir, cache_dir / EMPTY_EMBEDS_FILE, error) from error
-    rows = datasets.concatenate_datasets(parts).with_format("numpy")
-    return LatentCache(rows=rows, empty_prompt_embeds=empty, directory=cache_dir)

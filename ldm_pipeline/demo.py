@@ -12,8 +12,9 @@ import tempfile
 from pathlib import Path
 
 from .config import ConfigError
+from .generation import generate, save_images
 from .models import SAMPLERS, make_sampler
-from .pipeline import generate, load_pipeline, save_images
+from .pipeline import load_pipeline
 
 MAX_IMAGES = 8
 

@@ -17,8 +17,8 @@ from PIL import Image
 
 from .config import ModelConfig
 from .data import image_to_tensor
+from .generation import decode_latents
 from .models import build_vae
-from .pipeline import decode_latents
 
 # Sobel kernels: a weighted difference across three rows (columns), so one pixel of noise does not
 # look like an edge. "Vertical edges" are left-to-right brightness changes.

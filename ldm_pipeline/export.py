@@ -15,13 +15,19 @@ would not all come back unchanged (an architecture the original layout cannot ex
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
 from safetensors.torch import save_file
 
 from .config import ConfigError
+from .pipeline import load_pipeline
+from .run_dir import written_then_renamed
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -157,12 +163,6 @@ def text_encoder_to_original(text_encoder) -> dict[str, torch.Tensor]:
 def check_round_trip(pipe, checkpoint: dict) -> None:
     """Read `checkpoint` back with diffusers' single-file converters (what `from_single_file` runs)
     and refuse the export unless every weight of every component comes back unchanged."""
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-    )
-
     def unprefixed(state):  # transformers' CLIPTextModel keys, with or without the `text_model.` level
         return {key.removeprefix("text_model."): tensor for key, tensor in state.items()}
 
@@ -187,8 +187,6 @@ def export_single_file(model, out, dtype: torch.dtype = torch.float32, overwrite
 
     The file is written under a temporary name and renamed when complete. Returns a summary:
     path, bytes, number of tensors per component."""
-    from .pipeline import load_pipeline
-
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: the checkpoint is written as safetensors; give a path ending in .safetensors")
@@ -201,9 +199,8 @@ def export_single_file(model, out, dtype: torch.dtype = torch.float32, overwrite
     check_round_trip(pipe, checkpoint)
     checkpoint = {key: tensor.to(dtype).contiguous() for key, tensor in checkpoint.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + f".tmp-{os.getpid()}")
-    save_file(checkpoint, str(partial), metadata={"format": "pt"})
-    partial.replace(out)
+    with written_then_renamed(out) as partial:
+        save_file(checkpoint, str(partial), metadata={"format": "pt"})
     return {"path": out, "bytes": out.stat().st_size, "tensors": len(checkpoint),
             **{f"{name}_tensors": len(part) for name, part in parts.items()}, "notes": portability_notes(pipe)}
 

@@ -1,9 +1,9 @@
 """The optimisation loop: `fit` runs one stage to its step count with gradient accumulation, the non-finite
 guard, EMA, logging, validation, checkpoints and exact resume.
 
-A stage (`Stage`) is the models, optimizer, LR schedule, data and loss that `train.py` (the UNet) or
-`vae_training.py` (the VAE) builds; the loop around them is this one, so both stages log, checkpoint and
-resume the same way.
+A stage (`Stage`) is the models, optimizer, LR schedule, data and loss that `unet_stage.py` or `vae_stage.py`
+builds, with its settings from the config (`StageSettings`); the loop around them is this one and never asks
+which stage it runs, so both stages log, checkpoint and resume the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -23,7 +24,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .checkpoints import checkpoint_steps, find_resume_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError
+from .config import Config, ConfigError, StageSettings, get_setting
 from .cpu import return_freed_memory
 from .lora import trainable
 
@@ -34,23 +35,15 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Stage:
-    name: str  # "vae" or "unet"
+    settings: StageSettings  # name, steps, batch, checkpoint and validation schedule
     models: list[torch.nn.Module]  # prepared, trainable
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LambdaLR
     learning_rates: list[float]  # configured base LR of each parameter group
     dataloader: torch.utils.data.DataLoader
     compute_loss: Callable[[dict, list[torch.Generator]], torch.Tensor]
-    max_train_steps: int
-    max_grad_norm: float
-    checkpointing_steps: int
-    checkpoint_prefix: str
-    batch_size: int  # per process, per micro-batch
     ema: EMAModel | None = None
     validate: Callable[[int], dict] | None = None  # runs on every process
-    validation_steps: int = 0
-    log_offset: int = 0  # tracker steps continue after earlier stages, so they only ever grow
-    trained_weights_only: bool = False  # checkpoints hold only the trained weights (a LoRA's adapters)
 
 
 @dataclass
@@ -82,8 +75,6 @@ def log_metrics(accelerator: Accelerator, config: Config, metrics: dict, log_off
 
 def log_image(accelerator: Accelerator, name: str, image, step: int) -> None:
     """Send an image (a validation grid, the VAE's reconstructions) to every tracker that takes images."""
-    import numpy as np
-
     for tracker in accelerator.trackers if accelerator.is_main_process else []:
         if tracker.name == "tensorboard":
             tracker.log_images({name: np.asarray(image.convert("RGB"))[None]}, step, dataformats="NHWC")
@@ -94,8 +85,7 @@ def log_image(accelerator: Accelerator, name: str, image, step: int) -> None:
 def restore_hyperparameters(config: Config, stage: Stage, saved_config: dict, accelerator: Accelerator) -> None:
     """After a resume, the optimizer and LR schedule hold the settings they were saved with; apply the
     config's instead, so a changed learning_rate (or Adam setting) takes effect: the LR schedule keeps
-    its position and is rescaled to the new base."""
-    settings = config.vae_training if stage.name == "vae" else config
+    its position and is rescaled to the new base. The stage's reapplied settings that changed are named."""
     for group, base in zip(stage.optimizer.param_groups, stage.learning_rates):
         group.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                      weight_decay=config.adam_weight_decay, initial_lr=base)
@@ -103,46 +93,50 @@ def restore_hyperparameters(config: Config, stage: Stage, saved_config: dict, ac
     schedule.base_lrs = list(stage.learning_rates)
     for group, base, factor in zip(stage.optimizer.param_groups, stage.learning_rates, schedule.lr_lambdas):
         group["lr"] = base * factor(schedule.last_epoch)
-    schedule._last_lr = [group["lr"] for group in stage.optimizer.param_groups]
-    prefix = "vae_training." if stage.name == "vae" else ""
-    keys = ["learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps"]
-    keys += [] if stage.name == "vae" else ["text_encoder_learning_rate"]
-    saved = saved_config.get("vae_training", {}) if stage.name == "vae" else saved_config
-    changed = [f"{prefix}{key} {saved.get(key)} -> {getattr(settings, key)}" for key in keys
-               if key in saved and saved[key] != getattr(settings, key)]
-    changed += [f"{key} {saved_config.get(key)} -> {getattr(config, key)}"
-                for key in ("adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "ema_decay")
-                if key in saved_config and saved_config[key] != getattr(config, key)]
+    changed = []
+    for key in stage.settings.reapplied_keys:
+        *parents, leaf = key.split(".")
+        saved = saved_config
+        for part in parents:
+            saved = saved.get(part) or {}
+        if leaf in saved and saved[leaf] != get_setting(config, key):
+            changed.append(f"{key} {saved[leaf]} -> {get_setting(config, key)}")
     if changed:
-        accelerator.print(f"[{stage.name}] resuming with changed settings, applied from step "
-                          f"{schedule.last_epoch}: {'; '.join(changed)} (LR now {schedule._last_lr[0]:.3g})")
+        accelerator.print(f"[{stage.settings.name}] resuming with changed settings, applied from step "
+                          f"{schedule.last_epoch}: {'; '.join(changed)} "
+                          f"(LR now {stage.optimizer.param_groups[0]['lr']:.3g})")
     if stage.ema is not None:
         stage.ema.decay = config.ema_decay
+
+
+def resume_progress(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
+    """Where the stage stands: restored from its checkpoint when the config resumes one, else at the start."""
+    checkpoint = find_resume_checkpoint(config, stage.settings.checkpoint_prefix)
+    if checkpoint is None:
+        if config.resume_from_checkpoint == "latest" and (Path(config.output_dir) / "checkpoints").is_dir():
+            accelerator.print(f"[{stage.settings.name}] no checkpoint of this stage to resume from yet: starting "
+                              "at step 0")
+        return Progress()
+    saved = load_checkpoint(accelerator, checkpoint, stage.ema)
+    stage.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    progress = Progress(**{k: saved[k] for k in ("step", "windows", "skipped_steps", "overflow_steps")})
+    restore_hyperparameters(config, stage, yaml.safe_load((checkpoint / "config.yaml").read_text()), accelerator)
+    accelerator.print(f"[{stage.settings.name}] resumed from {checkpoint} at step {progress.step}")
+    return progress
 
 
 def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
     """Run `stage` to `max_train_steps` optimizer steps, resuming from a checkpoint if asked."""
     return_freed_memory()
-    accum = accelerator.gradient_accumulation_steps
-    progress_state = Progress()
-    checkpoint = find_resume_checkpoint(config, stage.checkpoint_prefix)
-    if checkpoint is not None:
-        saved = load_checkpoint(accelerator, checkpoint, stage.ema,
-                                trained_only=stage.models if stage.trained_weights_only else None)
-        stage.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        progress_state = Progress(**{k: saved[k] for k in ("step", "windows", "skipped_steps", "overflow_steps")})
-        restore_hyperparameters(config, stage, yaml.safe_load((checkpoint / "config.yaml").read_text()), accelerator)
-        accelerator.print(f"[{stage.name}] resumed from {checkpoint} at step {progress_state.step}")
-    elif config.resume_from_checkpoint == "latest" and (Path(config.output_dir) / "checkpoints").is_dir():
-        accelerator.print(f"[{stage.name}] no checkpoint of this stage to resume from yet: starting at step 0")
-
+    settings, accum = stage.settings, accelerator.gradient_accumulation_steps
+    state = resume_progress(accelerator, config, stage)
     steps_per_epoch = len(stage.dataloader) // accum
     if steps_per_epoch == 0:
         raise ConfigError(f"the dataset has fewer than one optimizer step of samples: {len(stage.dataloader)} "
                           f"batches for gradient_accumulation_steps={accum}; lower the batch size or add data")
-    global_batch = stage.batch_size * accelerator.num_processes * accum
-    first_sample = accelerator.process_index * stage.batch_size
-    bar = tqdm(total=stage.max_train_steps, initial=progress_state.step, desc=stage.name,
+    global_batch = settings.train_batch_size * accelerator.num_processes * accum
+    first_sample = accelerator.process_index * settings.train_batch_size
+    bar = tqdm(total=settings.max_train_steps, initial=state.step, desc=settings.name,
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     # Loss sums stay on the device: reading a loss every micro-step would stall a GPU at each one.
     bad_in_a_row = 0
@@ -151,8 +145,7 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
     for model in stage.models:
         model.train()
 
-    state = progress_state
-    while state.step < stage.max_train_steps:
+    while state.step < settings.max_train_steps:
         epoch, done_in_epoch = divmod(state.windows, steps_per_epoch)
         stage.dataloader.set_epoch(epoch)
         batches = stage.dataloader
@@ -161,7 +154,7 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
         micro, window_bad = 0, torch.zeros((), device=accelerator.device)
         for batch in batches:
             generators = sample_generators(config.seed, state.windows * accum + micro,
-                                           range(first_sample, first_sample + stage.batch_size))
+                                           range(first_sample, first_sample + settings.train_batch_size))
             # Randomness inside the models (a LoRA's dropout) draws from torch's global generator: seed it from
             # the micro-step too, so a resume repeats it (at the same process count; its masks are per process).
             torch.manual_seed(sample_generators(config.seed, state.windows * accum + micro,
@@ -171,24 +164,8 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
                 loss = stage.compute_loss(batch, generators)
                 window_bad += (~torch.isfinite(loss.detach())).float()
                 accelerator.backward(loss)
-                overflow = False
                 if accelerator.sync_gradients:
-                    # Every process joins this reduce, so all of them agree whether to skip.
-                    bad = accelerator.reduce(window_bad, "sum").item() > 0
-                    if not bad:
-                        params = [p for group in stage.optimizer.param_groups for p in group["params"]]
-                        grad_norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
-                        # A finite loss can still give inf gradients (bf16, fp32); clipping would turn them
-                        # into NaN weights. The norm is of the reduced gradients: every process agrees.
-                        # Under fp16 the GradScaler handles overflow itself and must see the step.
-                        bad = accelerator.scaler is None and grad_norm is not None \
-                            and not torch.isfinite(grad_norm).item()
-                    if not bad:
-                        stage.optimizer.step()
-                        overflow = accelerator.optimizer_step_was_skipped  # fp16: the GradScaler skipped it
-                        if not overflow:
-                            stage.lr_scheduler.step()  # ours, not Accelerate's: one step per optimizer step
-                    stage.optimizer.zero_grad(set_to_none=True)
+                    bad, overflow, grad_norm = optimizer_step(accelerator, stage, window_bad)
             finite = torch.isfinite(loss.detach())
             loss_sum += torch.where(finite, loss.detach().float(), 0.0)
             loss_count += finite.float()
@@ -197,15 +174,7 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
             micro, window_bad, state.windows = 0, torch.zeros((), device=accelerator.device), state.windows + 1
             if bad:
                 bad_in_a_row, state.skipped_steps = bad_in_a_row + 1, state.skipped_steps + 1
-                accelerator.print(f"[{stage.name}] step {state.step + 1}: non-finite loss or gradient, step "
-                                  f"skipped ({bad_in_a_row} in a row, {state.skipped_steps} in all)")
-                if bad_in_a_row >= config.max_consecutive_bad_steps:
-                    kept = checkpoint_steps(config, stage.checkpoint_prefix)
-                    raise TrainingError(
-                        f"[{stage.name}] stopped at step {state.step}: the loss was not finite for "
-                        f"{bad_in_a_row} optimizer steps in a row (max_consecutive_bad_steps). "
-                        + (f"The last good checkpoint, {kept[-1][1]}, is intact. " if kept else "")
-                        + "Lower learning_rate, check the data, or try mixed_precision: 'no', then resume.")
+                check_bad_steps(accelerator, config, settings, state, bad_in_a_row)
             elif overflow:
                 state.overflow_steps += 1  # the scaler lowers its scale and the window's data is spent
             else:
@@ -219,35 +188,71 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
                            steps_timed * global_batch / (time.perf_counter() - started), grad_norm)
                 if state.step % config.logging_steps == 0:
                     loss_sum.zero_(), loss_count.zero_()
-            if state.step >= stage.max_train_steps or state.windows % steps_per_epoch == 0:
+            if state.step >= settings.max_train_steps or state.windows % steps_per_epoch == 0:
                 break
     bar.close()
     return state
 
 
+def optimizer_step(accelerator: Accelerator, stage: Stage, window_bad: torch.Tensor):
+    """The end of an accumulation window: (skipped as non-finite, skipped by the fp16 GradScaler, gradient norm)."""
+    # Every process joins this reduce, so all of them agree whether to skip.
+    bad = accelerator.reduce(window_bad, "sum").item() > 0
+    overflow, grad_norm = False, None
+    if not bad:
+        params = [p for group in stage.optimizer.param_groups for p in group["params"]]
+        grad_norm = accelerator.clip_grad_norm_(params, stage.settings.max_grad_norm)
+        # A finite loss can still give inf gradients (bf16, fp32); clipping would turn them
+        # into NaN weights. The norm is of the reduced gradients: every process agrees.
+        # Under fp16 the GradScaler handles overflow itself and must see the step.
+        bad = accelerator.scaler is None and grad_norm is not None and not torch.isfinite(grad_norm).item()
+    if not bad:
+        stage.optimizer.step()
+        overflow = accelerator.optimizer_step_was_skipped  # fp16: the GradScaler skipped it
+        if not overflow:
+            stage.lr_scheduler.step()  # ours, not Accelerate's: one step per optimizer step
+    stage.optimizer.zero_grad(set_to_none=True)
+    return bad, overflow, grad_norm
+
+
+def check_bad_steps(accelerator: Accelerator, config: Config, settings: StageSettings, state: Progress,
+                    bad_in_a_row: int) -> None:
+    """Say that a step was skipped; stop after max_consecutive_bad_steps of them in a row."""
+    accelerator.print(f"[{settings.name}] step {state.step + 1}: non-finite loss or gradient, step "
+                      f"skipped ({bad_in_a_row} in a row, {state.skipped_steps} in all)")
+    if bad_in_a_row >= config.max_consecutive_bad_steps:
+        kept = checkpoint_steps(config, settings.checkpoint_prefix)
+        raise TrainingError(
+            f"[{settings.name}] stopped at step {state.step}: the loss was not finite for "
+            f"{bad_in_a_row} optimizer steps in a row (max_consecutive_bad_steps). "
+            + (f"The last good checkpoint, {kept[-1][1]}, is intact. " if kept else "")
+            + "Lower learning_rate, check the data, or try mixed_precision: 'no', then resume.")
+
+
 def after_step(accelerator, config: Config, stage: Stage, state: Progress, bar, loss_sum: torch.Tensor,
                loss_count: torch.Tensor, samples_per_s: float, grad_norm) -> None:
     """Log, validate and checkpoint on schedule; every process calls this, so collectives match."""
-    step = state.step
-    if step % config.logging_steps == 0 or step == stage.max_train_steps:
+    step, settings = state.step, stage.settings
+    if step % config.logging_steps == 0 or step == settings.max_train_steps:
         loss = accelerator.reduce(loss_sum / loss_count.clamp_min(1), "mean").item()
         lr = stage.lr_scheduler.get_last_lr()[0]
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
-        log_metrics(accelerator, config, {"stage": stage.name, "step": step, "loss": loss, "lr": lr,
+        log_metrics(accelerator, config, {"stage": settings.name, "step": step, "loss": loss, "lr": lr,
                                           "grad_norm": None if grad_norm is None else float(grad_norm),
                                           "samples_per_s": samples_per_s,
                                           "skipped_steps": state.skipped_steps,
-                                          "overflow_steps": state.overflow_steps}, stage.log_offset)
-    if stage.validate and stage.validation_steps and step % stage.validation_steps == 0 \
-            and step < stage.max_train_steps:
-        log_metrics(accelerator, config, {"stage": stage.name, "step": step, **stage.validate(step)}, stage.log_offset)
+                                          "overflow_steps": state.overflow_steps}, settings.log_offset)
+    if stage.validate and settings.validation_steps and step % settings.validation_steps == 0 \
+            and step < settings.max_train_steps:
+        log_metrics(accelerator, config, {"stage": settings.name, "step": step, **stage.validate(step)},
+                    settings.log_offset)
         for model in stage.models:
             model.train()
-    every = stage.checkpointing_steps
-    if every and (step % every == 0 or step == stage.max_train_steps):
-        global_batch = stage.batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
+    every = settings.checkpointing_steps
+    if every and (step % every == 0 or step == settings.max_train_steps):
+        global_batch = settings.train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
         saved = {**vars(state), "global_batch": global_batch, "lr_scheduler": stage.lr_scheduler.state_dict()}
-        save_checkpoint(accelerator, config, stage.checkpoint_prefix, step, saved, stage.ema)
+        save_checkpoint(accelerator, config, settings, step, saved, stage.ema)
 
 
 def make_optimizer(config: Config, param_groups, learning_rate: float, lr_scheduler: str, warmup: int,

@@ -9,22 +9,26 @@ next to `base_model.json`, which names the pipeline they were trained on (and so
 from __future__ import annotations
 
 import json
-import os
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
+import peft
 import torch
+import transformers
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from packaging.version import Version
 
+from .card import SAMPLE_GRID
 from .config import Config, ConfigError, LoraConfig, ModelConfig
+from .models import base_reference, resolve_source
+from .run_dir import written_then_renamed
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for in a directory
 BASE_FILE = "base_model.json"
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the attention projections of CLIP's layers
 
 
 def adapter_config(settings: LoraConfig, targets: list[str]):
-    import peft
-
     # "gaussian": A ~ N(0, 1/r), B = 0, so training starts from exactly the base model.
     return peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank, lora_dropout=settings.dropout,
                            init_lora_weights="gaussian", target_modules=list(targets))
@@ -44,11 +48,6 @@ def text_encoder_peft_problem() -> str | None:
     """Why the installed libraries cannot give the text encoder adapters, or None. transformers adds them (and
     diffusers' load_lora_weights reads them back) through its own peft integration, which refuses a peft older
     than it was written for."""
-    from importlib.metadata import version
-
-    import transformers
-    from packaging.version import Version
-
     try:
         from transformers.integrations.peft import MIN_PEFT_VERSION
     except ImportError:  # a transformers without the constant: nothing to check
@@ -64,10 +63,6 @@ def check_targets(model: ModelConfig, settings: LoraConfig) -> None:
     """Refuse `lora.target_modules` the base UNet lacks, before a run writes anything: the UNet is built from its
     config on the meta device (no weights are read). peft matches a target against the end of module names.
     Text-encoder adapters are refused where the installed peft cannot make them."""
-    from diffusers import UNet2DConditionModel
-
-    from .models import resolve_source
-
     problem = text_encoder_peft_problem() if settings.train_text_encoder else None
     if problem:
         raise ConfigError(f"lora.train_text_encoder: {problem}. Upgrade peft (pip install -U peft), or set "
@@ -90,21 +85,9 @@ def check_targets(model: ModelConfig, settings: LoraConfig) -> None:
                           f"attention layers end in {layers} (the default is {LoraConfig().target_modules})")
 
 
-def base_reference(model: ModelConfig) -> str:
-    """The base as the LoRA's users will load it: a local directory as an absolute path, else the hub id."""
-    path = Path(model.pretrained_model_name_or_path).expanduser()
-    return str(path.resolve()) if path.exists() else model.pretrained_model_name_or_path
-
-
 def save_lora(directory, unet, text_encoder, config: Config, card=None, sample_grid: Path | None = None) -> Path:
     """Write the adapters (diffusers' LoRA format), base_model.json, the model card and its sample grid into
     `directory`, atomically (a temporary name, renamed when complete). `text_encoder` None: UNet adapters only."""
-    from diffusers import StableDiffusionPipeline
-    from peft import get_peft_model_state_dict
-
-    from .card import SAMPLE_GRID
-    from .pipeline import replace_directory
-
     directory = Path(directory)
     layers, metadata = {}, {}
     for name, model in (("unet", unet), ("text_encoder", text_encoder)):
@@ -112,23 +95,21 @@ def save_lora(directory, unet, text_encoder, config: Config, card=None, sample_g
             # peft's key names (…to_q.lora_A.weight), which load_lora_weights reads as they are. diffusers' older
             # names (…to_q.lora.down.weight, convert_state_dict_to_diffusers) cover only linear layers: a file
             # mixing them with convolutions' adapters would load without the linear ones.
-            state = get_peft_model_state_dict(model)
+            state = peft.get_peft_model_state_dict(model)
             layers[f"{name}_lora_layers"] = {key: tensor.contiguous() for key, tensor in state.items()}
             # The adapter's settings (rank, alpha, targets) travel in the file's header; without them a loader
             # would take alpha = rank.
             metadata[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-    partial = directory.with_name(directory.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(partial, **layers, **metadata, weight_name=WEIGHTS_NAME,
-                                              safe_serialization=True)
     reference = {"base_model": base_reference(config.model), "variant": config.model.variant,
                  "resolution": config.resolution, "lora": vars(config.lora)}
-    (partial / BASE_FILE).write_text(json.dumps(reference, indent=2) + "\n")
-    if card is not None:
-        card.save(partial / "README.md")
-    if sample_grid is not None:
-        shutil.copyfile(sample_grid, partial / SAMPLE_GRID)
-    replace_directory(partial, directory)
+    with written_then_renamed(directory) as partial:
+        StableDiffusionPipeline.save_lora_weights(partial, **layers, **metadata, weight_name=WEIGHTS_NAME,
+                                                  safe_serialization=True)
+        (partial / BASE_FILE).write_text(json.dumps(reference, indent=2) + "\n")
+        if card is not None:
+            card.save(partial / "README.md")
+        if sample_grid is not None:
+            shutil.copyfile(sample_grid, partial / SAMPLE_GRID)
     return directory
 
 

@@ -26,6 +26,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .config import ConfigError, ModelConfig
+from .tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +182,6 @@ def load_tokenizer(model: ModelConfig, captions: Callable[[], list[str]]) -> CLI
     """The configured tokenizer, or one built from the training captions (offline default)."""
     source = resolve_source(model, "tokenizer")
     if source.preset == CAPTIONS_TOKENIZER:
-        from .tokenizer import build_tokenizer
-
         return build_tokenizer(captions())
     return _from_pretrained(CLIPTokenizer, source, "model.tokenizer")
 
@@ -219,6 +218,15 @@ def build_vae(model: ModelConfig) -> AutoencoderKL:
     kwargs.setdefault("up_block_types", ("UpDecoderBlock2D",) * blocks)
     kwargs.setdefault("latent_channels", 4)
     return AutoencoderKL(**kwargs)
+
+
+def seeded(seed: int, component: str, build: Callable):
+    """Build a component from its own seed: a random init then never depends on what was built or
+    loaded before it (a resume loads the text encoder instead of building it, and a VAE stage that
+    is already finished is loaded, not built). LoRA adapters draw from the seed of their model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + ("text_encoder", "vae", "unet").index(component))
+        return build()
 
 
 def vae_scale_factor(vae: AutoencoderKL) -> int:
@@ -261,6 +269,12 @@ def build_noise_scheduler(model: ModelConfig, prediction_type: str | None = None
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                          beta_end=0.012, prediction_type=prediction_type or "epsilon", clip_sample=False,
                          steps_offset=1)
+
+
+def base_reference(model: ModelConfig) -> str:
+    """The base as the LoRA's users will load it: a local directory as an absolute path, else the hub id."""
+    path = Path(model.pretrained_model_name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else model.pretrained_model_name_or_path
 
 
 SAMPLERS = {

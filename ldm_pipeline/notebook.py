@@ -21,8 +21,7 @@ from pathlib import Path
 from .config import Config, load_config
 
 FAST_ENV, WORKDIR_ENV = "LDM_PIPELINE_FAST", "LDM_PIPELINE_WORKDIR"
-REPO = Path(__file__).resolve().parents[1]
-SHAPES_YAML = REPO / "train_configs" / "shapes.yaml"
+REPO = Path(__file__).resolve().parents[1]  # the checkout, when the package runs from one
 
 # The notebook's own shapes run: train_configs/shapes.yaml with these sizes. The full-size model is
 # `accelerate launch train.py --config train_configs/shapes.yaml`; the notebooks use it when present.
@@ -62,7 +61,8 @@ def _flag(name: str) -> bool:
 
 def notebook_settings() -> NotebookSettings:
     """Fast mode and the output folder, from LDM_PIPELINE_FAST and LDM_PIPELINE_WORKDIR."""
-    workdir = Path(os.environ.get(WORKDIR_ENV) or REPO / "outputs").expanduser().resolve()
+    default = REPO / "outputs" if (REPO / "pyproject.toml").is_file() else Path.cwd() / "outputs"
+    workdir = Path(os.environ.get(WORKDIR_ENV) or default).expanduser().resolve()
     return NotebookSettings(fast=_flag(FAST_ENV), workdir=workdir)
 
 
@@ -97,7 +97,7 @@ def shapes_overrides(settings: NotebookSettings, name: str = "notebook-shapes") 
 
 
 def shapes_config(settings: NotebookSettings, name: str = "notebook-shapes", extra: list[str] = ()) -> Config:
-    return load_config(SHAPES_YAML, overrides=shapes_overrides(settings, name) + list(extra))
+    return load_config("shapes", overrides=shapes_overrides(settings, name) + list(extra))
 
 
 def shapes_pipeline(settings: NotebookSettings) -> Path:
@@ -110,7 +110,7 @@ def shapes_pipeline(settings: NotebookSettings) -> Path:
     pipeline = Path(config.output_dir) / "pipeline"
     if (pipeline / "model_index.json").is_file():
         return pipeline
-    from .train import train
+    from .training import train  # torch and diffusers: only when a run is needed
 
     return train(config)
 

@@ -151,7 +151,7 @@ def save_tiny_pipeline(directory, unet_kwargs=None, vae_kwargs=None):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One tiny two-stage run (VAE then UNet, EMA, checkpoints) shared by the tests that read it."""
-    from ldm_pipeline.train import train
+    from ldm_pipeline.training import train
 
     root = tmp_path_factory.mktemp("trained")
     data_dir = write_caption_folder(root / "data")

@@ -2,7 +2,6 @@
 problem and the way out, or is handled as documented; a refused run leaves nothing behind."""
 
 import errno
-import importlib
 import io
 import json
 import re
@@ -20,16 +19,15 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ldm_pipeline import cli
+from ldm_pipeline import cli, unet_stage
 from ldm_pipeline import data as data_lib
-from ldm_pipeline import pipeline as pipeline_module
-from ldm_pipeline.config import ConfigError, _safe_yaml, config_from_dict, load_config
+from ldm_pipeline import generation as generation_module
+from ldm_pipeline.config import ConfigError, config_from_dict, load_config, safe_yaml
 from ldm_pipeline.models import UNET_PRESETS
 from ldm_pipeline.pipeline import load_pipeline
-from ldm_pipeline.train import main as train_main
-from ldm_pipeline.train import train
+from ldm_pipeline.training import main as train_main
+from ldm_pipeline.training import train
 
-train_module = importlib.import_module("ldm_pipeline.train")  # the package exports train(), the function
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -469,19 +467,23 @@ def test_a_damaged_vae_or_latent_cache_is_named_with_the_way_out(cached_run, tmp
 
 
 def test_a_full_disk_during_training_is_one_line(tmp_path, caption_folder, capsys, monkeypatch):
+    calls = []
+
     def disk_full(directory, **parts):
+        calls.append(directory)
         raise OSError(errno.ENOSPC, "No space left on device", str(directory))
 
-    monkeypatch.setattr(train_module, "save_pipeline", disk_full)
+    monkeypatch.setattr(unet_stage, "save_pipeline", disk_full)  # where the UNet stage looks it up
     config = write_config(tmp_path / "run.yaml", tmp_path / "out", caption_folder, max_train_steps=1,
                           validation__num_heldout=0)
     assert train_main(["--config", config]) == 2
+    assert calls == [tmp_path / "out" / "pipeline"]
     assert_one_error_line(capsys.readouterr().err, f"No space left on device: {tmp_path / 'out' / 'pipeline'} (the "
                                                    "disk is full; free some space or choose a folder on another disk)")
 
 
 def test_generate_on_a_full_disk_keeps_the_images_already_written(trained_run, tmp_path, capsys, monkeypatch):
-    save, saved = pipeline_module.GeneratedImage.save, []
+    save, saved = generation_module.GeneratedImage.save, []
 
     def fill_up(image, fp, format=None, **params):
         if len(saved) == 2:
@@ -489,7 +491,7 @@ def test_generate_on_a_full_disk_keeps_the_images_already_written(trained_run, t
         save(image, fp, format, **params)
         saved.append(fp)
 
-    monkeypatch.setattr(pipeline_module.GeneratedImage, "save", fill_up)
+    monkeypatch.setattr(generation_module.GeneratedImage, "save", fill_up)
     args = ["generate", "--model", str(trained_run / "pipeline"), "--prompt", "a red square on the left",
             "--num-images", "4", "--batch-size", "1", "--device", "cpu", "--out", str(tmp_path / "images")]
     assert cli.main(args) == 2
@@ -509,8 +511,8 @@ def test_generate_into_a_read_only_folder_fails_before_generating(trained_run, t
     def never(*args, **kwargs):
         raise AssertionError("generated before checking that the images can be written")
 
-    monkeypatch.setattr(pipeline_module.tempfile, "TemporaryFile", read_only)
-    monkeypatch.setattr(pipeline_module, "generate_batches", never)
+    monkeypatch.setattr(generation_module.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(generation_module, "generate_batches", never)  # cmd_generate imports it when it runs
     args = ["generate", "--model", str(trained_run / "pipeline"), "--prompt", "a red square on the left",
             "--device", "cpu", "--out", str(tmp_path / "images")]
     assert cli.main(args) == 2
@@ -564,4 +566,4 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     with pytest.raises(ConfigError, match=f"config file {path}: its aliases \\(\\*name\\) expand to more than "
                                           "100,000 values; write the values out instead"):
         load_config(path)
-    assert _safe_yaml("a: &x [1, 2]\nb: *x\n", "test") == {"a": [1, 2], "b": [1, 2]}  # small aliases still work
+    assert safe_yaml("a: &x [1, 2]\nb: *x\n", "test") == {"a": [1, 2], "b": [1, 2]}  # small aliases still work

@@ -23,11 +23,11 @@ from test_hub_layout import write_hub_layout
 from test_launch import ROOT, accelerate_launch, run_watched
 from test_scale import STEPS, assert_same_state, scale_config
 
-import ldm_pipeline.train as train_module
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ModelConfig, config_from_dict
 from ldm_pipeline.locks import LOCK_FILE, directory_lock
-from ldm_pipeline.train import train
+from ldm_pipeline.models import build_unet, seeded
+from ldm_pipeline.training import train
 
 SHARDS = ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
 
@@ -194,8 +194,7 @@ def test_training_from_the_disk_cache_equals_encoding_in_the_loop_to_fp16_roundi
 
     vae, text_encoder = AutoencoderKL.from_pretrained(pipeline / "vae"), CLIPTextModel.from_pretrained(
         pipeline / "text_encoder")
-    initial = train_module.seeded(0, "unet", lambda: train_module.build_unet(ModelConfig(unet="tiny"), 32, vae,
-                                                                              text_encoder)).state_dict()
+    initial = seeded(0, "unet", lambda: build_unet(ModelConfig(unet="tiny"), 32, vae, text_encoder)).state_dict()
     cached, in_loop = unet_weights(cached_reference), unet_weights(out)
     update = torch.cat([(cached[k] - initial[k]).flatten() for k in sorted(cached)])
     difference = torch.cat([(cached[k] - in_loop[k]).flatten() for k in sorted(cached)])

@@ -6,7 +6,17 @@ import pytest
 import yaml
 from conftest import tiny_config_dict
 
-from ldm_pipeline.config import Config, ConfigError, load_config
+from ldm_pipeline.config import (
+    FIXED,
+    FREE,
+    REAPPLIED,
+    Config,
+    ConfigError,
+    fields_with,
+    load_config,
+    setting_fields,
+    stage_settings,
+)
 
 
 def write(tmp_path, data) -> Path:
@@ -101,3 +111,37 @@ def test_shipped_configs_load(monkeypatch):
         # Data folders are made on demand; validate the rest as if they existed.
         data.setdefault("data", {}).setdefault("make_shapes", data["data"].get("make_shapes") or {})
         load_config(path, [f"data.make_shapes={data['data']['make_shapes']}"])
+
+
+def test_packaged_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no train_configs/ here
+    config = load_config("shapes", ["data.train_data_dir=data/shapes"])
+    assert config.data.make_shapes.num_images == 6000 and config.output_dir == "outputs/shapes"
+    assert load_config("shapes.yaml").resolution == config.resolution
+    with pytest.raises(ConfigError, match="name of a packaged config: folder128, sd15_finetune, .*shapes"):
+        load_config("shape")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "shapes.yaml").write_text("resolution: 32\ndata: {train_data_dir: images}\n")
+    assert load_config("shapes.yaml").resolution == 32  # a file of that name comes first
+
+
+def test_every_setting_says_what_a_resume_does_with_it():
+    """A new field must be classified (fields_with reads the metadata): fixed, re-applied or free."""
+    policies = {key: item.metadata.get("resume") for key, item in setting_fields()}
+    unclassified = [key for key, policy in policies.items() if policy not in (FIXED, REAPPLIED, FREE)]
+    assert unclassified == []
+    assert len(list(setting_fields())) > 80  # the walk reaches into every section
+    fixed = fields_with(FIXED)
+    assert {"seed", "model.unet", "data.train_data_dir", "lora.rank", "validation.num_heldout"} <= set(fixed)
+    assert "learning_rate" in fields_with(REAPPLIED) and "learning_rate" not in fixed
+    assert set(fields_with(cache_key=True)) == {"resolution", "data.center_crop", "data.random_flip"}
+
+
+def test_each_stage_reapplies_its_own_settings_and_the_shared_ones():
+    config = Config(stages=["vae", "unet"])
+    vae, unet = stage_settings(config, "vae"), stage_settings(config, "unet")
+    assert "vae_training.learning_rate" in vae.reapplied_keys and "learning_rate" not in vae.reapplied_keys
+    assert "learning_rate" in unet.reapplied_keys and "vae_training.learning_rate" not in unet.reapplied_keys
+    for shared in ("adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon"):
+        assert vae.reapplied_keys.count(shared) == unet.reapplied_keys.count(shared) == 1
+    assert unet.log_offset == config.vae_training.max_train_steps and vae.checkpoint_prefix == "vae-"

@@ -12,6 +12,7 @@ from conftest import tiny_config, write_caption_folder, write_class_folder
 from PIL import Image
 
 from ldm_pipeline import data as data_lib
+from ldm_pipeline import latent_cache
 from ldm_pipeline.config import ModelConfig
 from ldm_pipeline.models import build_text_encoder, build_vae, load_tokenizer
 
@@ -148,7 +149,7 @@ def _cache_parts(tmp_path, data_dir, **overrides):
 def test_latent_cache_is_reused_and_refuses_stale(tmp_path, caption_folder, capsys):
     accelerator = Accelerator(cpu=True)
     config, train, tokenizer, text_encoder, vae = _cache_parts(tmp_path, caption_folder)
-    cache = data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+    cache = latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
     directory = tmp_path / "out" / "latent_cache"
     assert (directory / "manifest.json").is_file() and cache.directory == directory
     rows = cache.rows[:]
@@ -162,7 +163,7 @@ def test_latent_cache_is_reused_and_refuses_stale(tmp_path, caption_folder, caps
 
     shard = directory / "shard-00000" / "data-00000-of-00001.arrow"
     mtime = shard.stat().st_mtime_ns
-    again = data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+    again = latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
     assert "reusing latent cache" in capsys.readouterr().out
     assert shard.stat().st_mtime_ns == mtime
     assert (again.rows[:]["latent_mean"] == rows["latent_mean"]).all()
@@ -171,14 +172,14 @@ def test_latent_cache_is_reused_and_refuses_stale(tmp_path, caption_folder, caps
         vae.decoder.conv_out.bias += 0.1
         vae.encoder.conv_out.bias += 0.1  # different VAE weights
     with pytest.raises(data_lib.DataError, match="stale.*different vae.*Delete that directory"):
-        data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+        latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
     assert shard.stat().st_mtime_ns == mtime  # nothing overwritten
 
 
 def test_latent_cache_with_flips_stores_both_orientations(tmp_path, caption_folder):
     accelerator = Accelerator(cpu=True)
     config, train, tokenizer, _, vae = _cache_parts(tmp_path, caption_folder, data__random_flip=True)
-    cache = data_lib.build_latent_cache(accelerator, config, train, vae, None, tokenizer)
+    cache = latent_cache.build_latent_cache(accelerator, config, train, vae, None, tokenizer)
     image = data_lib.open_rgb(train.dataset[1]["image"])
     mirrored = vae.encode(data_lib.image_to_tensor(image, 32, flip=True)[None]).latent_dist.mean[0]
     means = cache.rows[1]["latent_mean"]
@@ -197,7 +198,7 @@ def test_cache_dir_with_foreign_files_is_not_touched(tmp_path, caption_folder):
     cache.mkdir(parents=True)
     (cache / "notes.txt").write_text("mine")
     with pytest.raises(data_lib.DataError, match="holds no latent cache"):
-        data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+        latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
     assert (cache / "notes.txt").read_text() == "mine"
 
 
@@ -209,7 +210,7 @@ def test_a_cache_of_the_old_format_is_refused_with_the_way_out(tmp_path, caption
     (cache / "manifest.json").write_text(json.dumps({"key": {"vae": "0"}, "rows": 16}))
     (cache / "latents.safetensors").write_bytes(b"old")
     with pytest.raises(data_lib.DataError, match="older version.*delete that directory to rebuild it"):
-        data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+        latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
     assert (cache / "latents.safetensors").read_bytes() == b"old"
 
 
@@ -221,7 +222,7 @@ def test_images_are_checked_by_their_shard_once_and_bad_ones_skipped_or_named(tm
     train = data_lib.load_train_data(config, check_images=False)  # as a cached run loads it: nothing decoded yet
     decoded, open_rgb = [], data_lib.open_rgb
     monkeypatch.setattr(data_lib, "open_rgb", lambda value: decoded.append(value["path"]) or open_rgb(value))
-    cache = data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+    cache = latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
     assert sorted(decoded) == sorted(train.dataset["image"][i]["path"] for i in range(16))  # each image once
     assert cache.rows[:]["row"].tolist() == [r for r in range(16) if r != 3]
     manifest = json.loads((tmp_path / "out" / "latent_cache" / "manifest.json").read_text())
@@ -230,7 +231,7 @@ def test_images_are_checked_by_their_shard_once_and_bad_ones_skipped_or_named(tm
     config = tiny_config(tmp_path / "strict", caption_folder, data__cache_latents=True, data__cache_shard_size=5)
     with pytest.raises(data_lib.DataError, match=r"rows 0-4: 1 image\(s\) failed to decode \(.*003.png.*"
                                                  "on_bad_image: skip"):
-        data_lib.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+        latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
 
 
 def test_row_reader_gives_datasets_own_rows_across_shards_in_any_order():
@@ -248,7 +249,7 @@ def test_row_reader_gives_datasets_own_rows_across_shards_in_any_order():
             "input_ids": torch.randint(0, 99, (size, 4), generator=generator, dtype=torch.int32).numpy()},
             features=features))
     rows = datasets.concatenate_datasets(shards).with_format("numpy")
-    reader = data_lib.RowReader(rows, ["latent_mean", "input_ids"])
+    reader = latent_cache.RowReader(rows, ["latent_mean", "input_ids"])
     indices = [12, 0, 5, 5, 7, 3, 12, 6]
     read, expected = reader.read(indices), rows[indices]
     assert read["latent_mean"].shape == (8, 2, 3, 3) and read["input_ids"].shape == (8, 4)

@@ -14,7 +14,7 @@ from conftest import save_tiny_pipeline
 from PIL import Image
 
 from ldm_pipeline.cli import main as cli
-from ldm_pipeline.pipeline import read_png_metadata
+from ldm_pipeline.generation import read_png_metadata
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -14,16 +14,9 @@ from test_bad_input import assert_one_error_line
 
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ConfigError
-from ldm_pipeline.evaluate import (
-    PSNR_CAP_DB,
-    classify_image,
-    evaluation_prompts,
-    heldout_images,
-    psnr,
-    score_images,
-    vae_psnr,
-)
-from ldm_pipeline.shapes import all_captions, draw_shape, parse_caption
+from ldm_pipeline.evaluate import PSNR_CAP_DB, psnr, vae_psnr
+from ldm_pipeline.shapes.checker import classify_image, evaluation_prompts, heldout_images, score_images
+from ldm_pipeline.shapes.maker import all_captions, draw_shape, parse_caption
 
 
 def drawn_grid(resolution: int, seeds, background: str = "white") -> tuple[list[Image.Image], list[str]]:
@@ -152,12 +145,12 @@ def test_vae_psnr_of_a_tiny_vae_and_of_a_perfect_one():
     assert vae_psnr(tiny_vae(), images, batch_size=5) == pytest.approx(random_vae, abs=1e-3)  # batching is neutral
 
     identity = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32,
-                               encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x)),
+                               encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mean=x)),
                                decode=lambda z: SimpleNamespace(sample=z))
     assert vae_psnr(identity, images) == PSNR_CAP_DB > random_vae
     # a VAE that always decodes mid-grey: white and black images are both 0.5 away on the [0, 1] scale
     grey = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32,
-                           encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x)),
+                           encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mean=x)),
                            decode=lambda z: SimpleNamespace(sample=torch.zeros_like(z)))
     black_and_white = [Image.new("RGB", (8, 8), "white"), Image.new("RGB", (8, 8), "black")]
     assert vae_psnr(grey, black_and_white) == pytest.approx(-10 * math.log10(0.25), abs=1e-4)
@@ -192,7 +185,7 @@ def shapes_pipeline(tmp_path_factory):
 
 
 def test_evaluate_model_reports_scores_for_a_saved_pipeline(shapes_pipeline):
-    from ldm_pipeline.evaluate import evaluate_model
+    from ldm_pipeline.shapes.checker import evaluate_model
 
     report = evaluate_model(shapes_pipeline, seeds_per_prompt=1, batch_size=45, psnr_images=8, device="cpu")
     assert report["num_images"] == 90 and len(report["per_image"]) == 90
@@ -204,7 +197,7 @@ def test_evaluate_model_reports_scores_for_a_saved_pipeline(shapes_pipeline):
 
 
 def test_evaluate_refuses_a_model_not_trained_on_shapes(trained_run, capsys):
-    from ldm_pipeline.evaluate import evaluate_model
+    from ldm_pipeline.shapes.checker import evaluate_model
 
     # trained_run's tokenizer was learned from "a red square on the left"-style captions
     with pytest.raises(ConfigError, match="evaluate scores models trained on the shapes data set .*, and "

@@ -14,7 +14,7 @@ from ldm_pipeline import generate, load_config, load_pipeline, read_png_metadata
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ModelConfig
 from ldm_pipeline.models import build_vae, vae_scale_factor
-from ldm_pipeline.train import train
+from ldm_pipeline.training import train
 
 CONFIG = Path(__file__).resolve().parents[1] / "train_configs" / "folder128.yaml"
 STEPS = 3  # sampling.num_inference_steps of the tiny runs

@@ -8,7 +8,7 @@ from conftest import COLORS, draw_square, tiny_config
 from huggingface_hub import ModelCard
 
 from ldm_pipeline.data import DataError, ImageTextDataset, image_to_tensor, load_train_data
-from ldm_pipeline.train import train
+from ldm_pipeline.training import train
 
 
 def write_hub_layout(root, count=16, shards=2):

@@ -14,19 +14,19 @@ from PIL import Image
 from test_bad_input import assert_one_error_line, files_of
 from test_launch import ROOT
 
-from ldm_pipeline.checkpoints import output_dir_lock
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ConfigError
+from ldm_pipeline.generation import ImageWriter, read_png_metadata
 from ldm_pipeline.locks import LOCK_FILE
-from ldm_pipeline.pipeline import ImageWriter, read_png_metadata
-from ldm_pipeline.train import main as train_main
-from ldm_pipeline.train import train
+from ldm_pipeline.run_dir import output_dir_lock
+from ldm_pipeline.training import main as train_main
+from ldm_pipeline.training import train
 
 # A training run that stops before its UNet stage (the lock held, config.yaml written) until `go` exists.
 PAUSED_RUN = """
 import sys, time
 from pathlib import Path
-import ldm_pipeline.train as t
+import ldm_pipeline.training as t
 go, real = Path(sys.argv[2]), t.train_unet_stage
 def paused(*args, **kwargs):
     print("holding the lock", flush=True)

@@ -25,7 +25,7 @@ from ldm_pipeline import load_pipeline, read_png_metadata
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ConfigError, config_from_dict
 from ldm_pipeline.lora import WEIGHTS_NAME
-from ldm_pipeline.train import train
+from ldm_pipeline.training import train
 
 PROMPT = "a red square on the left"
 # Adapters on attention, a feed-forward layer and the ResNet convolutions (4-D weights, channels_last in training)

@@ -12,7 +12,7 @@ from PIL import Image
 from ldm_pipeline import generate, load_pipeline, read_png_metadata, save_images
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ConfigError
-from ldm_pipeline.pipeline import save_progress_gif
+from ldm_pipeline.generation import save_progress_gif
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from conftest import stopped_after_checkpoint, tiny_config
 from safetensors import safe_open
 
 from ldm_pipeline import generate, load_pipeline
-from ldm_pipeline.train import train
+from ldm_pipeline.training import train
 
 
 def test_bf16_trains_with_ema_resumes_and_generates(tmp_path, caption_folder):

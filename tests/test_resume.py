@@ -12,10 +12,12 @@ from conftest import stopped_after_checkpoint, write_caption_folder
 from test_scale import STEPS, assert_same_state, checkpoint_names, logged, scale_config, training_state
 
 import ldm_pipeline.loop as loop_module
-import ldm_pipeline.train as train_module
+import ldm_pipeline.losses as losses
+import ldm_pipeline.training as train_module
+import ldm_pipeline.unet_stage as unet_stage
 from ldm_pipeline.checkpoints import load_checkpoint
 from ldm_pipeline.config import ConfigError, config_from_dict
-from ldm_pipeline.train import train
+from ldm_pipeline.training import train
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def test_ema_weights_are_restored_in_place_on_the_models_device(finished):
 def flaky(monkeypatch, bad_windows: set, accumulation: int = 1):
     """Make the loss non-finite on the given data windows (by data position, so a resumed run sees them too)."""
     current = {}
-    sample_generators, diffusion_loss = loop_module.sample_generators, train_module.diffusion_loss
+    sample_generators, diffusion_loss = loop_module.sample_generators, losses.diffusion_loss
 
     def remember(seed, micro_step, indices):
         current["window"] = micro_step // accumulation
@@ -152,7 +154,7 @@ def flaky(monkeypatch, bad_windows: set, accumulation: int = 1):
         return value * float("nan") if bad else value
 
     monkeypatch.setattr(loop_module, "sample_generators", remember)  # the loop draws; the UNet stage computes
-    monkeypatch.setattr(train_module, "diffusion_loss", loss)
+    monkeypatch.setattr(losses, "diffusion_loss", loss)  # the UNet stage calls losses.diffusion_loss
 
 
 def test_a_resume_after_a_skipped_step_equals_the_uninterrupted_run(data_dir, tmp_path, monkeypatch):
@@ -212,7 +214,7 @@ def test_metrics_keep_the_stage_and_its_own_step(tmp_path, data_dir):
 
 def test_an_infinite_gradient_with_a_finite_loss_is_skipped(data_dir, tmp_path, monkeypatch):
     """Without a GradScaler (fp32, bf16) nothing else would catch it: clipping turns inf into NaN weights."""
-    build_unet, calls = train_module.build_unet, {"n": 0}
+    build_unet, calls = unet_stage.build_unet, {"n": 0}
 
     def unet_with_a_bad_gradient(*args, **kwargs):
         unet = build_unet(*args, **kwargs)
@@ -224,7 +226,7 @@ def test_an_infinite_gradient_with_a_finite_loss_is_skipped(data_dir, tmp_path, 
         unet.conv_in.bias.register_hook(poison)
         return unet
 
-    monkeypatch.setattr(train_module, "build_unet", unet_with_a_bad_gradient)
+    monkeypatch.setattr(unet_stage, "build_unet", unet_with_a_bad_gradient)  # where the UNet stage looks it up
     out = tmp_path / "out"
     train(config_from_dict(scale_config(out, data_dir)))
     state = training_state(out / "checkpoints" / f"step-{STEPS}")

@@ -16,8 +16,8 @@ import ldm_pipeline
 from ldm_pipeline.config import ConfigError, load_config
 from ldm_pipeline.models import PICKLE_SUFFIXES
 from ldm_pipeline.pipeline import load_pipeline
-from ldm_pipeline.train import main as train_main
-from ldm_pipeline.train import train
+from ldm_pipeline.training import main as train_main
+from ldm_pipeline.training import train
 
 # Accelerate's save_state: optimizer / LR-scheduler / sampler state, RNG states, and the objects we
 # register (LR schedule, EMA). Training state, not model weights: the models are model*.safetensors.

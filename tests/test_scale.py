@@ -23,13 +23,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_launch import ROOT, accelerate_launch, run_watched
 
-import ldm_pipeline.train as train_module
+import ldm_pipeline.losses as losses
+import ldm_pipeline.unet_stage as unet_stage
 from ldm_pipeline.checkpoints import find_resume_checkpoint
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import config_from_dict
-from ldm_pipeline.pipeline import read_png_metadata
-from ldm_pipeline.train import main as train_main
-from ldm_pipeline.train import train
+from ldm_pipeline.generation import read_png_metadata
+from ldm_pipeline.training import main as train_main
+from ldm_pipeline.training import train
 
 STEPS = 5
 
@@ -195,7 +196,7 @@ from pathlib import Path
 
 import ldm_pipeline.checkpoints as checkpoints
 import ldm_pipeline.loop as loop
-import ldm_pipeline.train as train
+import ldm_pipeline.training as train
 
 when, step = sys.argv[1], int(sys.argv[2])
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -279,7 +280,7 @@ def test_non_finite_steps_are_skipped_then_training_stops_at_the_limit(scale_roo
     config = scale_config(out, scale_root / "data", max_train_steps=4, checkpointing_steps=3,
                           max_consecutive_bad_steps=2, validation__validation_steps=0)
     unets, weights, bad_calls = [], [], {2, 4, 5}
-    build_unet, diffusion_loss = train_module.build_unet, train_module.diffusion_loss
+    build_unet, diffusion_loss = unet_stage.build_unet, losses.diffusion_loss
 
     def keep_unet(*args, **kwargs):
         unets.append(build_unet(*args, **kwargs))
@@ -292,8 +293,8 @@ def test_non_finite_steps_are_skipped_then_training_stops_at_the_limit(scale_roo
         weights.append(torch.cat([p.detach().flatten() for _, p in sorted(unets[-1].named_parameters())]))
         return loss * float("nan") if len(weights) - 1 in bad_calls else loss
 
-    monkeypatch.setattr(train_module, "build_unet", keep_unet)
-    monkeypatch.setattr(train_module, "diffusion_loss", flaky_loss)
+    monkeypatch.setattr(unet_stage, "build_unet", keep_unet)  # where the UNet stage looks it up
+    monkeypatch.setattr(losses, "diffusion_loss", flaky_loss)  # the UNet stage calls losses.diffusion_loss
     assert train_main(["--config", str(write_config(tmp_path / "run.yaml", config))]) == 2
     error = capsys.readouterr()
     assert "step 3: non-finite loss or gradient, step skipped (1 in a row, 1 in all)" in error.out

@@ -20,7 +20,7 @@ from ldm_pipeline import load_config, load_pipeline
 from ldm_pipeline.config import ConfigError, ModelConfig
 from ldm_pipeline.models import build_text_encoder, build_unet, build_vae, resolve_source
 from ldm_pipeline.tokenizer import build_tokenizer
-from ldm_pipeline.train import train
+from ldm_pipeline.training import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
 PROMPT = "a red square on the left"

@@ -12,7 +12,7 @@ from ldm_pipeline import load_config
 from ldm_pipeline.config import ModelConfig
 from ldm_pipeline.models import build_text_encoder, build_unet, build_vae, vae_scale_factor
 from ldm_pipeline.tokenizer import build_tokenizer
-from ldm_pipeline.train import train
+from ldm_pipeline.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from sd512_cpu import CONFIG, shrink_overrides, write_images  # noqa: E402  the run benchmarks/sd512_cpu.py times

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_pipeline import shapes
-from ldm_pipeline.shapes import COLORS, POSITIONS, all_captions, caption, draw_shape, make_shapes, parse_caption
+from ldm_pipeline.shapes import maker as shapes
+from ldm_pipeline.shapes.maker import COLORS, POSITIONS, all_captions, caption, draw_shape, make_shapes, parse_caption
 
 AREA_PER_SIDE_SQUARED = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}
 
@@ -193,7 +193,7 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, monkeyp
 
 def test_make_shapes_dark_draws_the_same_shapes_and_captions_on_a_dark_background(tmp_path, capsys):
     from ldm_pipeline.cli import main as cli
-    from ldm_pipeline.evaluate import score_images
+    from ldm_pipeline.shapes.checker import score_images
 
     assert cli(["make-shapes", "--out", str(tmp_path / "dark"), "--num-images", "30", "--resolution", "64",
                 "--seed", "3", "--background", "dark"]) == 0

@@ -5,7 +5,7 @@ import pytest
 from conftest import tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ldm_pipeline.train import train
+from ldm_pipeline.training import train
 
 
 def events(out) -> EventAccumulator:

@@ -1,6 +1,5 @@
 """The training loop: loss falls, outputs follow the contract, runs start from saved pipelines."""
 
-import importlib
 import json
 import subprocess
 import sys
@@ -14,12 +13,11 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from ldm_pipeline import cpu
 from ldm_pipeline import loop as loop_module
+from ldm_pipeline import training as train_module
 from ldm_pipeline.config import Config, ConfigError, ModelConfig
 from ldm_pipeline.losses import diffusion_loss, diffusion_target
 from ldm_pipeline.models import build_noise_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
-from ldm_pipeline.train import train
-
-train_module = importlib.import_module("ldm_pipeline.train")  # the package exports train(), the function
+from ldm_pipeline.training import train
 
 
 @pytest.mark.parametrize("prediction_type, snr_gamma", [("epsilon", None), ("v_prediction", 5.0)])
@@ -246,3 +244,40 @@ def test_cpu_runs_keep_freed_memory_in_the_heap_for_the_next_step(tmp_path):
         mapped[heap] = int(result.stdout)
     assert mapped["default"] >= 8 << 20  # glibc's own setting: a block of its own, unmapped on free
     assert mapped["kept"] == 0
+
+
+def test_the_train_function_outlives_its_module_and_runs_twice_in_one_process(tmp_path, caption_folder):
+    import ldm_pipeline
+    import ldm_pipeline.generation  # noqa: F401  importing a submodule must not replace the function beside it
+    import ldm_pipeline.training  # noqa: F401
+
+    assert ldm_pipeline.train.__module__ == "ldm_pipeline" and callable(ldm_pipeline.generate)
+    first = ldm_pipeline.train(tiny_config(tmp_path / "first", caption_folder, max_train_steps=1))
+    # another mixed precision, in the same process: Accelerate's one state per process starts afresh
+    second = ldm_pipeline.train(tiny_config(tmp_path / "second", caption_folder, max_train_steps=1,
+                                            mixed_precision="bf16"))
+    assert (first / "model_index.json").is_file() and (second / "model_index.json").is_file()
+
+
+def test_importing_the_package_changes_no_logging_and_loads_no_torch():
+    code = ("import logging, sys, ldm_pipeline; "
+            "print(len(logging.getLogger('transformers.utils.import_utils').filters), 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["0", "False"]
+
+
+def test_a_dry_run_of_a_resumed_run_reads_its_text_components(tmp_path, trained_run, caption_folder, monkeypatch):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    config = tiny_config(out, trained_run.parent / "data", stages=["vae", "unet"], max_train_steps=4,
+                         checkpointing_steps=2, use_ema=True, ema_decay=0.9, snr_gamma=5.0,
+                         validation__validation_steps=2, resume_from_checkpoint="latest")
+    sources, build = [], train_module.build_text_encoder
+    monkeypatch.setattr(train_module, "build_text_encoder",  # where prepare() looks it up
+                        lambda model, tokenizer: sources.append(model.text_encoder) or build(model, tokenizer))
+    before = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    assert train(config, dry_run=True) is None
+    assert sources == [str(out / "text_encoder")]  # not a fresh one built from the captions
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before

@@ -9,11 +9,12 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from ldm_pipeline.evaluate import is_shapes_data, reconstruction_sums, to_pil
+from ldm_pipeline.evaluate import IMAGES, reconstruction_sums
 from ldm_pipeline.loop import TrainingError, sample_generators
-from ldm_pipeline.shapes import make_shapes
-from ldm_pipeline.train import train
-from ldm_pipeline.vae_training import calibrate_latents
+from ldm_pipeline.shapes.checker import ReconstructionCheck, is_shapes_data
+from ldm_pipeline.shapes.maker import make_shapes
+from ldm_pipeline.training import train
+from ldm_pipeline.vae_stage import calibrate_latents
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +87,16 @@ def test_reconstruction_scores_of_a_perfect_and_a_grey_autoencoder(shapes_folder
         def decode(self, z):
             return type("Out", (), {"sample": z})
 
-    sums = reconstruction_sums(Identity(), pixels, captions[:6])
+    sums = reconstruction_sums(Identity(), pixels, captions[:6], ReconstructionCheck())
     assert sums[0] == 6 and sums[2:].tolist() == [6, 6, 6]  # the checker reads every original right
-    assert [image.tobytes() for image in to_pil(pixels)] == [image.tobytes() for image in images]
+    assert [image.tobytes() for image in IMAGES.postprocess(pixels, output_type="pil")] == \
+        [image.tobytes() for image in images]
 
     class Blank(Identity):  # decodes everything to a white image: nothing for the checker to read
         def decode(self, z):
             return type("Out", (), {"sample": torch.ones_like(z)})
 
-    blank = reconstruction_sums(Blank(), pixels, captions[:6])
+    blank = reconstruction_sums(Blank(), pixels, captions[:6], ReconstructionCheck())
     assert blank[2:].tolist() == [0, 0, 0] and blank[1] / 6 < sums[1] / 6
 
 
@@ -118,8 +120,8 @@ def test_calibration_centres_the_latents_and_keeps_reconstructions(tmp_path):
 
 
 def test_the_seed_changes_the_vae_init_the_data_order_and_the_noise(tmp_path, shapes_folder):
-    from ldm_pipeline.models import ModelConfig, build_vae
-    from ldm_pipeline.train import build_accelerator, seeded
+    from ldm_pipeline.models import ModelConfig, build_vae, seeded
+    from ldm_pipeline.training import build_accelerator
 
     def vae_weights(seed):
         return seeded(seed, "vae", lambda: build_vae(ModelConfig())).encoder.conv_in.weight

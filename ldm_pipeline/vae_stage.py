@@ -1,14 +1,15 @@
 """The "vae" stage: train the autoencoder, check its held-out reconstructions against the configured bars,
 calibrate its latents for the UNet, and save it to <output_dir>/vae.
 
-Its own module because only this stage needs it; the loop it runs is `loop.fit`, and `train.py` calls
-`train_vae_stage` before the UNet stage.
+The loop it runs is `loop.fit`. Where a plug-in knows the data (the shapes), its checker also reads the
+reconstructions (`plugins.reconstruction_checker`): the UNet can draw no better than its VAE decodes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,11 +19,13 @@ from diffusers.utils import make_image_grid
 from safetensors import SafetensorError
 
 from . import data as data_lib
-from .config import Config, ConfigError
+from . import plugins
+from .config import Config, ConfigError, stage_settings
+from .evaluate import IMAGES, reconstruct, reconstruction_sums
 from .loop import Stage, TrainingError, fit, log_image, log_metrics, make_loader, make_optimizer
 from .losses import vae_loss
 from .models import vae_scale_factor
-from .pipeline import replace_directory
+from .run_dir import written_then_renamed
 
 
 class VAEForTraining(torch.nn.Module):
@@ -76,23 +79,19 @@ def calibrate_latents(accelerator: Accelerator, vae: AutoencoderKL, dataset, num
 
 @torch.no_grad()
 def check_reconstructions(accelerator: Accelerator, vae: AutoencoderKL, heldout_set, captions: list[str] | None,
-                          batch_size: int) -> dict:
-    """Held-out PSNR and, for shapes data, the checker's color / shape / position accuracy on the VAE's
-    reconstructions (the UNet can draw no better than its VAE decodes). Every process scores its share."""
-    from .evaluate import reconstruction_sums
-
-    sums = torch.zeros(5)
+                          batch_size: int, checker=None) -> dict:
+    """Held-out PSNR and, with a plug-in's `checker` for these captions, the fraction of reconstructions it reads
+    right in each of its fields (recon_<field>_accuracy). Every process scores its share."""
+    fields = checker.fields if checker else ()
+    sums = torch.zeros(2 + len(fields))
     for rows in shares(accelerator, len(heldout_set), batch_size):
         pixels = torch.stack([heldout_set[i]["pixel_values"] for i in rows])
-        sums += reconstruction_sums(vae, pixels, [captions[i] for i in rows] if captions else None)
+        sums += reconstruction_sums(vae, pixels, [captions[i] for i in rows] if checker else None, checker)
     count, psnr_sum, *correct = accelerator.reduce(sums.to(accelerator.device), "sum").tolist()
     if not count:
         return {}
-    report = {"heldout_psnr_db": psnr_sum / count}
-    if captions:
-        report.update({f"recon_{field}_accuracy": value / count
-                       for field, value in zip(("color", "shape", "position"), correct)})
-    return report
+    return {"heldout_psnr_db": psnr_sum / count,
+            **{f"recon_{field}_accuracy": value / count for field, value in zip(fields, correct)}}
 
 
 def vae_check_failures(settings, report: dict) -> list[str]:
@@ -126,13 +125,10 @@ def report_vae_check(accelerator: Accelerator, config: Config, out: Path, failur
 
 def save_vae_grid(vae: AutoencoderKL, heldout_set, path: Path, count: int = 8):
     """Held-out originals (top row) above their reconstructions (bottom row)."""
-    from .evaluate import to_pil
-
     pixels = torch.stack([heldout_set[i]["pixel_values"] for i in range(min(count, len(heldout_set)))])
-    with torch.no_grad():
-        reconstruction = vae.decode(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean).sample
+    images = IMAGES.postprocess(torch.cat([pixels, reconstruct(vae, pixels).cpu()]), output_type="pil")
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_image_grid(to_pil(pixels) + to_pil(reconstruction), rows=2, cols=len(pixels))
+    grid = make_image_grid(images, rows=2, cols=len(pixels))
     grid.save(path)
     return grid
 
@@ -146,10 +142,23 @@ def load_trained_vae(folder: Path) -> AutoencoderKL:
                           "to train the VAE again (stage vae), or restore it") from error
 
 
+def vae_step_loss(model, latent_shape: tuple, settings, batch: dict, generators) -> torch.Tensor:
+    """The loss of one VAE step: a posterior sample per image from its own generator, decoded and compared."""
+    pixels = batch["pixel_values"]
+    noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(pixels.device)
+    reconstruction, posterior = model(pixels, noise)
+    return vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight)[0]
+
+
+def validate_vae(accelerator: Accelerator, model, heldout_set, captions, checker, batch_size: int, step: int) -> dict:
+    report = check_reconstructions(accelerator, accelerator.unwrap_model(model).vae.eval(), heldout_set, captions,
+                                   batch_size, checker)
+    accelerator.print(f"[vae] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+    return report
+
+
 def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.TrainData, vae: AutoencoderKL):
     """Train the autoencoder, check and calibrate it, save it to <output_dir>/vae; skip if done."""
-    from .evaluate import is_shapes_data
-
     out = Path(config.output_dir) / "vae"
     settings = config.vae_training
     if (out / "config.json").is_file():
@@ -161,11 +170,10 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
     rows, heldout = data_lib.split_heldout(len(train.dataset), settings.psnr_samples, config.seed)
     input_ids = torch.zeros(len(train.dataset), 1, dtype=torch.long)  # captions are not used here
     dataset = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, rows)
-    heldout_config = type(config.data)(**{**vars(config.data), "random_flip": False})
-    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_config, config.resolution, heldout)
+    heldout_data = dataclasses.replace(config.data, random_flip=False)
+    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_data, config.resolution, heldout)
     heldout_captions = [train.captions[row] for row in heldout]
-    if not is_shapes_data(heldout_captions):
-        heldout_captions = None  # the checker only knows the shapes data set
+    checker = plugins.reconstruction_checker(heldout_captions) if heldout else None
     if not heldout:
         accelerator.print(f"[vae] no held-out images (vae_training.psnr_samples: {settings.psnr_samples}, "
                           f"{len(train.dataset)} images; at most a fifth is held out): the VAE is not checked")
@@ -183,40 +191,24 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
                                                    make_loader(config, dataset, settings.train_batch_size))
     latent_shape = (vae.config.latent_channels,) + (config.resolution // vae_scale_factor(vae),) * 2
     batch_size = settings.train_batch_size
-
-    def compute_loss(batch, generators):
-        pixels = batch["pixel_values"]
-        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(pixels.device)
-        reconstruction, posterior = model(pixels, noise)
-        return vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight)[0]
-
-    def validate(step):
-        report = check_reconstructions(accelerator, accelerator.unwrap_model(model).vae.eval(), heldout_set,
-                                       heldout_captions, batch_size)
-        accelerator.print(f"[vae] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
-        return report
-
-    stage = Stage(name="vae", models=[model], optimizer=optimizer, lr_scheduler=lr_scheduler,
-                  learning_rates=[settings.learning_rate], dataloader=loader, compute_loss=compute_loss,
-                  max_train_steps=settings.max_train_steps,
-                  max_grad_norm=settings.max_grad_norm, checkpointing_steps=settings.checkpointing_steps,
-                  checkpoint_prefix="vae-", batch_size=batch_size, validate=validate if heldout else None,
-                  validation_steps=settings.validation_steps)
+    stage = Stage(settings=stage_settings(config, "vae"), models=[model], optimizer=optimizer,
+                  lr_scheduler=lr_scheduler, learning_rates=[settings.learning_rate], dataloader=loader,
+                  compute_loss=functools.partial(vae_step_loss, model, latent_shape, settings),
+                  validate=functools.partial(validate_vae, accelerator, model, heldout_set, heldout_captions,
+                                             checker, batch_size) if heldout else None)
     fit(accelerator, config, stage)
 
     vae = accelerator.unwrap_model(model).vae.eval()
     stats = calibrate_latents(accelerator, vae, dataset, settings.scaling_samples, batch_size)
-    stats.update(check_reconstructions(accelerator, vae, heldout_set, heldout_captions, batch_size))
+    stats.update(check_reconstructions(accelerator, vae, heldout_set, heldout_captions, batch_size, checker))
     failures = vae_check_failures(settings, stats)
     stats["check"] = {"passed": not failures, "failures": failures,
                       "min_psnr": settings.min_psnr, "min_recon_color": settings.min_recon_color}
     accelerator.print("[vae] " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items() if isinstance(v, float)))
     if accelerator.is_main_process:
-        partial = out.with_name("vae.tmp")
-        shutil.rmtree(partial, ignore_errors=True)
-        vae.save_pretrained(partial, safe_serialization=True)
-        (partial / "calibration.json").write_text(json.dumps(stats, indent=2))
-        replace_directory(partial, out)
+        with written_then_renamed(out) as partial:
+            vae.save_pretrained(partial, safe_serialization=True)
+            (partial / "calibration.json").write_text(json.dumps(stats, indent=2))
         if heldout:
             grid = save_vae_grid(vae, heldout_set, Path(config.output_dir) / "samples" / "vae.png")
             log_image(accelerator, "vae_reconstructions", grid, settings.max_train_steps)

@@ -1,0 +1,298 @@
+"""Training: `accelerate launch train.py --config train_configs/x.yaml [--set key=value] [--dry-run]`
+(installed: `accelerate launch -m ldm_pipeline.cli train ...`, or `ldm-pipeline train` in one process).
+
+`train(config)` reads top to bottom: Accelerator -> the run directory checks -> `prepare()` (data, text
+components, VAE: the one set-up that training, `--dry-run` and `ldm-pipeline cache` share) -> the run
+directory is written -> the stages ("vae", then "unet"), each of which ends in its saved result. The stages
+live in `vae_stage.py` and `unet_stage.py`, the loop they both run in `loop.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
+from safetensors import SafetensorError
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from . import data as data_lib
+from . import latent_cache, plugins
+from .checkpoints import check_resume_checkpoints
+from .config import Config, ConfigError, ModelConfig, add_run_arguments, load_config, os_error_message, to_yaml
+from .console import quiet_library_logs
+from .cpu import set_up_cpu
+from .distributed import check_process_group
+from .loop import TrainingError
+from .lora import check_targets
+from .models import build_text_encoder, build_unet, build_vae, load_tokenizer, resolve_source, seeded, vae_scale_factor
+from .run_dir import check_output_dir, output_dir_lock, prepare_output_dir, written_then_renamed
+from .tokenizer import save_tokenizer
+from .unet_stage import cached_text_encoder, frozen_dtype, train_unet_stage
+from .vae_stage import load_trained_vae, train_vae_stage
+
+
+def train(config: Config, dry_run: bool = False) -> Path | None:
+    """Run every configured stage; returns <output_dir>/pipeline, or <output_dir>/lora for a LoRA run (None for a
+    dry run, or a run of the vae stage only)."""
+    accelerator = build_accelerator(config)
+    set_seed(config.seed)
+    if dry_run:  # everything a run checks before writing, without writing
+        describe_dry_run(accelerator, config, prepare(accelerator, config, dry_run=True))
+        return None
+    with output_dir_lock(config.output_dir, hold=accelerator.is_main_process):  # one run per output_dir
+        # Every input is checked before output_dir is written, so a refused run leaves nothing behind.
+        check_output_dir(config)
+        check_resume_checkpoints(config, accelerator.num_processes)
+        prepared = prepare(accelerator, config, check_images=needs_image_check(config))
+        prepare_output_dir(accelerator, config)  # after the checks; overwrite_output_dir clears vae/ here
+        if prepared.new_text_components and accelerator.is_main_process:
+            save_run_text_components(config, prepared)
+        if config.report_to not in (None, "none"):
+            accelerator.init_trackers("ldm_pipeline")  # tensorboard: <output_dir>/logs/ldm_pipeline
+        accelerator.print(f"text_encoder: {prepared.text_encoder.num_parameters() / 1e6:.2f}M parameters, "
+                          f"vae: {prepared.vae.num_parameters() / 1e6:.2f}M parameters, "
+                          f"{prepared.num_examples} training images")
+        accelerator.print(describe_run(config, accelerator, {}, prepared.num_examples))
+        vae = prepared.vae
+        if "vae" in config.stages:
+            vae = train_vae_stage(accelerator, config, prepared.train, vae)
+        if "unet" not in config.stages:
+            accelerator.end_training()
+            return None
+        return train_unet_stage(accelerator, config, prepared.train, prepared.tokenizer, prepared.text_encoder, vae)
+
+
+def build_accelerator(config: Config) -> Accelerator:
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        forget_other_precision(config.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.report_to in (None, "none") else config.report_to,
+        project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                            logging_dir=str(Path(config.output_dir) / "logs")),
+        # One seeded permutation per epoch, the same at any process count (and after a resume).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+    check_process_group(accelerator.num_processes)
+    return accelerator
+
+
+def forget_other_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one state per process and refuses a second Accelerator with another mixed_precision; a
+    second train() in the same single-process Python session (a notebook, a test) with another one starts afresh.
+    Accelerate has no public call for this: its own tests reset the state through these two private names."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state()
+
+
+@dataclass
+class Prepared:
+    """What a run, a dry run and a cache build set up the same way before anything is trained or written."""
+
+    train: data_lib.TrainData | None  # None in a dry run before a plug-in has written the data
+    captions: list[str]
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    new_text_components: bool  # made now from presets or captions: saved in output_dir when the run starts
+    vae: AutoencoderKL  # the run's finished VAE (<output_dir>/vae), else built from its seed
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.captions)
+
+
+def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, check_images: bool = True) -> Prepared:
+    """The data (written first by a plug-in that makes it; a dry run reads the captions it would write instead),
+    the run's text components and its VAE, and every check that would otherwise fail only later."""
+    train, data = None, config.data
+    planned = plugins.planned_captions(config) if dry_run and not data_exists(config) else None
+    if planned is None:
+        if not dry_run:
+            plugins.prepare_data(config, accelerator)
+        with accelerator.main_process_first():  # the first load writes datasets' cache; others reuse it
+            train = data_lib.load_train_data(config, check_images=False)
+        if check_images:  # each process decodes its share
+            train = data_lib.check_train_images(train, data, accelerator)
+    captions = train.captions if train else planned[:data.max_train_samples]
+    tokenizer, text_encoder, new = run_text_components(config, captions, train.fingerprint if train else None)
+    for component in ("vae", "unet"):  # a missing or pickle-only model directory fails here, not mid-run
+        resolve_source(config.model, component)
+    if config.lora.rank:
+        check_targets(config.model, config.lora)
+    finished = finished_vae(config)
+    vae = load_trained_vae(finished) if finished else seeded(config.seed, "vae", lambda: build_vae(config.model))
+    check_sizes(config, vae, len(captions), accelerator.num_processes)
+    return Prepared(train, captions, tokenizer, text_encoder, new, vae)
+
+
+def data_exists(config: Config) -> bool:
+    return bool(config.data.dataset_name) or Path(config.data.train_data_dir).is_dir()
+
+
+def finished_vae(config: Config) -> Path | None:
+    """<output_dir>/vae when it holds this run's finished VAE stage (not a run that overwrite_output_dir replaces)."""
+    folder = Path(config.output_dir) / "vae"
+    replaced = config.overwrite_output_dir and not config.resume_from_checkpoint
+    return folder if (folder / "config.json").is_file() and not replaced else None
+
+
+RUN_DATA_FILE = "run_data.json"  # what the run's text components were made from
+
+
+def run_text_components(config: Config, captions: list[str], fingerprint: str | None):
+    """(tokenizer, text encoder, newly built?) for this run.
+
+    A tokenizer built from the captions and a randomly initialised text encoder are part of the run:
+    they are saved in <output_dir> when it starts and read back on every resume (rebuilding them from
+    the seed and captions could give others, which the trained UNet cannot read). A resume whose data
+    no longer matches them is refused, before anything is written."""
+    out = Path(config.output_dir)
+    if config.resume_from_checkpoint and (out / "text_encoder" / "config.json").is_file():
+        record = json.loads((out / RUN_DATA_FILE).read_text()) if (out / RUN_DATA_FILE).is_file() else {}
+        now = run_data_record(captions, fingerprint)
+        changed = [key for key in ("num_examples", "captions") if key in record and record[key] != now[key]]
+        if changed:
+            raise ConfigError(f"data: the training data changed since {out} started ({', '.join(changed)} differ: "
+                              f"{record['num_examples']} -> {now['num_examples']} examples); its tokenizer and "
+                              "text encoder were made for the old data. Start a new output_dir for this data")
+        tokenizer = load_tokenizer(ModelConfig(tokenizer=str(out / "tokenizer")), lambda: [])
+        text_encoder = build_text_encoder(ModelConfig(text_encoder=str(out / "text_encoder")), tokenizer)
+        return tokenizer, text_encoder, False
+    tokenizer = load_tokenizer(config.model, lambda: captions)
+    text_encoder = seeded(config.seed, "text_encoder", lambda: build_text_encoder(config.model, tokenizer))
+    from_run = resolve_source(config.model, "tokenizer").preset or resolve_source(config.model, "text_encoder").preset
+    return tokenizer, text_encoder, bool(from_run)
+
+
+def run_data_record(captions: list[str], fingerprint: str | None) -> dict:
+    digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+    return {"num_examples": len(captions), "captions": digest, "fingerprint": fingerprint}
+
+
+def save_run_text_components(config: Config, prepared: Prepared) -> None:
+    out = Path(config.output_dir)
+    with written_then_renamed(out / "tokenizer") as partial:
+        save_tokenizer(prepared.tokenizer, partial)
+    with written_then_renamed(out / "text_encoder") as partial:
+        prepared.text_encoder.save_pretrained(partial, safe_serialization=True)
+    (out / RUN_DATA_FILE).write_text(json.dumps(run_data_record(prepared.captions, prepared.train.fingerprint),
+                                                indent=2))
+
+
+def needs_image_check(config: Config) -> bool:
+    """Whether images are checked before training: always when they are decoded in the loop (or by the VAE
+    stage); with the latent cache alone, the cache build decodes each image once and checks it there."""
+    return not config.data.cache_latents or "vae" in config.stages
+
+
+def build_cache(config: Config) -> Path:
+    """`ldm-pipeline cache`: build (or finish) the latent cache a training run with this config would use,
+    on every process of `accelerate launch`, and stop. The VAE and text encoder are the ones the run would
+    encode with: its finished VAE (<output_dir>/vae), else model.vae; the run's text components."""
+    accelerator = build_accelerator(config)
+    set_seed(config.seed)
+    if "vae" in config.stages and not finished_vae(config):
+        raise ConfigError(f"stages: {config.stages} trains a VAE first, and the cache holds that VAE's latents: "
+                          "run the vae stage before caching (or train; with data.cache_latents it builds the "
+                          "cache itself), or set model.vae to a finished VAE and stages: [unet]")
+    # The rows the run will cache: it checks its images before the VAE stage, else the cache build checks them.
+    prepared = prepare(accelerator, config, check_images="vae" in config.stages)
+    weight_dtype = frozen_dtype(accelerator)
+    prepared.vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
+    prepared.text_encoder.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
+    data_lib.warn_truncated(prepared.tokenizer, prepared.captions)
+    cache = latent_cache.build_latent_cache(accelerator, config, prepared.train, prepared.vae,
+                                            cached_text_encoder(config, prepared.text_encoder), prepared.tokenizer)
+    accelerator.print(f"latent cache ready: {cache.directory} ({len(cache.rows)} images)")
+    return cache.directory
+
+
+def describe_dry_run(accelerator: Accelerator, config: Config, prepared: Prepared) -> None:
+    components = {"text_encoder": prepared.text_encoder, "vae": prepared.vae,
+                  "unet": build_unet(config.model, config.resolution, prepared.vae, prepared.text_encoder)}
+    accelerator.print(to_yaml(config))
+    accelerator.print(describe_run(config, accelerator, components, prepared.num_examples))
+
+
+def check_sizes(config: Config, vae: AutoencoderKL, num_examples: int, num_processes: int) -> None:
+    """What would otherwise fail only after the VAE stage, checked before anything is written (and by
+    --dry-run): the VAE's downsampling must divide the resolution, and every stage needs the examples
+    for one optimizer step."""
+    factor = vae_scale_factor(vae)
+    if config.resolution % factor:
+        raise ConfigError(f"resolution: {config.resolution} is not divisible by the VAE's downsampling "
+                          f"factor {factor}; use a multiple of {factor}")
+    stages = {"vae": ("vae_training.train_batch_size", config.vae_training.train_batch_size, 1,
+                      config.vae_training.psnr_samples),
+              "unet": ("train_batch_size", config.train_batch_size, config.gradient_accumulation_steps,
+                       config.validation.num_heldout)}
+    for stage in config.stages:
+        key, batch, accumulation, heldout = stages[stage]
+        rows = len(data_lib.split_heldout(num_examples, heldout, config.seed)[0])
+        if rows < batch * num_processes * accumulation:
+            raise ConfigError(
+                f"{key}: one optimizer step of the {stage} stage takes {batch * num_processes * accumulation} "
+                f"examples ({batch} per process x {num_processes} processes x {accumulation} accumulation), "
+                f"but it trains on {rows} ({num_examples} minus {num_examples - rows} held out); lower {key} "
+                "or add data")
+
+
+def describe_run(config: Config, accelerator: Accelerator, components: dict, num_examples: int | None) -> str:
+    global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    lines = [f"{name}: {module.num_parameters() / 1e6:.2f}M parameters" for name, module in components.items()]
+    lines.append(f"effective batch size: {global_batch} = {config.train_batch_size} per process x "
+                 f"{accelerator.num_processes} processes x {config.gradient_accumulation_steps} accumulation")
+    if "unet" in config.stages:
+        lines.append(f"unet stage: {config.max_train_steps} optimizer steps")
+        if num_examples:
+            lines[-1] += f" (~{config.max_train_steps * global_batch / num_examples:.1f} epochs of {num_examples})"
+    if "vae" in config.stages:
+        lines.append(f"vae stage: {config.vae_training.max_train_steps} steps of batch "
+                     f"{config.vae_training.train_batch_size * accelerator.num_processes}")
+    out = Path(config.output_dir)
+    if config.lora.rank:
+        lines.append(f"LoRA: rank {config.lora.rank} adapters on the UNet's {', '.join(config.lora.target_modules)}"
+                     + (" and the text encoder's attention" if config.lora.train_text_encoder else "")
+                     + f"; the rest of {config.model.pretrained_model_name_or_path} stays frozen")
+    result = out / ("lora" if config.lora.rank else "pipeline")
+    lines.append(f"writes: {result} (the {'LoRA' if config.lora.rank else 'model'}), {out / 'samples'} (image grids), "
+                 f"{out / 'metrics.jsonl'}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a latent diffusion text-to-image model.")
+    add_run_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_library_logs()
+    try:
+        config = load_config(args.config, args.overrides)
+        set_up_cpu(config)
+        train(config, dry_run=args.dry_run)
+    except (ConfigError, data_lib.DataError, TrainingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as error:  # a full or read-only disk: what failed, and the way out
+        print(f"error: {os_error_message(error)}; a run resumes from its last complete checkpoint with "
+              "resume_from_checkpoint: latest", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

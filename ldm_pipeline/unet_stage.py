@@ -1,0 +1,341 @@
+"""The "unet" stage: a text-conditioned UNet (or LoRA adapters on a pretrained one) learns to predict the noise
+added to latents, and the run ends in a pipeline (or LoRA) directory.
+
+`step_loss` is the loss of one step, a module-level function over `UNetParts`, the few things it reads: encode the
+images (or read the cached latents), noise them at a random timestep, predict with the UNet conditioned on the
+captions (some dropped to the empty prompt, for classifier-free guidance) and compare with the target.
+
+Randomness that shapes a step (noise, timesteps, caption dropout) is drawn per sample from the generators the
+loop hands over, keyed by (seed, micro-step, sample): a run gives the same result at any process count and after
+a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, cast_training_params
+from diffusers.utils import make_image_grid
+
+from . import data as data_lib
+from . import latent_cache, losses
+from .card import training_card
+from .checkpoints import checkpoint_trained_weights_only
+from .config import TEXT_ENCODER_LORA_TARGETS, Config, stage_settings
+from .generation import generate
+from .loop import Stage, fit, log_image, log_metrics, make_loader, make_optimizer
+from .lora import add_adapters, save_lora, trainable
+from .models import base_reference, build_noise_scheduler, build_unet, make_sampler, seeded, vae_scale_factor
+from .pipeline import save_pipeline
+
+
+@dataclass
+class UNetParts:
+    """What the loss of one UNet step reads."""
+
+    unet: torch.nn.Module  # as prepared (DDP-wrapped on several processes)
+    text_encoder: torch.nn.Module  # as prepared when it trains, else the frozen one
+    vae: torch.nn.Module  # frozen, in `weight_dtype`
+    noise_scheduler: DDPMScheduler
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+    empty_ids: torch.Tensor  # (L,) the empty prompt's token ids: what a dropped caption becomes
+    empty_embeds: torch.Tensor | None  # (L, D) its text-encoder output, when the cache holds text embeddings
+    weight_dtype: torch.dtype  # of the frozen models
+    trains_text_encoder: bool
+    caption_dropout: float
+    noise_offset: float
+    snr_gamma: float | None
+    device: torch.device
+    unwrap: Callable = lambda model: model  # accelerator.unwrap_model
+
+
+def encode(parts: UNetParts, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latent mean, latent std) of the batch: from the cache, or by running the frozen VAE."""
+    if "latent_mean" in batch:
+        return batch["latent_mean"], batch["latent_std"]
+    with torch.no_grad():
+        dist = parts.vae.encode(batch["pixel_values"].to(parts.weight_dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def text_features(parts: UNetParts, batch: dict, dropped: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) text-encoder states of the captions, the `dropped` ones replaced by the empty prompt."""
+    if "prompt_embeds" in batch:
+        embeds = batch["prompt_embeds"].clone()
+        embeds[dropped] = parts.empty_embeds.to(embeds)
+        return embeds
+    ids = batch["input_ids"].clone()
+    ids[dropped] = parts.empty_ids.to(ids.device)
+    if parts.trains_text_encoder and torch.is_grad_enabled():
+        return parts.text_encoder(ids)[0]
+    with torch.no_grad():  # unwrapped: a DDP forward outside training could sync buffers
+        return parts.unwrap(parts.text_encoder)(ids)[0]
+
+
+def step_loss(parts: UNetParts, batch: dict, latent_noise: torch.Tensor, noise: torch.Tensor,
+              timesteps: torch.Tensor, dropped: torch.Tensor, denoiser=None) -> torch.Tensor:
+    """The diffusion loss of a batch at the given draws: latents sampled from their distribution with
+    `latent_noise`, noised with `noise` at `timesteps`, predicted by `denoiser` (default: the training UNet)."""
+    mean, std = encode(parts, batch)
+    scaling = parts.vae.config.scaling_factor
+    latents = (mean + std * latent_noise) * scaling  # (B, C, h, w), unit variance
+    noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = (denoiser or parts.unet)(noisy, timesteps, text_features(parts, batch, dropped)).sample
+    target = losses.diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
+    return losses.diffusion_loss(prediction, target, timesteps, parts.noise_scheduler, parts.snr_gamma)
+
+
+def draw(parts: UNetParts, generator: torch.Generator) -> tuple:
+    """One sample's random draws, in a fixed order: latent sample, noise, offset, timestep, dropout."""
+    shape = parts.latent_shape
+    return (torch.randn(shape, generator=generator), torch.randn(shape, generator=generator),
+            torch.randn((shape[0], 1, 1), generator=generator),
+            torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (), generator=generator),
+            torch.rand((), generator=generator) < parts.caption_dropout)
+
+
+def training_loss(parts: UNetParts, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
+    """The loss of one training micro-batch, each sample drawing from its own generator."""
+    draws = [torch.stack(column).to(parts.device) for column in zip(*(draw(parts, g) for g in generators))]
+    latent_noise, noise, offset, timesteps, dropped = draws  # (B, C, h, w) x 2, (B, C, 1, 1), (B,), (B,)
+    # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift mean brightness.
+    return step_loss(parts, batch, latent_noise, noise + parts.noise_offset * offset, timesteps, dropped)
+
+
+@torch.no_grad()
+def heldout_loss(accelerator: Accelerator, parts: UNetParts, heldout_set, seed: int) -> float:
+    """Same fixed (example, timestep, noise) triples every time, split across processes."""
+    if len(heldout_set) == 0:
+        return float("nan")
+    shape, num_timesteps = parts.latent_shape, parts.noise_scheduler.config.num_train_timesteps
+    generator = torch.Generator().manual_seed(seed + 12345)
+    noise = torch.randn((len(heldout_set), *shape), generator=generator)
+    timesteps = (torch.arange(len(heldout_set)) * num_timesteps // len(heldout_set)).flip(0)
+    total = torch.zeros(2, device=accelerator.device)
+    # Unwrapped: processes may hold different numbers of examples, and a DDP forward can sync.
+    denoiser = parts.unwrap(parts.unet).eval()
+    with accelerator.split_between_processes(list(range(len(heldout_set)))) as mine:
+        for i in mine:
+            item = {k: v.unsqueeze(0).to(accelerator.device) for k, v in heldout_set[i].items()}
+            zero = torch.zeros((1, *shape), device=accelerator.device)
+            total[0] += step_loss(parts, item, zero, noise[i:i + 1].to(accelerator.device),
+                                  timesteps[i:i + 1].to(accelerator.device),
+                                  torch.zeros(1, dtype=torch.bool, device=accelerator.device), denoiser)
+            total[1] += 1
+    total = accelerator.reduce(total, "sum")
+    return (total[0] / total[1]).item()
+
+
+def trains_text_encoder(config: Config) -> bool:
+    """Whether the UNet stage trains the text encoder: whole, or through LoRA adapters."""
+    return config.train_text_encoder or (config.lora.rank > 0 and config.lora.train_text_encoder)
+
+
+def frozen_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype frozen models run in under the run's mixed precision (float32 without it)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def cached_text_encoder(config: Config, text_encoder):
+    """The text encoder whose outputs the latent cache holds, or None (it is trained, or not cached)."""
+    return None if trains_text_encoder(config) or not config.data.cache_text_embeddings else text_encoder
+
+
+def unet_log_offset(config: Config) -> int:
+    return stage_settings(config, "unet").log_offset
+
+
+def add_lora(accelerator: Accelerator, config: Config, unet, text_encoder, weight_dtype) -> None:
+    """Adapters on the pretrained UNet (and text encoder), each from its own seed; only they train. Under mixed
+    precision the frozen base weights are kept in its dtype (half the memory; autocast computes in it anyway),
+    the adapters in float32, the optimizer's master weights. Checkpoints then hold the adapters only."""
+    for name, model, targets, wanted in (("unet", unet, config.lora.target_modules, True),
+                                         ("text_encoder", text_encoder, TEXT_ENCODER_LORA_TARGETS,
+                                          config.lora.train_text_encoder)):
+        if not wanted:
+            continue
+        if accelerator.native_amp:
+            model.to(weight_dtype)
+        seeded(config.seed, name, lambda model=model, targets=targets: add_adapters(model, config.lora, targets))
+        cast_training_params(model, torch.float32)
+        accelerator.print(f"[unet] LoRA rank {config.lora.rank} on the {name}'s {', '.join(targets)}: "
+                          f"{sum(p.numel() for p in trainable(model)) / 1e6:.3f}M trainable parameters")
+    checkpoint_trained_weights_only(accelerator)
+
+
+def set_up_models(accelerator: Accelerator, config: Config, text_encoder, vae):
+    """(UNet, noise scheduler, dtype of the frozen models): the UNet built from its seed (or loaded), LoRA
+    adapters added, the frozen models moved and cast, memory options applied."""
+    noise_scheduler = build_noise_scheduler(config.model, config.prediction_type)
+    unet = seeded(config.seed, "unet", lambda: build_unet(config.model, config.resolution, vae, text_encoder))
+    accelerator.print(f"[unet] {unet.num_parameters() / 1e6:.2f}M parameters")
+    weight_dtype = frozen_dtype(accelerator)
+    vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
+    text_encoder.requires_grad_(config.train_text_encoder)
+    if config.lora.rank > 0:
+        add_lora(accelerator, config, unet, text_encoder, weight_dtype)
+    if not trains_text_encoder(config):
+        text_encoder.eval().to(accelerator.device, weight_dtype)
+    if config.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if trains_text_encoder(config):
+            text_encoder.gradient_checkpointing_enable()
+    return unet, noise_scheduler, weight_dtype
+
+
+def training_sets(accelerator: Accelerator, config: Config, train: data_lib.TrainData, tokenizer, text_encoder,
+                  vae):
+    """(training set, held-out set, cached empty-prompt embedding or None): rows of the latent cache, or images
+    decoded in the loop."""
+    data_lib.warn_truncated(tokenizer, train.captions)
+    if config.data.cache_latents:  # memory-mapped: only the rows of a batch are ever read into RAM
+        cache = latent_cache.build_latent_cache(accelerator, config, train, vae,
+                                                cached_text_encoder(config, text_encoder), tokenizer)
+        rows, heldout = data_lib.split_heldout(len(cache.rows), config.validation.num_heldout, config.seed)
+        dataset = latent_cache.LatentDataset(cache, rows, config.data.random_flip)
+        heldout_set = latent_cache.LatentDataset(cache, heldout, random_flip=False)
+        return dataset, heldout_set, cache.empty_prompt_embeds
+    input_ids = data_lib.TokenIds(tokenizer, train.captions)  # tokenized per sample, not held for all rows
+    rows, heldout = data_lib.split_heldout(train.num_rows, config.validation.num_heldout, config.seed)
+    dataset = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, rows)
+    heldout_data = dataclasses.replace(config.data, random_flip=False)
+    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_data, config.resolution, heldout)
+    return dataset, heldout_set, None
+
+
+def ema_of(accelerator: Accelerator, config: Config, unet) -> EMAModel | None:
+    """The EMA of the trained weights (all of a UNet trained whole, the adapters of a LoRA), or None."""
+    if not config.use_ema:
+        return None
+    plain = accelerator.unwrap_model(unet)
+    ema = EMAModel(trainable(plain), decay=config.ema_decay, model_cls=UNet2DConditionModel,
+                   model_config=plain.config, foreach=True)
+    ema.to(accelerator.device)  # a resume copies the saved EMA weights into these tensors, in place
+    return ema
+
+
+def sampling_pipeline(parts: UNetParts, tokenizer, sampling) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.unwrap(parts.text_encoder), tokenizer=tokenizer,
+        unet=parts.unwrap(parts.unet), scheduler=make_sampler(sampling.scheduler, parts.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@torch.no_grad()
+def validate(accelerator: Accelerator, config: Config, parts: UNetParts, tokenizer, heldout_set, ema, step: int,
+             name: str | None = None) -> dict:
+    """Held-out loss and a grid of fixed prompts x seeds (split across processes), with the EMA weights when EMA
+    is on: what will be saved."""
+    unet = parts.unwrap(parts.unet)
+    if ema is not None:
+        ema.store(trainable(unet))
+        ema.copy_to(trainable(unet))
+    try:
+        unet.eval()
+        metrics = {"val_loss": heldout_loss(accelerator, parts, heldout_set, config.seed)}
+        prompts = config.validation.prompts or [""]
+        jobs = [(p, s) for s in config.validation.seeds for p in prompts]
+        pipe = sampling_pipeline(parts, tokenizer, config.sampling)
+        pipe.set_progress_bar_config(disable=True)
+        # Under mixed precision the frozen VAE and text encoder hold bf16/fp16 weights while the UNet keeps
+        # fp32 ones; autocast runs each layer in one dtype, as in training.
+        with accelerator.autocast():
+            images = generate(
+                pipe, [p for p, _ in jobs], [s for _, s in jobs], show_progress=False, state=accelerator,
+                num_inference_steps=config.sampling.num_inference_steps,
+                guidance_scale=config.sampling.guidance_scale, check_finite=False)
+    finally:
+        if ema is not None:
+            ema.restore(trainable(unet))
+    samples = Path(config.output_dir) / "samples"
+    if accelerator.is_main_process:
+        samples.mkdir(parents=True, exist_ok=True)
+        path = samples / f"{name or f'step-{step:06d}'}.png"
+        grid = make_image_grid(images, rows=len(config.validation.seeds), cols=len(prompts))
+        grid.save(path)
+        path.with_suffix(".txt").write_text("columns: " + " | ".join(prompts) + "\n")
+        log_image(accelerator, "validation", grid, unet_log_offset(config) + step)
+    accelerator.print(f"[unet] step {step}: val_loss {metrics['val_loss']:.4f}, samples in {samples}")
+    return metrics
+
+
+def train_unet_stage(accelerator: Accelerator, config: Config, train: data_lib.TrainData, tokenizer, text_encoder,
+                     vae) -> Path:
+    """Train the UNet (or its LoRA adapters); returns <output_dir>/pipeline (<output_dir>/lora)."""
+    unet, noise_scheduler, weight_dtype = set_up_models(accelerator, config, text_encoder, vae)
+    dataset, heldout_set, empty_embeds = training_sets(accelerator, config, train, tokenizer, text_encoder, vae)
+    accelerator.print(f"[unet] {len(dataset)} training examples, {len(heldout_set)} held out for val_loss")
+    train_text = trains_text_encoder(config)
+    learning_rates = [config.learning_rate]
+    param_groups = [{"params": trainable(unet), "lr": config.learning_rate}]
+    if train_text:
+        learning_rates.append(config.text_encoder_learning_rate or config.learning_rate)
+        param_groups.append({"params": trainable(text_encoder), "lr": learning_rates[-1]})
+    optimizer, lr_scheduler = make_optimizer(config, param_groups, config.learning_rate, config.lr_scheduler,
+                                             config.lr_warmup_steps, config.max_train_steps)
+    loader = make_loader(config, dataset, config.train_batch_size)
+    accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
+    if train_text:
+        unet, text_encoder, optimizer, loader = accelerator.prepare(unet, text_encoder, optimizer, loader)
+    else:
+        unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    ema = ema_of(accelerator, config, unet)
+    parts = UNetParts(
+        unet=unet, text_encoder=text_encoder, vae=vae, noise_scheduler=noise_scheduler,
+        latent_shape=(vae.config.latent_channels,) + (config.resolution // vae_scale_factor(vae),) * 2,
+        empty_ids=data_lib.tokenize(tokenizer, [""], warn=False)[0], empty_embeds=empty_embeds,
+        weight_dtype=weight_dtype, trains_text_encoder=train_text, caption_dropout=config.data.caption_dropout,
+        noise_offset=config.noise_offset, snr_gamma=config.snr_gamma, device=accelerator.device,
+        unwrap=accelerator.unwrap_model)
+    check = functools.partial(validate, accelerator, config, parts, tokenizer, heldout_set, ema)
+    models = [unet, text_encoder] if train_text else [unet]
+    stage = Stage(settings=stage_settings(config, "unet"), models=models, optimizer=optimizer,
+                  lr_scheduler=lr_scheduler, learning_rates=learning_rates, dataloader=loader,
+                  compute_loss=functools.partial(training_loss, parts), ema=ema, validate=check)
+    fit(accelerator, config, stage)
+
+    accelerator.wait_for_everyone()
+    final_metrics = check(config.max_train_steps, name="final")
+    log_metrics(accelerator, config, {"stage": "unet", "step": config.max_train_steps, **final_metrics},
+                unet_log_offset(config))
+    result_dir = Path(config.output_dir) / ("lora" if config.lora.rank else "pipeline")
+    if accelerator.is_main_process:
+        save_result(accelerator, config, parts, tokenizer, ema, models, len(dataset) + len(heldout_set),
+                    len(heldout_set), final_metrics, result_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result_dir
+
+
+def save_result(accelerator: Accelerator, config: Config, parts: UNetParts, tokenizer, ema, models,
+                num_images: int, num_heldout: int, final_metrics: dict, result_dir: Path) -> None:
+    """The pipeline (or LoRA) directory with its model card and final sample grid; EMA weights when EMA is on."""
+    unet, text_encoder, vae = parts.unwrap(parts.unet), parts.unwrap(parts.text_encoder), parts.vae
+    if ema is not None:
+        ema.copy_to(trainable(unet))
+    grid = Path(config.output_dir) / "samples" / "final.png"
+    card = training_card(config, num_images=num_images, num_heldout=num_heldout,
+                         num_processes=accelerator.num_processes, metrics=final_metrics, sample_grid=grid.is_file(),
+                         parameters={"unet": unet.num_parameters(), "vae": vae.num_parameters(),
+                                     "text_encoder": text_encoder.num_parameters(),
+                                     "trainable": sum(p.numel() for m in models for p in trainable(m))})
+    sample_grid = grid if grid.is_file() else None
+    if config.lora.rank:
+        save_lora(result_dir, unet, text_encoder if config.lora.train_text_encoder else None, config, card=card,
+                  sample_grid=sample_grid)
+        print(f"saved the LoRA to {result_dir} (base: {base_reference(config.model)})")
+        return
+    full = {m: m if m.dtype == torch.float32 else m.to(torch.float32) for m in (vae, text_encoder, unet)}
+    save_pipeline(result_dir, vae=full[vae], text_encoder=full[text_encoder], tokenizer=tokenizer,
+                  unet=full[unet], noise_scheduler=parts.noise_scheduler, sampling=config.sampling,
+                  extra={"resolution": config.resolution}, card=card, sample_grid=sample_grid)
+    print(f"saved the pipeline to {result_dir}")
