@@ -71,8 +71,9 @@ def test_no_module_holds_more_than_its_share():
 
 def test_the_check_itself_sees_a_circle(tmp_path, monkeypatch):
     """The graph is read right: a planted circle and a planted plug-in import are found."""
-    for name, text in {"__init__.py": "", "a.py": "from .b import x\n", "b.py": "from . import a\nfrom .shapes import y\n",
-                       "shapes/__init__.py": ""}.items():
+    planted = {"__init__.py": "", "a.py": "from .b import x\n", "b.py": "from . import a\nfrom .shapes import y\n",
+               "shapes/__init__.py": ""}
+    for name, text in planted.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     monkeypatch.setattr(__import__(__name__), "PACKAGE", tmp_path)

@@ -40,7 +40,7 @@ def test_captions_round_trip():
     assert caption("red", "circle", "top left") == "a red circle in the top left"
     captions = all_captions()
     assert len(captions) == len(set(captions)) == 90
-    assert captions[0] == "a red circle in the top left" and captions[-1] == "a orange triangle in the center"
+    assert captions[0] == "a red circle in the top left" and captions[-1] == "an orange triangle in the center"
     for text in captions:
         assert caption(*parse_caption(text)) == text
     for bad in ("a pink circle in the top left", "a red circle in the middle", "red circle in the top left"):

@@ -14,7 +14,7 @@ CAPTIONS = [
     "the dog's ball is at 3 o'clock...",
 ]
 SHAPE_CAPTIONS = [
-    f"a {color} {shape} in the {position}"
+    f"{'an' if color == 'orange' else 'a'} {color} {shape} in the {position}"
     for color in ["red", "green", "blue", "yellow", "purple", "orange"]
     for shape in ["circle", "square", "triangle"]
     for position in ["top left", "top right", "bottom left", "bottom right", "center"]

@@ -88,7 +88,7 @@ def test_reconstruction_scores_of_a_perfect_and_a_grey_autoencoder(shapes_folder
             return type("Out", (), {"sample": z})
 
     sums = reconstruction_sums(Identity(), pixels, captions[:6], ReconstructionCheck())
-    assert sums[0] == 6 and sums[2:].tolist() == [6, 6, 6]  # the checker reads every original right
+    assert sums[0] == 6 and sums[2:].tolist() == [6, 6, 6, 6]  # the checker reads every original right (and clean)
     assert [image.tobytes() for image in IMAGES.postprocess(pixels, output_type="pil")] == \
         [image.tobytes() for image in images]
 
@@ -97,7 +97,7 @@ def test_reconstruction_scores_of_a_perfect_and_a_grey_autoencoder(shapes_folder
             return type("Out", (), {"sample": torch.ones_like(z)})
 
     blank = reconstruction_sums(Blank(), pixels, captions[:6], ReconstructionCheck())
-    assert blank[2:].tolist() == [0, 0, 0] and blank[1] / 6 < sums[1] / 6
+    assert blank[2:].tolist() == [0, 0, 0, 6] and blank[1] / 6 < sums[1] / 6  # nothing to read; nothing unclean
 
 
 def test_calibration_centres_the_latents_and_keeps_reconstructions(tmp_path):

@@ -1,5 +1,5 @@
 """The embedded default as a plug-in: synthetic shapes (`maker.py`: one coloured shape on white, captioned
-"a {color} {shape} in the {position}") and a checker that reads those three back from an image (`checker.py`).
+"a red circle in the top left") and a checker that reads those three back from an image (`checker.py`).
 
 The core reaches it only through the hook of `ldm_pipeline.plugins` (the `shapes` entry point in pyproject.toml):
 `data.make_shapes` writes the data, the VAE stage checks its reconstructions with the checker, and
@@ -45,7 +45,8 @@ class ShapesPlugin:
         return ReconstructionCheck() if is_shapes_data(captions) else None
 
     def add_commands(self, commands) -> None:
-        ev = commands.add_parser("evaluate", help="score a shapes model: color / shape / position accuracy, VAE PSNR")
+        ev = commands.add_parser("evaluate", help="score a shapes model: color / shape / position accuracy, clean "
+                                 "images, VAE PSNR")
         ev.add_argument("--model", help="pipeline directory of a model trained on shapes")
         ev.add_argument("--lora", help="a LoRA directory to load into the model (default model: the LoRA's base)")
         ev.add_argument("--seeds-per-prompt", type=int, default=2, help="images per each of the 90 prompts")
@@ -87,8 +88,8 @@ def evaluate_command(args) -> int:
     out = Path(args.out or Path(args.lora or args.model).parent / "evaluation.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    summary = {k: report[k] for k in ("color_accuracy", "shape_accuracy", "position_accuracy", "all_accuracy",
-                                       "dark_background_fraction", "vae_psnr_db")}
+    summary = {k: report[k] for k in ("color_accuracy", "shape_accuracy", "position_accuracy", "clean_accuracy",
+                                       "all_accuracy", "dark_background_fraction", "vae_psnr_db")}
     print(json.dumps(summary, indent=2))
     print(f"wrote the full report to {out}")
     return 0

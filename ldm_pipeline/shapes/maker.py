@@ -1,5 +1,5 @@
 """Synthetic shapes data set: one coloured shape on white (or, for a style to adapt to, on a dark background),
-captioned "a {color} {shape} in the {position}" on either.
+captioned "a red circle in the top left", "an orange triangle in the center" on either.
 
 It is the project's embedded default data: small enough to train on a laptop, and every image can be
 checked automatically (see evaluate.py), so the spec below is fixed.
@@ -39,7 +39,8 @@ SUPERSAMPLE = 4  # draw 4x larger, then average 4x4 blocks: smooth edges, interi
 
 
 def caption(color: str, shape: str, position: str) -> str:
-    return f"a {color} {shape} in the {position}"
+    article = "an" if color[0] in "aeiou" else "a"
+    return f"{article} {color} {shape} in the {position}"
 
 
 def all_captions() -> list[str]:
@@ -52,7 +53,7 @@ _PARTS_BY_CAPTION = {caption(c, s, p): (c, s, p) for c in COLORS for s in SHAPES
 def parse_caption(text: str) -> tuple[str, str, str]:
     if text not in _PARTS_BY_CAPTION:
         raise ValueError(
-            f"{text!r} is not a shapes caption; expected 'a {{color}} {{shape}} in the {{position}}' with color in "
+            f"{text!r} is not a shapes caption; expected 'a(n) {{color}} {{shape}} in the {{position}}' with color in "
             f"{list(COLORS)}, shape in {list(SHAPES)}, position in {list(POSITIONS)}"
         )
     return _PARTS_BY_CAPTION[text]
