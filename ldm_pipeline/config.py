@@ -162,10 +162,11 @@ class VAETrainingConfig:
     psnr_samples: int = fixed(256, vae_result=True)  # held-out images (never trained on) for the reconstruction check
     validation_steps: int = free(0)  # also check reconstructions every N steps (0: only at the end)
     # The check at the end: held-out PSNR, and where a plug-in's checker knows the data (the shapes) the fraction
-    # of reconstructions whose color it reads right. A VAE below a bar stops the run before the UNet stage
+    # of reconstructions whose color / shape it reads right. A VAE below a bar stops the run before the UNet stage
     # (on_check_failure: error) or is only reported (warn). null: no bar.
     min_psnr: float | None = free()
     min_recon_color: float | None = free()
+    min_recon_shape: float | None = free()
     on_check_failure: Literal["error", "warn"] = free("error")
 
 
@@ -533,8 +534,9 @@ def validate(config: Config) -> None:
     _require(c.vae_training.psnr_samples >= 0, "vae_training.psnr_samples must be >= 0")
     _require(c.vae_training.scaling_samples >= 1, "vae_training.scaling_samples must be at least 1")
     _require(c.vae_training.validation_steps >= 0, "vae_training.validation_steps must be >= 0 (0: at the end only)")
-    _require(c.vae_training.min_recon_color is None or 0 <= c.vae_training.min_recon_color <= 1,
-             "vae_training.min_recon_color is a fraction in [0, 1] (or null)")
+    for key in ("min_recon_color", "min_recon_shape"):
+        bar = getattr(c.vae_training, key)
+        _require(bar is None or 0 <= bar <= 1, f"vae_training.{key} is a fraction in [0, 1] (or null)")
     _require(c.validation.num_heldout >= 0, "validation.num_heldout must be >= 0")
     _require(c.validation.validation_steps >= 0, "validation.validation_steps must be >= 0 (0 disables)")
     _require(bool(d.train_data_dir) != bool(d.dataset_name),

@@ -1,5 +1,6 @@
-"""What the user's screen shows: library messages that say nothing to our users are filtered at the entry points
-(the command line, training's `main`), never at import, so importing the package changes no one's logging."""
+"""What the user's screen shows: library messages and progress bars that say nothing to our users are turned off at
+the entry points (the command line, training's `main`), never at import, so importing the package changes no one's
+logging."""
 
 from __future__ import annotations
 
@@ -23,8 +24,14 @@ NOISY_LOGGERS = ("transformers.utils.import_utils", "diffusers.models.modeling_u
 
 
 def quiet_library_logs() -> None:
-    """Install the filter once on each noisy library logger (calling this again adds nothing)."""
+    """Install the filter once on each noisy library logger (calling this again adds nothing), and turn off the
+    libraries' own progress bars (transformers draws one for every model it saves); ours stay."""
     for name in NOISY_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(item, _DropNoise) for item in logger.filters):
             logger.addFilter(_DropNoise())
+    import diffusers  # here, not above: `ldm-pipeline --help` loads this module and should stay fast
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()

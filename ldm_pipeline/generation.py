@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import gather_object
-from diffusers.utils import export_to_gif
-from PIL import Image, PngImagePlugin
+from diffusers.utils import export_to_gif, make_image_grid
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from tqdm.auto import tqdm
 
 from .config import ConfigError
@@ -222,3 +222,35 @@ def save_progress_gif(frames, path, fps: int = 8) -> Path:
     with written_then_renamed(path) as partial:
         export_to_gif(list(frames) + [frames[-1]] * 5, str(partial), fps=fps)
     return path
+
+
+def captioned_grid(images: list[Image.Image], rows: int, captions: list[str], min_width: int = 128) -> Image.Image:
+    """`make_image_grid` of `images` (row-major, one column per caption) with each column's caption written under
+    it, so a grid shows what was asked beside what was drawn. Images narrower than `min_width` are enlarged
+    (nearest neighbour: pixels stay visible) so a caption fits in a few lines."""
+    cols = len(captions)
+    scale = max(1, -(-min_width // images[0].width))
+    tiles = [image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) for image in images]
+    grid = make_image_grid(tiles, rows=rows, cols=cols)
+    width, font = tiles[0].width, ImageFont.load_default(size=11)
+    wrapped = [_wrap(text or "(empty prompt)", font, width - 6) for text in captions]
+    line_height = font.getbbox("Ag")[3] + 3
+    strip = 6 + line_height * max(len(lines) for lines in wrapped)
+    canvas = Image.new("RGB", (grid.width, grid.height + strip), "white")
+    canvas.paste(grid, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for col, lines in enumerate(wrapped):
+        for k, line in enumerate(lines):
+            draw.text((col * width + 3, grid.height + 3 + k * line_height), line, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}".strip()
+        if lines[-1] and font.getlength(candidate) > width:
+            lines.append(word)
+        else:
+            lines[-1] = candidate
+    return lines

@@ -166,7 +166,8 @@ class RowReader:
                 array = array.flatten()
             feature = self.rows.features[name]
             shape = getattr(feature, "shape", None) or ((feature.length,) if isinstance(feature, datasets.List) else ())
-            columns[name] = array.to_numpy(zero_copy_only=False).reshape(len(indices), *shape)
+            # writable: torch refuses to wrap a read-only array without a warning
+            columns[name] = array.to_numpy(zero_copy_only=False, writable=True).reshape(len(indices), *shape)
         return columns
 
 

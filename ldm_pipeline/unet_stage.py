@@ -22,14 +22,13 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, cast_training_params
-from diffusers.utils import make_image_grid
 
 from . import data as data_lib
 from . import latent_cache, losses
 from .card import training_card
 from .checkpoints import checkpoint_trained_weights_only
 from .config import TEXT_ENCODER_LORA_TARGETS, Config, stage_settings
-from .generation import generate
+from .generation import captioned_grid, generate
 from .loop import Stage, fit, log_image, log_metrics, make_loader, make_optimizer
 from .lora import add_adapters, save_lora, trainable
 from .models import base_reference, build_noise_scheduler, build_unet, make_sampler, seeded, vae_scale_factor
@@ -260,7 +259,7 @@ def validate(accelerator: Accelerator, config: Config, parts: UNetParts, tokeniz
     if accelerator.is_main_process:
         samples.mkdir(parents=True, exist_ok=True)
         path = samples / f"{name or f'step-{step:06d}'}.png"
-        grid = make_image_grid(images, rows=len(config.validation.seeds), cols=len(prompts))
+        grid = captioned_grid(images, rows=len(config.validation.seeds), captions=prompts)
         grid.save(path)
         path.with_suffix(".txt").write_text("columns: " + " | ".join(prompts) + "\n")
         log_image(accelerator, "validation", grid, unet_log_offset(config) + step)

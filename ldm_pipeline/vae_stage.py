@@ -100,10 +100,11 @@ def vae_check_failures(settings, report: dict) -> list[str]:
     if settings.min_psnr is not None and report.get("heldout_psnr_db", float("inf")) < settings.min_psnr:
         failures.append(f"held-out PSNR {report['heldout_psnr_db']:.2f} dB < vae_training.min_psnr "
                         f"{settings.min_psnr}")
-    color = report.get("recon_color_accuracy")
-    if settings.min_recon_color is not None and color is not None and color < settings.min_recon_color:
-        failures.append(f"reconstruction color accuracy {color:.1%} < vae_training.min_recon_color "
-                        f"{settings.min_recon_color:.0%} (the UNet cannot draw a color its VAE does not decode)")
+    for field in ("color", "shape"):
+        bar, value = getattr(settings, f"min_recon_{field}"), report.get(f"recon_{field}_accuracy")
+        if bar is not None and value is not None and value < bar:
+            failures.append(f"reconstruction {field} accuracy {value:.1%} < vae_training.min_recon_{field} {bar:.0%} "
+                            f"(the UNet cannot draw a {field} its VAE does not decode)")
     return failures
 
 
@@ -115,8 +116,8 @@ def report_vae_check(accelerator: Accelerator, config: Config, out: Path, failur
     advice = (f"To retrain it: delete {out}, then rerun with more steps (vae_training.max_train_steps, now "
               f"{settings.max_train_steps}), or a different vae_training.learning_rate (now {settings.learning_rate}) "
               f"or seed. The VAE and its report are kept in {out} (calibration.json, samples/vae.png).")
-    banner = "\n".join(["", "!" * 100, "[vae] THE VAE FAILED ITS CHECK:", *(f"  - {f}" for f in failures), advice,
-                         "!" * 100, ""])
+    banner = "\n".join(["!" * 100, "[vae] THE VAE FAILED ITS CHECK:", *(f"  - {f}" for f in failures), advice,
+                         "!" * 100])
     accelerator.print(banner)
     if settings.on_check_failure == "error":
         raise TrainingError(f"[vae] the VAE failed its check: {'; '.join(failures)}. {advice} Set "
@@ -203,7 +204,8 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
     stats.update(check_reconstructions(accelerator, vae, heldout_set, heldout_captions, batch_size, checker))
     failures = vae_check_failures(settings, stats)
     stats["check"] = {"passed": not failures, "failures": failures,
-                      "min_psnr": settings.min_psnr, "min_recon_color": settings.min_recon_color}
+                      "min_psnr": settings.min_psnr, "min_recon_color": settings.min_recon_color,
+                      "min_recon_shape": settings.min_recon_shape}
     accelerator.print("[vae] " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items() if isinstance(v, float)))
     if accelerator.is_main_process:
         with written_then_renamed(out) as partial:

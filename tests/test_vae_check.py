@@ -43,10 +43,12 @@ def test_shapes_run_records_reconstruction_accuracy_and_a_grid(tmp_path, shapes_
 
 def test_a_vae_below_its_bar_stops_the_run_loudly_and_is_kept(tmp_path, shapes_folder, capsys):
     config = vae_config(tmp_path / "out", shapes_folder, stages=["vae", "unet"], vae_training__min_psnr=99.0,
-                        vae_training__min_recon_color=1.0)
+                        vae_training__min_recon_color=1.0, vae_training__min_recon_shape=1.0)
     with pytest.raises(TrainingError, match="min_psnr 99.0") as error:
         train(config)
     assert "max_train_steps" in str(error.value) and "on_check_failure: warn" in str(error.value)
+    assert "reconstruction shape accuracy" in str(error.value) and "vae_training.min_recon_shape 100%" in str(
+        error.value)  # a VAE trained 2 steps draws no shape the strict checker accepts
     assert "THE VAE FAILED ITS CHECK" in capsys.readouterr().out
     assert not (tmp_path / "out" / "pipeline").exists()  # the UNet stage never ran
     calibration = json.loads((tmp_path / "out" / "vae" / "calibration.json").read_text())
