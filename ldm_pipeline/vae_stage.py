@@ -206,7 +206,12 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
     stats["check"] = {"passed": not failures, "failures": failures,
                       "min_psnr": settings.min_psnr, "min_recon_color": settings.min_recon_color,
                       "min_recon_shape": settings.min_recon_shape}
-    accelerator.print("[vae] " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items() if isinstance(v, float)))
+    checks = [f"held-out PSNR {stats['heldout_psnr_db']:.2f} dB"] if "heldout_psnr_db" in stats else []
+    checks += [f"reconstructions' {key[6:-9]} {value:.1%}" for key, value in stats.items()
+               if key.startswith("recon_") and key.endswith("_accuracy")]
+    verdict = "passed" if not failures else "FAILED"
+    accelerator.print(f"[vae] check {verdict}: {', '.join(checks) or 'nothing held out'}; "
+                      f"latent scaling_factor {stats['scaling_factor']:.3f}")
     if accelerator.is_main_process:
         with written_then_renamed(out) as partial:
             vae.save_pretrained(partial, safe_serialization=True)
