@@ -309,14 +309,28 @@ def train_unet_stage(accelerator: Accelerator, config: Config, train: data_lib.T
     result_dir = Path(config.output_dir) / ("lora" if config.lora.rank else "pipeline")
     if accelerator.is_main_process:
         save_result(accelerator, config, parts, tokenizer, ema, models, len(dataset) + len(heldout_set),
-                    len(heldout_set), final_metrics, result_dir)
+                    len(heldout_set), final_metrics, result_dir, example_prompts(config, train.captions))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result_dir
 
 
+def example_prompts(config: Config, captions: list[str], count: int = 8) -> list[str]:
+    """Up to `count` of the training captions to offer a newcomer (the demo shows them): the validation prompts that
+    are training captions first, then the first other distinct ones."""
+    known = set(captions)
+    chosen = [prompt for prompt in config.validation.prompts if prompt in known]
+    for caption in captions:
+        if len(chosen) >= count:
+            break
+        if caption and caption not in chosen:
+            chosen.append(caption)
+    return chosen[:count]
+
+
 def save_result(accelerator: Accelerator, config: Config, parts: UNetParts, tokenizer, ema, models,
-                num_images: int, num_heldout: int, final_metrics: dict, result_dir: Path) -> None:
+                num_images: int, num_heldout: int, final_metrics: dict, result_dir: Path,
+                prompts: list[str]) -> None:
     """The pipeline (or LoRA) directory with its model card and final sample grid; EMA weights when EMA is on."""
     unet, text_encoder, vae = parts.unwrap(parts.unet), parts.unwrap(parts.text_encoder), parts.vae
     if ema is not None:
@@ -336,5 +350,6 @@ def save_result(accelerator: Accelerator, config: Config, parts: UNetParts, toke
     full = {m: m if m.dtype == torch.float32 else m.to(torch.float32) for m in (vae, text_encoder, unet)}
     save_pipeline(result_dir, vae=full[vae], text_encoder=full[text_encoder], tokenizer=tokenizer,
                   unet=full[unet], noise_scheduler=parts.noise_scheduler, sampling=config.sampling,
-                  extra={"resolution": config.resolution}, card=card, sample_grid=sample_grid)
+                  extra={"resolution": config.resolution, "example_prompts": prompts}, card=card,
+                  sample_grid=sample_grid)
     print(f"saved the pipeline to {result_dir}")

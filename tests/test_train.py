@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -62,7 +63,21 @@ def test_run_writes_the_output_contract(trained_run):
     weights = [p.name for p in pipeline.rglob("*") if p.is_file() and p.suffix in (".bin", ".safetensors", ".pt")]
     assert weights and all(name.endswith(".safetensors") for name in weights)
     assert (pipeline / "tokenizer" / "vocab.json").is_file() and (pipeline / "tokenizer" / "merges.txt").is_file()
+    # Training captions for the demo to offer: the validation prompt first, then other distinct ones.
+    examples = json.loads((pipeline / "ldm_pipeline.json").read_text())["example_prompts"]
+    assert examples == ["a red square on the left", "a blue square on the left", "a red square on the right",
+                        "a blue square on the right"]
 
+
+def test_a_validation_grid_carries_its_prompts_under_its_columns(trained_run):
+    from PIL import Image
+
+    with Image.open(trained_run / "samples" / "final.png") as grid:
+        pixels = np.asarray(grid.convert("L"))
+    tile = 128  # a 32 px image is enlarged 4x so its caption fits under it
+    assert pixels.shape[1] == tile and pixels.shape[0] > tile  # one prompt, one seed, and a strip of text below
+    strip = pixels[tile:]
+    assert (strip < 128).sum() > 50 and (strip == 255).mean() > 0.5  # dark text on white
 
 def test_vae_stage_measures_its_scaling_factor(trained_run):
     config = json.loads((trained_run / "pipeline" / "vae" / "config.json").read_text())
