@@ -98,13 +98,12 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, counts
 
 
-def ideal_mask(shape: str, center_x: float, center_y: float, width: float, height: float, angle: float,
-               grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """(H, W) bool: the pixel centres `grid` (ys, xs) inside the ideal `shape` whose width x height bounding box
-    is centred at (center_x, center_y) and turned by `angle` radians; the triangle stands upright at angle 0,
-    apex at the top."""
+def ideal_mask(shape: str, center_x, center_y, width, height, angle, grid: tuple[np.ndarray, np.ndarray]):
+    """Bool masks of the pixel centres `grid` (ys, xs) inside the ideal `shape` whose width x height bounding box is
+    centred at (center_x, center_y) and turned by `angle` radians; the triangle stands upright at angle 0, apex at
+    the top. The parameters may be arrays of N candidates shaped (N, 1, 1): the result is then (N, H, W)."""
     ys, xs = grid
-    cos, sin = math.cos(angle), math.sin(angle)
+    cos, sin = np.cos(angle), np.sin(angle)
     u = ((xs - center_x) * cos + (ys - center_y) * sin) / (width / 2)  # in the box's own frame, -1 .. 1
     v = (-(xs - center_x) * sin + (ys - center_y) * cos) / (height / 2)
     if shape == "circle":
@@ -116,29 +115,35 @@ def ideal_mask(shape: str, center_x: float, center_y: float, width: float, heigh
 
 def shape_fits(mask: np.ndarray) -> dict[str, float]:
     """{shape: the best intersection over union of `mask` with that ideal shape}. The search starts from the
-    ideal with the mask's area and centroid and tries every FIT_ASPECTS x FIT_ANGLES x FIT_SCALES x FIT_SHIFTS
-    around it: a person still calls a slightly narrow or tilted triangle a triangle."""
+    ideal with the mask's area and centroid: first every FIT_ASPECTS x FIT_ANGLES x FIT_SCALES in place, then the
+    best of those at every FIT_SCALES x FIT_SHIFTS (a person still calls a slightly narrow or tilted triangle a
+    triangle). Each pass scores all its candidates at once."""
     ys, xs = np.nonzero(mask)
     top, left = max(ys.min() - 3, 0), max(xs.min() - 3, 0)  # the fit needs only the shape's neighbourhood
     mask = mask[top:ys.max() + 4, left:xs.max() + 4]
     ys, xs = ys - top, xs - left
-    grid = tuple(np.mgrid[0:mask.shape[0], 0:mask.shape[1]] + 0.5)
+    grid = tuple((np.mgrid[0:mask.shape[0], 0:mask.shape[1]] + 0.5).astype(np.float32))
     area, center_x, center_y = len(ys), xs.mean() + 0.5, ys.mean() + 0.5
+
+    def best(shape: str, candidates: list[tuple]) -> tuple[float, tuple]:
+        """The best (IoU, candidate) of (aspect, angle in degrees, scale, dx, dy) candidates."""
+        aspect, angle, scale, dx, dy = np.array(candidates, dtype=np.float32).T[:, :, None, None]  # (N, 1, 1) each
+        angle = np.radians(angle)
+        side = math.sqrt(area / IDEAL_FILL[shape]) * scale
+        width, height = side * np.sqrt(aspect), side / np.sqrt(aspect)
+        # A triangle's centroid is 2/3 of the way down from its apex: 1/6 of its height below its box centre.
+        drop = height / 6 if shape == "triangle" else 0.0
+        ideal = ideal_mask(shape, center_x + dx + drop * np.sin(angle), center_y + dy - drop * np.cos(angle),
+                           width, height, angle, grid)  # (N, H, W)
+        overlap = (ideal & mask).sum(axis=(1, 2))
+        scores = overlap / (area + ideal.sum(axis=(1, 2)) - overlap)
+        return float(scores.max()), candidates[int(scores.argmax())]
+
     fits = {}
-    for shape, fill in IDEAL_FILL.items():
-        side = math.sqrt(area / fill)
-        best = 0.0
-        for aspect, angle, scale, dx, dy in itertools.product(FIT_ASPECTS[shape], FIT_ANGLES, FIT_SCALES, FIT_SHIFTS,
-                                                              FIT_SHIFTS):
-            width, height = side * scale * math.sqrt(aspect), side * scale / math.sqrt(aspect)
-            # A triangle's centroid is 2/3 of the way down from its apex: 1/6 of its height below its box centre.
-            drop = height / 6 if shape == "triangle" else 0.0
-            box_x = center_x + dx + drop * math.sin(math.radians(angle))
-            box_y = center_y + dy - drop * math.cos(math.radians(angle))
-            ideal = ideal_mask(shape, box_x, box_y, width, height, math.radians(angle), grid)
-            overlap = np.count_nonzero(ideal & mask)
-            best = max(best, overlap / (area + np.count_nonzero(ideal) - overlap))
-        fits[shape] = best
+    for shape in IDEAL_FILL:
+        _, (aspect, angle, *_) = best(shape, list(itertools.product(FIT_ASPECTS[shape], FIT_ANGLES, FIT_SCALES,
+                                                                    [0.0], [0.0])))
+        fits[shape], _ = best(shape, list(itertools.product([aspect], [angle], FIT_SCALES, FIT_SHIFTS, FIT_SHIFTS)))
     return fits
 
 
