@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import FIXED, Config, ConfigError, StageSettings, fields_with, stage_settings, to_yaml
-from .run_dir import refuse_changed_settings, replace_directory
+from .run_dir import give_umask_modes, refuse_changed_settings, replace_directory
 
 
 def check_resume_checkpoints(config: Config, num_processes: int = 1) -> None:
@@ -144,6 +144,7 @@ def save_checkpoint(accelerator: Accelerator, config: Config, stage: StageSettin
             state = {**state, "ema": {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}}
         (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
         (partial / "config.yaml").write_text(to_yaml(config))
+        give_umask_modes(partial)
         replace_directory(partial, final)
         prune_checkpoints(config, stage, step)
     accelerator.wait_for_everyone()

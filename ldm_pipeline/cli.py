@@ -9,8 +9,10 @@ count.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import plugins
@@ -64,17 +66,16 @@ def cmd_generate(args) -> int:
             if writer is None:
                 continue
             for image, frames in batch:  # written as each batch finishes
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # each file written and counted whole
-                try:
+                with _stops_held():  # each file written and counted whole
                     paths.append(writer.save(image))
                     if frames:
                         save_progress_gif(frames, paths[-1].with_suffix(".gif"))
-                finally:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    except KeyboardInterrupt:  # Ctrl+C: the finally below says what was kept, instead of a traceback
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
         if writer and len(paths) < len(jobs):
-            print(f"stopped after writing {len(paths)} of {len(jobs)} images to {out}", file=sys.stderr)
+            print(_stopped_generating(paths, jobs, args, out), file=sys.stderr)
     if writer:
         extra = " (+ a denoising GIF each)" if args.save_progress else ""
         print(f"wrote {len(paths)} images{extra} to {out}: {paths[0].name} .. {paths[-1].name}")
@@ -84,6 +85,38 @@ def cmd_generate(args) -> int:
 
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _stops_held(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Hold Ctrl+C and SIGTERM until the block is done, then act on the first that came. Not pthread_sigmask: the
+    kernel then hands the signal to another thread (tqdm's monitor, torch's), and Python still runs its handler in
+    the main thread, in the middle of the block."""
+    held = []
+    previous = {number: signal.signal(number, lambda signum, frame: held.append(signum)) for number in signals}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if held:
+            signal.raise_signal(held[0])  # runs its handler before returning
+
+
+def _stopped_generating(paths: list[Path], jobs: list[tuple[str, int]], args, out: Path) -> str:
+    """One line: what a stopped generation kept, and how to make the rest (a rerun never overwrites: its images
+    are numbered after the ones there, so rerunning the same command would make the kept ones a second time)."""
+    kept = "" if not paths else f" ({paths[0].name})" if len(paths) == 1 else f" ({paths[0].name} .. {paths[-1].name})"
+    if not paths:
+        rest = "run the same command again to write them"
+    elif len(jobs) == args.num_images:  # one prompt: the rest are its next seeds
+        rest = (f"run the same command with --seed {args.seed + len(paths)} --num-images {len(jobs) - len(paths)} "
+                "to write the rest")
+    else:
+        prompt, seed = jobs[len(paths)]
+        rest = (f"the next was {prompt!r} seed {seed}; running the same command again writes all {len(jobs)}, "
+                "numbered after these")
+    return f"stopped after writing {len(paths)} of {len(jobs)} images to {out}{kept}; {rest}"
 
 
 def cmd_train(args) -> int:
@@ -99,7 +132,13 @@ def cmd_cache(args) -> int:
 
     config = load_config(args.config, args.overrides)
     set_up_cpu(config)
-    build_cache(config)
+    try:
+        build_cache(config)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch every process gets the Ctrl+C
+            print("stopped: the finished shards of the latent cache are kept (a shard being written is not); "
+                  "run the same command again to encode only the rest", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -141,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     gen.add_argument("--guidance", type=float, default=None,
-                     help="classifier-free guidance scale (default: the model's; 1 turns it off)")
+                     help="classifier-free guidance scale, >= 0 (default: the model's; values <= 1 turn it off)")
     gen.add_argument("--height", type=int, default=None,
                      help="image height in pixels, a multiple of 8 (default: the resolution the model was trained at)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (as --height)")
@@ -185,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help='a local web page to generate from a model (pip install -e ".[demo]")')
     demo.add_argument("--model", required=True, help="pipeline directory (e.g. outputs/shapes/pipeline) or hub id")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--port", type=int, default=7860, help="TCP port to serve on, 1-65535")
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best available)")
     demo.add_argument("--out", default=None, help="directory the PNGs are added to (default: a temporary one)")
     demo.set_defaults(run=cmd_demo)
@@ -198,6 +237,9 @@ def main(argv=None) -> int:
     quiet_library_logs()
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # Ctrl+C where a command has nothing to add about what it kept
+        print("stopped (Ctrl+C)", file=sys.stderr)
+        return 130
     except ValueError as error:  # ConfigError and the other bad-input errors
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -576,14 +576,20 @@ def validate(config: Config) -> None:
                  "sit among files the run replaces. Keep them apart, e.g. data/my_images and outputs/my_run")
     _validate_lora(c)
     if c.report_to not in (None, "none"):
-        from accelerate.utils import LoggerType  # here: the config itself loads without torch
+        from accelerate.tracking import get_available_trackers  # here: the config itself loads without torch
+        from accelerate.utils import LoggerType
 
         known = [tracker.value for tracker in LoggerType]
+        installed = [tracker.value for tracker in get_available_trackers()]
         for name in [c.report_to] if isinstance(c.report_to, str) else c.report_to:
             guess = difflib.get_close_matches(name, known, n=1)
             _require(name in known, f"report_to: {name!r} is not a tracker Accelerate knows ({', '.join(known)}; "
                      "or none)"
                      + (f"; did you mean {guess[0]!r}?" if guess else ""))
+            # Accelerate drops a tracker whose package is missing with only a warning, and the run logs nothing.
+            # Each tracker's pip package has the tracker's name.
+            _require(name == "all" or name in installed, f"report_to: {name!r} needs the {name} package: pip install "
+                     f"{name} (or report_to: none)")
 
 
 def _validate_lora(c: Config) -> None:

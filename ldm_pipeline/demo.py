@@ -7,7 +7,9 @@ gradio is an optional extra: `pip install -e ".[demo]"`.
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -50,6 +52,9 @@ def build_demo(model, out_dir, device=None):
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", lines=2)
+                if pipe.example_prompts:  # what the model was trained on: a newcomer sees what it understands
+                    gr.Examples(examples=[[text] for text in pipe.example_prompts], inputs=[prompt],
+                                label="Prompts the model was trained on")
                 negative_prompt = gr.Textbox(label="Negative prompt")
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0)
@@ -68,12 +73,50 @@ def build_demo(model, out_dir, device=None):
     return demo
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse a port or host the server could not listen on, before the model loads: gradio would only fail
+    after it, with a message about an environment variable."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port!r} is not a TCP port; give one from 1 to 65535 (default 7860)")
+    address = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1] as in a URL
+    try:
+        family, kind, _, _, where = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"--host {host}: not an address or a host name this machine can resolve ({error.strerror});"
+                          " give e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from error
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no clash
+        try:
+            probe.bind(where)
+        except OSError as error:
+            reasons = {errno.EADDRINUSE: f"port {port} is in use on {host} (another demo or server?); stop it, or "
+                                         "choose another --port",
+                       errno.EACCES: f"port {port} needs administrator rights; choose a --port above 1023",
+                       errno.EADDRNOTAVAIL: f"{host} is not an address of this machine; give one of its addresses, "
+                                            "127.0.0.1 or 0.0.0.0"}
+            reason = reasons.get(error.errno, f"cannot listen there ({error.strerror}); choose another --port or "
+                                              "--host")
+            raise ConfigError(f"--host {host} --port {port}: {reason}") from error
+
+
 def serve(model, host: str = "127.0.0.1", port: int = 7860, device=None, out_dir=None) -> None:
-    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="ldm-pipeline-demo-"))
-    if out_dir.exists() and not out_dir.is_dir():
+    check_address(host, port)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ConfigError(f"--out {out_dir} is a file; give a directory for the images")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    demo = build_demo(model, out_dir, device=device)
-    print(f"serving {model} on http://{host}:{port}, images to {out_dir} (Ctrl+C stops)", flush=True)
-    demo.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
-                        allowed_paths=[str(out_dir)])
+    temporary = out_dir is None
+    out_dir = Path(tempfile.mkdtemp(prefix="ldm-pipeline-demo-") if temporary else out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        demo = build_demo(model, out_dir, device=device)
+        try:
+            demo.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
+                                allowed_paths=[str(out_dir)], prevent_thread_lock=True)
+        except OSError as error:  # taken between the check and now
+            raise ConfigError(f"--host {host} --port {port}: the server could not start there (the port was taken "
+                              "after the check?); choose another --port") from error
+        # Said only once the server listens, so a failed start never looks like a running one.
+        print(f"serving {model} on http://{host}:{port}, images to {out_dir} (Ctrl+C stops)", flush=True)
+        demo.block_thread()
+    finally:
+        if temporary and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # nothing generated: a folder nobody will look at

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -151,9 +152,12 @@ def check_generation_settings(num_inference_steps=None, guidance_scale=None, hei
                                             not isinstance(num_inference_steps, int) or num_inference_steps < 1):
         raise ConfigError(f"num_inference_steps (--steps): {num_inference_steps!r} must be a whole number of "
                           "at least 1; leave it out for the model's default")
-    if guidance_scale is not None and not math.isfinite(guidance_scale):
-        raise ConfigError(f"guidance_scale (--guidance): {guidance_scale} must be a finite number (1 turns "
-                          "guidance off); leave it out for the model's default")
+    # diffusers applies classifier-free guidance only above 1: any value <= 1, a negative one too, gives the
+    # unguided image while the PNG would record the value asked for.
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ConfigError(f"guidance_scale (--guidance): {guidance_scale} must be a finite number >= 0 (values <= 1 "
+                          "turn guidance off; above 1 it follows the prompt more closely); leave it out for the "
+                          "model's default")
     for name, value in (("height", height), ("width", width)):
         if value is not None and (value < factor or value % factor):
             raise ConfigError(f"{name} (--{name}): {value} must be a positive multiple of {factor}, the VAE's "
@@ -187,7 +191,10 @@ class ImageWriter:
         self.next_number = max(numbers, default=-1) + 1
 
     def save(self, image: Image.Image) -> Path:
-        handle, temporary = tempfile.mkstemp(dir=self.out_dir, prefix=".", suffix=".png.partial")
+        # Not mkstemp: its files are 0600 whatever the umask, and the link keeps that mode, so other users and
+        # web servers could not read the image. 0o666 here gets the umask, as any file the user writes.
+        temporary = self.out_dir / f".{os.getpid()}-{secrets.token_hex(8)}.png.partial"
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(handle, "wb") as file:
                 image.save(file, format="PNG")

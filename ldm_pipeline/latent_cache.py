@@ -46,7 +46,7 @@ from .data import (
 )
 from .locks import LOCK_FILE, directory_lock
 from .models import vae_scale_factor
-from .run_dir import write_json
+from .run_dir import write_json, written_then_renamed
 
 CACHE_FORMAT = 2
 ENCODE_BATCH = 32  # images per VAE call; fixed, so a shard's bytes do not depend on the process count
@@ -382,7 +382,8 @@ def _build_latent_cache(accelerator, config: Config, train: TrainData, vae, text
             if accelerator.is_main_process:
                 cache_dir.mkdir(parents=True, exist_ok=True)
                 if empty_embeds is not None:
-                    save_file({"empty_prompt_embeds": empty_embeds}, str(cache_dir / EMPTY_EMBEDS_FILE))
+                    with written_then_renamed(cache_dir / EMPTY_EMBEDS_FILE) as partial:
+                        save_file({"empty_prompt_embeds": empty_embeds}, str(partial))
                 write_json(cache_dir / "manifest.json", manifest)
         elif accelerator.is_main_process:
             for leftover in cache_dir.glob(".partial-*"):  # of a killed build: incomplete by construction
@@ -399,8 +400,9 @@ def _encode_missing(accelerator, config, train, vae, text_encoder, tokenizer, ca
     main = accelerator.is_main_process
     if manifest["streaming"]:
         accelerator.wait_for_everyone()
-        bar = tqdm(desc="caching latents (streamed)", unit="img", disable=not main, dynamic_ncols=True)
-        _encode_stream(cache_dir, accelerator, train, shard_size, encode_rows, features, data, bar, bad)
+        # closed however the block ends, so that a Ctrl+C's message starts on a line of its own
+        with tqdm(desc="caching latents (streamed)", unit="img", disable=not main, dynamic_ncols=True) as bar:
+            _encode_stream(cache_dir, accelerator, train, shard_size, encode_rows, features, data, bar, bad)
     else:
         names = [f"shard-{k:05d}" for k in range(math.ceil(train.num_rows / shard_size))]
         missing = [k for k, name in enumerate(names) if not (cache_dir / name).is_dir()]
@@ -411,14 +413,13 @@ def _encode_missing(accelerator, config, train, vae, text_encoder, tokenizer, ca
             print(f"latent cache {cache_dir}: {len(names) - len(missing)} of {len(names)} shards are done; "
                   f"encoding the other {len(missing)}")
         total = sum(min(train.num_rows, (k + 1) * shard_size) - k * shard_size for k in mine)
-        bar = tqdm(total=total, desc=f"caching latents ({world} process(es))", unit="img", disable=not main,
-                   dynamic_ncols=True)
-        for k in mine:
-            start, stop = k * shard_size, min(train.num_rows, (k + 1) * shard_size)
-            _encode_shard(cache_dir, names[k], train.dataset.select(range(start, stop)), start, train.captions,
-                          encode_rows, features, data, bar, bad)
-            bad.clear()
-    bar.close()
+        with tqdm(total=total, desc=f"caching latents ({world} process(es))", unit="img", disable=not main,
+                  dynamic_ncols=True) as bar:
+            for k in mine:
+                start, stop = k * shard_size, min(train.num_rows, (k + 1) * shard_size)
+                _encode_shard(cache_dir, names[k], train.dataset.select(range(start, stop)), start, train.captions,
+                              encode_rows, features, data, bar, bad)
+                bad.clear()
     accelerator.wait_for_everyone()
     if main:
         names = _shard_names(cache_dir, manifest)

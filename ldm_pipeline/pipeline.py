@@ -78,6 +78,7 @@ def load_pipeline(path_or_id: str | os.PathLike | None, device=None, dtype=None,
     model was trained to be sampled with; `generate` and the CLI use them, and
     `pipe(prompt, **pipe.generation_defaults)` does the same by hand. A bare `pipe(prompt)` is diffusers'
     own call: our sampler and the UNet's size, but diffusers' 50 steps and guidance 7.5.
+    `pipe.example_prompts`: training captions saved with the model (`example_prompts` in ldm_pipeline.json), or [].
 
     `lora`: a LoRA directory (<output_dir>/lora of a LoRA run), loaded with diffusers' `load_lora_weights`;
     `path_or_id` None then loads the base it names. `variant`: read the base's variant weight files, e.g.
@@ -101,6 +102,19 @@ def load_pipeline(path_or_id: str | os.PathLike | None, device=None, dtype=None,
                           "give <output_dir>/pipeline of a finished training run")
     if path.exists():
         check_pipeline_folders(path)
+    saved = {}  # the sampling defaults and example prompts saved by training, read before any weights
+    if (path / DEFAULTS_FILE).is_file():
+        try:
+            saved = json.loads((path / DEFAULTS_FILE).read_text())
+            if not isinstance(saved, dict):
+                raise ValueError(f"it holds a {type(saved).__name__}, not a JSON object")
+        except ValueError as error:
+            raise ConfigError(f"model {path_or_id}: {DEFAULTS_FILE} cannot be read ({error}); copy the pipeline "
+                              "directory again, or delete that file for the default sampling settings") from error
+    example_prompts = saved.get("example_prompts", [])
+    if not (isinstance(example_prompts, list) and all(isinstance(text, str) for text in example_prompts)):
+        raise ConfigError(f"model {path_or_id}: {DEFAULTS_FILE} has example_prompts {example_prompts!r}; it must be "
+                          "a list of prompts (strings): fix or remove that key")
     device = check_device(device) if device is not None else PartialState().device  # CUDA, MPS, ... else CPU
     dtype = dtype or best_dtype(device)
     try:
@@ -110,15 +124,14 @@ def load_pipeline(path_or_id: str | os.PathLike | None, device=None, dtype=None,
     except OSError as error:
         raise ConfigError(f"could not load model {path_or_id}: {' '.join(str(error).split())} Weights are read "
                           "as safetensors only (pickled .bin files are refused).") from error
-    defaults = dict(FALLBACK_DEFAULTS)
-    if (path / DEFAULTS_FILE).is_file():
-        defaults.update(json.loads((path / DEFAULTS_FILE).read_text()))
+    defaults = {**FALLBACK_DEFAULTS, **saved}
     defaults["scheduler"] = scheduler or defaults["scheduler"]
     pipe.scheduler = make_sampler(defaults["scheduler"], pipe.scheduler.config)
     pipe.generation_defaults = {k: defaults[k] for k in ("num_inference_steps", "guidance_scale")}
     if defaults.get("resolution"):  # saved by training; without it diffusers' default size is used
         pipe.generation_defaults.update(height=defaults["resolution"], width=defaults["resolution"])
     pipe.scheduler_name = defaults["scheduler"]
+    pipe.example_prompts = example_prompts
     pipe.lora_path = None
     if lora is not None:
         load_lora(pipe, lora)

@@ -37,11 +37,26 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def current_umask() -> int:
+    umask = os.umask(0o077)  # read by setting it: a file another thread makes meanwhile is private, never open
+    os.umask(umask)
+    return umask
+
+
+def give_umask_modes(path: Path) -> None:
+    """Give `path` (and everything under a directory) the modes a file the user writes gets: libraries that write
+    through their own temporary file (safetensors, tempfile.mkstemp) leave it 0600 whatever the umask, so other users
+    and web servers could not read it."""
+    umask = current_umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def written_then_renamed(final: Path):
     """Yield a hidden temporary path beside `final` (`.partial-<name>-<pid><suffix>`) to write a file or a directory
-    into; when the block completes it takes `final`'s place, so `final` is only ever absent, old or whole. A block
-    that fails removes what it wrote and leaves `final` as it was."""
+    into; when the block completes it gets the user's umask modes and takes `final`'s place, so `final` is only
+    ever absent, old or whole. A block that fails removes what it wrote and leaves `final` as it was."""
     final = Path(final)
     partial = final.with_name(f".partial-{final.stem}-{os.getpid()}{final.suffix}")
     _remove(partial)
@@ -50,6 +65,7 @@ def written_then_renamed(final: Path):
     except BaseException:
         _remove(partial)
         raise
+    give_umask_modes(partial)
     if partial.is_dir():
         replace_directory(partial, final)
     else:

@@ -382,6 +382,8 @@ def test_train_command_reports_a_data_error_in_one_line(tmp_path, caption_folder
     (["--model", "/nope", "--prompt", "x", "--steps", "0"], r"num_inference_steps (--steps): 0 must be"),
     (["--model", "/nope", "--prompt", "x", "--guidance", "nan"], r"guidance_scale (--guidance): nan must be"),
     (["--model", "/nope", "--prompt", "x", "--guidance", "inf"], r"guidance_scale (--guidance): inf must be"),
+    (["--model", "/nope", "--prompt", "x", "--guidance", "-3"], "guidance_scale (--guidance): -3.0 must be a finite "
+                                                                "number >= 0 (values <= 1 turn guidance off"),
     (["--model", "/nope", "--prompt", "x", "--height", "100"], "height (--height): 100 must be a positive multiple"),
     (["--model", "/nope", "--prompt", "x", "--batch-size", "0"], "batch_size (--batch-size): 0 must be at least 1"),
     (["--model", "/nope", "--prompt", "x", "--batch-size", "-1"], "batch_size (--batch-size): -1 must be at least"),

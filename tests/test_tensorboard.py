@@ -28,7 +28,8 @@ def test_a_run_logs_scalars_and_images_to_tensorboard(tmp_path, caption_folder):
     assert loss_steps == [1, 2, 3, 4, 5]  # VAE steps 1-2, then UNet steps 1-3 as 3-5: they only grow
     assert {"validation", "vae_reconstructions"} <= set(logged.Tags()["images"])
     grid = logged.Images("validation")[-1]
-    assert grid.step == 2 + 3 and grid.width == 32 and grid.height == 32  # one prompt x one seed, 32 px
+    # one prompt x one seed: the 32 px image enlarged to 128 px, with its prompt written under it
+    assert grid.step == 2 + 3 and grid.width == 128 and grid.height > 128
 
 
 @pytest.mark.parametrize("report_to", ["none", None])
