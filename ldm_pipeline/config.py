@@ -530,6 +530,8 @@ def validate(config: Config) -> None:
     _require(0.0 <= c.ema_decay < 1.0, "ema_decay must be in [0, 1)")
     _require(c.noise_offset >= 0, "noise_offset must be >= 0")
     _require(c.sampling.num_inference_steps >= 1, "sampling.num_inference_steps must be at least 1")
+    _require(c.sampling.guidance_scale >= 0, f"sampling.guidance_scale: {c.sampling.guidance_scale} must be >= 0 "
+             "(values <= 1 turn classifier-free guidance off)")
     _require(c.vae_training.foreground_weight >= 0, "vae_training.foreground_weight must be >= 0")
     _require(c.vae_training.psnr_samples >= 0, "vae_training.psnr_samples must be >= 0")
     _require(c.vae_training.scaling_samples >= 1, "vae_training.scaling_samples must be at least 1")

@@ -72,6 +72,7 @@ def test_yaml_scientific_notation_string_is_a_float(tmp_path, base):
     ({"data": {"caption_dropout": 1.5}}, "data.caption_dropout"),
     ({"data": {"caption_template": "a photo"}}, "data.caption_template"),
     ({"data": {"cache_latents": True, "center_crop": False}}, "data.cache_latents"),
+    ({"sampling": {"guidance_scale": -3.0}}, "sampling.guidance_scale"),
 ])
 def test_bad_values_name_their_key(tmp_path, base, change, key):
     for name, value in change.items():
