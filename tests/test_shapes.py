@@ -197,7 +197,7 @@ def test_make_shapes_dark_draws_the_same_shapes_and_captions_on_a_dark_backgroun
 
     assert cli(["make-shapes", "--out", str(tmp_path / "dark"), "--num-images", "30", "--resolution", "64",
                 "--seed", "3", "--background", "dark"]) == 0
-    assert "30 images (dark background)" in capsys.readouterr().out
+    assert "30 images (64x64, dark background)" in capsys.readouterr().out
     white, dark = make_shapes(tmp_path / "white", 30, resolution=64, seed=3), tmp_path / "dark"
     rows = read_metadata(dark)
     assert [row["text"] for row in rows] == [row["text"] for row in read_metadata(white)]  # parseable as before
@@ -215,3 +215,21 @@ def test_make_shapes_dark_draws_the_same_shapes_and_captions_on_a_dark_backgroun
     assert cli(["make-shapes", "--out", str(tmp_path / "x"), "--background", "black"]) == 2
     assert "background: 'black' is not one of ['white', 'dark']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_make_shapes_draws_frames_of_several_sizes_and_the_checker_reads_them(tmp_path, capsys):
+    from ldm_pipeline.cli import main as cli
+    from ldm_pipeline.shapes.checker import score_images
+
+    assert cli(["make-shapes", "--out", str(tmp_path / "mixed"), "--num-images", "90", "--sizes",
+                "64x64,96x64,64x96"]) == 0
+    assert "90 images (64x64, 96x64, 64x96, white background)" in capsys.readouterr().out
+    rows = read_metadata(tmp_path / "mixed")
+    images = [Image.open(tmp_path / "mixed" / row["file_name"]).convert("RGB") for row in rows]
+    assert [image.size for image in images[:3]] == [(64, 64), (96, 64), (64, 96)]
+    assert [(row["width"], row["height"]) for row in rows[:3]] == [(64, 64), (96, 64), (64, 96)]
+    # positions are fractions of the frame and sides of its short side: the checker reads every one right
+    report = score_images(images, [row["text"] for row in rows])
+    assert report["all_accuracy"] == 1.0
+    assert cli(["make-shapes", "--out", str(tmp_path / "bad"), "--sizes", "64by64"]) == 2
+    assert "--sizes: '64by64' is not WIDTHxHEIGHT" in capsys.readouterr().err

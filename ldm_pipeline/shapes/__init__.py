@@ -68,6 +68,10 @@ class ShapesPlugin:
                             help='a caption never drawn, e.g. "a red circle in the top left" (repeatable)')
         shapes.add_argument("--background", default="white",
                             help="white (the default) or dark; the captions are the same on either")
+        shapes.add_argument("--sizes", default=None, metavar="WxH,...",
+                            help="frames of several sizes, taken in turn, e.g. 64x64,96x64,64x96 (WIDTHxHEIGHT); "
+                            "shapes keep their size relative to the short side and their place relative to the frame "
+                            "(default: --resolution squares)")
         shapes.set_defaults(run=make_shapes_command)
 
 
@@ -96,10 +100,17 @@ def evaluate_command(args) -> int:
 
 
 def make_shapes_command(args) -> int:
-    from .maker import make_shapes
+    from ..config import ConfigError
+    from .maker import make_shapes, parse_sizes
 
-    path = make_shapes(args.out, args.num_images, args.resolution, args.seed, args.holdout or (), args.background)
-    print(f"wrote {args.num_images} images ({args.background} background) and metadata.jsonl to {path}")
+    try:
+        sizes = parse_sizes(args.sizes) if args.sizes else None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    path = make_shapes(args.out, args.num_images, args.resolution, args.seed, args.holdout or (), args.background,
+                       sizes)
+    frames = ", ".join(f"{w}x{h}" for w, h in sizes) if sizes else f"{args.resolution}x{args.resolution}"
+    print(f"wrote {args.num_images} images ({frames}, {args.background} background) and metadata.jsonl to {path}")
     return 0
 
 

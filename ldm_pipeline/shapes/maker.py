@@ -66,22 +66,25 @@ def check_background(background: str) -> None:
 
 
 def draw_shape(color: str, shape: str, position: str, resolution: int, rng: random.Random,
-               background: str = "white") -> Image.Image:
-    """Draw one image; `rng` supplies the size and the centre jitter, so a seeded rng gives the same image."""
+               background: str = "white", size: tuple[int, int] | None = None) -> Image.Image:
+    """Draw one image, `resolution` pixels square or `size` = (width, height); `rng` supplies the shape's size and
+    the centre jitter, so a seeded rng gives the same image. The shape's side is a fraction of the frame's short
+    side, its position a fraction of the frame's width and height."""
     parse_caption(caption(color, shape, position))  # one place that names the valid values
     check_background(background)
-    if resolution < 16:
-        raise ValueError(f"resolution must be >= 16 pixels so a shape is more than a few pixels wide, got {resolution}")
-    side = rng.uniform(*SIZE_RANGE) * resolution
+    frame = size or (resolution, resolution)  # (width, height)
+    if min(frame) < 16:
+        raise ValueError(f"resolution must be >= 16 pixels so a shape is more than a few pixels wide, got {frame}")
+    side = rng.uniform(*SIZE_RANGE) * min(frame)
     # Keep a 1 px margin so the anti-aliased edge is never cut by the border and the corners stay background.
-    low, high = side / 2 + 1, resolution - side / 2 - 1
-    center = [min(max((frac + rng.uniform(-JITTER, JITTER)) * resolution, low), high) for frac in POSITIONS[position]]
+    center = [min(max((frac + rng.uniform(-JITTER, JITTER)) * extent, side / 2 + 1), extent - side / 2 - 1)
+              for frac, extent in zip(POSITIONS[position], frame)]
 
-    big = resolution * SUPERSAMPLE
+    big_size = (frame[0] * SUPERSAMPLE, frame[1] * SUPERSAMPLE)
     # Box corners on the supersampled grid: [x0, x1) x [y0, y1); PIL's boxes include their last pixel, hence the -1.
     x0, y0 = (round((c - side / 2) * SUPERSAMPLE) for c in center)
     x1, y1 = (round((c + side / 2) * SUPERSAMPLE) for c in center)
-    image = Image.new("RGB", (big, big), BACKGROUNDS[background])
+    image = Image.new("RGB", big_size, BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     rgb = COLORS[color]
     if shape == "circle":
@@ -111,16 +114,29 @@ def balanced_combinations(num_images: int, rng: random.Random, holdout=()) -> li
     return combos[:num_images]
 
 
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """"64x64,96x64,64x96" -> [(64, 64), (96, 64), (64, 96)]: frames as WIDTHxHEIGHT."""
+    sizes = []
+    for item in text.split(","):
+        width, _, height = item.strip().lower().partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            raise ValueError(f"--sizes: {item.strip()!r} is not WIDTHxHEIGHT; write e.g. 64x64,96x64,64x96")
+        sizes.append((int(width), int(height)))
+    return sizes
+
+
 def make_shapes(out_dir, num_images: int, resolution: int = 64, seed: int = 0, holdout=(),
-                background: str = "white") -> Path:
+                background: str = "white", sizes: list[tuple[int, int]] | None = None) -> Path:
     """Write an image folder (00000.png, ... + metadata.jsonl) for datasets.load_dataset("imagefolder").
-    The captions do not mention the background: a model trained on dark shapes draws them for the same prompts."""
+    The captions do not mention the background: a model trained on dark shapes draws them for the same prompts.
+    `sizes` (WIDTH, HEIGHT frames) are taken in turn, image after image; none: `resolution` squares."""
     out_dir = Path(out_dir)
     check_background(background)
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    if resolution < 16:
-        raise ValueError(f"resolution must be >= 16 pixels so a shape is more than a few pixels wide, got {resolution}")
+    if min([resolution] + [side for size in sizes or () for side in size]) < 16:
+        raise ValueError(f"resolution must be >= 16 pixels so a shape is more than a few pixels wide, got "
+                         f"{sizes or resolution}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not empty; delete it or choose another --out")
     rng = random.Random(seed)
@@ -135,12 +151,15 @@ def make_shapes(out_dir, num_images: int, resolution: int = 64, seed: int = 0, h
         with open(tmp_dir / "metadata.jsonl", "w") as metadata:
             for index, (color, shape, position) in enumerate(tqdm(combos, desc="shapes", disable=None)):
                 file_name = f"{index:05d}.png"
-                image = draw_shape(color, shape, position, resolution, rng, background)
+                size = sizes[index % len(sizes)] if sizes else None
+                image = draw_shape(color, shape, position, resolution, rng, background, size)
                 image.save(tmp_dir / file_name, compress_level=1)
                 row = {"file_name": file_name, "text": caption(color, shape, position),
                        "color": color, "shape": shape, "position": position}
                 if background != "white":
                     row["background"] = background
+                if size:
+                    row["width"], row["height"] = size
                 metadata.write(json.dumps(row) + "\n")
         os.replace(tmp_dir, out_dir)  # also replaces an existing empty folder
     except BaseException:
