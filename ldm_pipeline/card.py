@@ -14,7 +14,9 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from .config import TEXT_ENCODER_LORA_TARGETS, Config, fields_with, get_setting
+from .data import SKIPPED_IMAGES_FILE, UNCONDITIONAL
 from .models import base_reference, resolve_source
+from .run_dir import RUN_DATA_FILE
 
 TAGS = ["ldm_pipeline", "text-to-image", "diffusers", "stable-diffusion-style"]
 SAMPLE_GRID = "sample_grid.png"  # the final validation grid, copied next to the card
@@ -81,16 +83,35 @@ def _data_section(config: Config, num_images: int, num_heldout: int) -> str:
         source = f"the dataset `{data.dataset_name}`"
         if data.dataset_config_name:
             source += f" (config `{data.dataset_config_name}`)"
+    elif data.webdataset:
+        source = f"webdataset shards `{data.webdataset}`"
     else:
         source = f"the image folder `{data.train_data_dir}`"
         if data.make_shapes is not None:
             source += f" (synthetic shapes, {data.make_shapes.num_images} drawn with seed {data.make_shapes.seed})"
-    captions = "none (unconditional)" if data.caption_column is None else \
-        f"column `{data.caption_column}`, dropped {data.caption_dropout:.0%} of the time for classifier-free guidance"
-    return (f"## Training data\n\n- source: {source}\n- images: {num_images:,} ({num_heldout} of them held out "
-            f"for the validation loss)\n- captions: {captions}\n- preprocessing: {config.resolution}x"
-            f"{config.resolution}, {'center' if data.center_crop else 'random'} crop, "
-            f"{'random' if data.random_flip else 'no'} horizontal flips")
+    # Where the captions really came from, as the run found them (a folder without captions trains unconditionally
+    # whatever data.caption_column says); the config's word for a card made outside a run.
+    run_data = Path(config.output_dir) / RUN_DATA_FILE
+    record = json.loads(run_data.read_text()) if run_data.is_file() else {}
+    captions = record.get("caption_source") or (
+        UNCONDITIONAL if data.caption_column is None else f"column `{data.caption_column}`")
+    if captions != UNCONDITIONAL:
+        captions += f", dropped {data.caption_dropout:.0%} of the time for classifier-free guidance"
+        if data.shuffle_tags or data.tag_dropout:
+            reshaped = " and ".join(part for part in ("shuffled" if data.shuffle_tags else "",
+                                                      f"each dropped with probability {data.tag_dropout:g}"
+                                                      if data.tag_dropout else "") if part)
+            captions += (f"; comma-separated tags {reshaped} anew each epoch"
+                         + (f", the first {data.keep_tokens} kept in place" if data.keep_tokens else ""))
+    lines = [f"- source: {source}", f"- images: {num_images:,} ({num_heldout} of them held out for the validation "
+             "loss)", f"- captions: {captions}"]
+    if data.skips_bad_images:
+        lines.append(f"- bad images: skipped (`data.skip_bad_images`): {record.get('skipped_images', 0)} left out "
+                     f"before training, listed in the run's {SKIPPED_IMAGES_FILE}")
+    lines.append(f"- preprocessing: {config.resolution}x{config.resolution}, "
+                 f"{'center' if data.center_crop else 'random'} crop, "
+                 f"{'random' if data.random_flip else 'no'} horizontal flips")
+    return "## Training data\n\n" + "\n".join(lines)
 
 
 def _training_section(config: Config, num_processes: int, parameters: dict[str, int]) -> str:

@@ -77,13 +77,27 @@ class DataConfig:
     train_data_dir: str | None = fixed()  # image folder (metadata.jsonl captions or class subfolders)
     dataset_name: str | None = fixed()  # hub dataset id or local dataset script, loaded the same way
     dataset_config_name: str | None = fixed()
+    # webdataset tar shards: a path or glob (shards/train-*.tar), or a list of them; each sample's image member
+    # (<key>.png, .jpg ...) and its caption (<key>.txt), read by datasets' webdataset loader
+    webdataset: str | list[str] | None = fixed()
     image_column: str = fixed("image")
     caption_column: str | None = fixed("text")  # null: unconditional (every prompt empty)
     caption_template: str = fixed("a photo of a {label}")  # class subfolders -> captions
+    # e.g. ".txt": each image's caption from the file of its name with this extension beside it (kohya's layout)
+    caption_extension: str | None = fixed()
+    # Comma-separated tags ("1girl, red hair, smiling"): shuffled for each sample every epoch after the first
+    # keep_tokens of them, and each of those others dropped with probability tag_dropout; drawn from
+    # (seed, epoch, row), so a sample sees the same tags at any process count and after a resume.
+    shuffle_tags: bool = fixed(False)
+    keep_tokens: int = fixed(0)
+    tag_dropout: float = fixed(0.0)
     caption_dropout: float = free(0.1)  # empty prompt this often, so classifier-free guidance works
     center_crop: bool = fixed(True, cache_key=True)  # false: random crop
     random_flip: bool = fixed(False, cache_key=True)  # off by default: a flip changes "left" into "right" in captions
     max_train_samples: int | None = fixed()
+    # Images that fail to open or decode are left out, counted and listed in <output_dir>/skipped_images.txt,
+    # instead of stopping the run (for large folders). on_bad_image: skip is its older spelling, still read.
+    skip_bad_images: bool = fixed(False)
     on_bad_image: Literal["error", "skip"] = fixed("error")
     # Data a plug-in writes when train_data_dir is absent: the synthetic shapes (ldm_pipeline.shapes).
     make_shapes: ShapesDataConfig | None = fixed()
@@ -97,6 +111,15 @@ class DataConfig:
     # datasets.distributed.split_dataset_by_node, straight into the latent cache (needs cache_latents).
     streaming: bool = fixed(False)
     dataloader_num_workers: int = free(0)
+
+    @property
+    def skips_bad_images(self) -> bool:
+        return self.skip_bad_images or self.on_bad_image == "skip"
+
+    @property
+    def source(self) -> str:
+        """The data source as the config names it, for messages: the folder, the data set, or the shards."""
+        return self.train_data_dir or self.dataset_name or str(self.webdataset)
 
 
 @dataclass
@@ -177,6 +200,9 @@ class SamplingConfig:
     scheduler: Literal["dpmsolver++", "ddim", "euler", "ddpm"] = free("dpmsolver++")
     num_inference_steps: int = free(20)
     guidance_scale: float = free(5.0)
+    # Rescale the guided prediction toward the unguided one's spread (Lin et al. 2024, eq. 16): with zero terminal
+    # SNR a strong guidance otherwise over-exposes the image; 0.7 is the paper's. 0: off.
+    guidance_rescale: float = free(0.0)
 
 
 @dataclass
@@ -224,6 +250,10 @@ class Config:
     noise_offset: float = free(0.0, card=True)  # offset noise (Guttenberg 2023); ~0.05 lets images get darker
     # null: the pretrained pipeline's own (a v-prediction model stays v-prediction), else epsilon
     prediction_type: Literal["epsilon", "v_prediction"] | None = fixed(card=True)
+    # Zero terminal SNR (Lin et al. 2024): rescale the noise schedule so the last timestep holds no signal, as the
+    # pure noise sampling starts from; without it the model learns to read the noise's low frequencies (its mean
+    # colour) as image. Needs v-prediction; sampling then takes trailing timesteps (saved in the scheduler config).
+    rescale_betas_zero_terminal_snr: bool = fixed(False, card=True)
     # the whole text encoder; with LoRA use lora.train_text_encoder
     train_text_encoder: bool = fixed(False, card=True)
     text_encoder_learning_rate: float | None = reapplied()  # default: learning_rate
@@ -532,6 +562,12 @@ def validate(config: Config) -> None:
     _require(c.sampling.num_inference_steps >= 1, "sampling.num_inference_steps must be at least 1")
     _require(c.sampling.guidance_scale >= 0, f"sampling.guidance_scale: {c.sampling.guidance_scale} must be >= 0 "
              "(values <= 1 turn classifier-free guidance off)")
+    _require(0 <= c.sampling.guidance_rescale <= 1, f"sampling.guidance_rescale: {c.sampling.guidance_rescale} must be "
+             "in [0, 1] (0.7 is Lin et al.'s; 0 turns it off)")
+    _require(not c.rescale_betas_zero_terminal_snr or c.prediction_type == "v_prediction",
+             f"rescale_betas_zero_terminal_snr: true needs prediction_type: v_prediction (it is "
+             f"{c.prediction_type}): at the last timestep no signal is left, so an epsilon model would only copy "
+             "its input there. Set prediction_type: v_prediction, or turn the rescaling off")
     _require(c.vae_training.foreground_weight >= 0, "vae_training.foreground_weight must be >= 0")
     _require(c.vae_training.psnr_samples >= 0, "vae_training.psnr_samples must be >= 0")
     _require(c.vae_training.scaling_samples >= 1, "vae_training.scaling_samples must be at least 1")
@@ -541,8 +577,10 @@ def validate(config: Config) -> None:
         _require(bar is None or 0 <= bar <= 1, f"vae_training.{key} is a fraction in [0, 1] (or null)")
     _require(c.validation.num_heldout >= 0, "validation.num_heldout must be >= 0")
     _require(c.validation.validation_steps >= 0, "validation.validation_steps must be >= 0 (0 disables)")
-    _require(bool(d.train_data_dir) != bool(d.dataset_name),
-             "data: set exactly one of data.train_data_dir (an image folder) or data.dataset_name")
+    sources = [f"data.{key}" for key in ("train_data_dir", "dataset_name", "webdataset") if getattr(d, key)]
+    _require(len(sources) == 1, "data: set exactly one of data.train_data_dir (an image folder), data.dataset_name "
+             "(a hub data set, or a local one in the hub's layout) or data.webdataset (tar shards)"
+             + (f"; this config sets {' and '.join(sources)}" if sources else ""))
     if d.train_data_dir and d.make_shapes is None:
         path = Path(d.train_data_dir)
         _require(path.is_dir(),
@@ -556,10 +594,11 @@ def validate(config: Config) -> None:
              "data.cache_latents off")
     _require(d.cache_shard_size >= 1, f"data.cache_shard_size: {d.cache_shard_size} must be at least 1")
     if d.streaming:
-        _require(d.dataset_name is not None and d.cache_latents and "vae" not in c.stages,
+        _require((d.dataset_name or d.webdataset) and d.cache_latents and "vae" not in c.stages,
                  "data.streaming reads a data set once, into the latent cache, and trains the UNet from that: "
-                 "it needs data.dataset_name, data.cache_latents: true and stages: [unet] (train a VAE on a "
-                 "downloaded data set first, then set model.vae to it)")
+                 "it needs data.dataset_name or data.webdataset, data.cache_latents: true and stages: [unet] (train "
+                 "a VAE on a downloaded data set first, then set model.vae to it)")
+    _validate_captions(d)
     _require("{label}" in d.caption_template,
              f"data.caption_template: {d.caption_template!r} must contain {{label}}")
     output = Path(c.output_dir)
@@ -592,6 +631,25 @@ def validate(config: Config) -> None:
             # Each tracker's pip package has the tracker's name.
             _require(name == "all" or name in installed, f"report_to: {name!r} needs the {name} package: pip install "
                      f"{name} (or report_to: none)")
+
+
+def _validate_captions(d: DataConfig) -> None:
+    if d.caption_extension is not None:
+        _require(d.train_data_dir is not None, f"data.caption_extension: {d.caption_extension!r} reads a caption file "
+                 "beside each image of data.train_data_dir; a data set or webdataset shards carry their captions in a "
+                 "column (data.caption_column)")
+        _require(re.fullmatch(r"\.[\w.-]+", d.caption_extension) is not None,
+                 f"data.caption_extension: {d.caption_extension!r} must be a file extension with its dot, e.g. .txt")
+    _require(d.keep_tokens >= 0, f"data.keep_tokens: {d.keep_tokens} must be >= 0 (the first N tags stay in place)")
+    _require(0.0 <= d.tag_dropout < 1.0, f"data.tag_dropout: {d.tag_dropout} must be in [0, 1)")
+    reshaped = d.shuffle_tags or d.tag_dropout > 0
+    _require(reshaped or d.keep_tokens == 0, f"data.keep_tokens: {d.keep_tokens} keeps the first tags in place when "
+             "others move or drop; set data.shuffle_tags: true or data.tag_dropout, or remove data.keep_tokens")
+    # The cache holds each caption's token ids (and text-encoder output) once; tags that change every epoch cannot
+    # be cached.
+    _require(not (reshaped and d.cache_latents), "data.shuffle_tags / data.tag_dropout give each sample other tags "
+             "every epoch, but data.cache_latents stores each caption's tokens once; turn data.cache_latents off "
+             "(the captions are then tokenized per sample), or the tag options off")
 
 
 def _validate_lora(c: Config) -> None:

@@ -77,6 +77,21 @@ def write_json(path: Path, value: dict) -> None:
         partial.write_text(json.dumps(value, indent=2))
 
 
+RUN_DATA_FILE = "run_data.json"  # the data a run started with: for its resume checks and its model card
+CHECKPOINT = re.compile(r"(vae-)?step-\d+")  # a complete checkpoint's name (a partial one is .partial-step-N)
+
+
+def run_started(out: Path) -> bool:
+    """Whether `out` holds a run that trained: a checkpoint of either stage, or a finished stage (vae/, pipeline/,
+    lora/). A run stopped before its first trained step (bad data found while its latent cache was built, say)
+    holds only what it wrote to set itself up; the same command run again starts it over, with or without
+    resume_from_checkpoint, rather than refusing it as an existing run whose data changed."""
+    if any((out / name).exists() for name in ("vae", "pipeline", "lora")):
+        return True
+    checkpoints = out / "checkpoints"
+    return checkpoints.is_dir() and any(CHECKPOINT.fullmatch(path.name) for path in checkpoints.iterdir())
+
+
 def output_dir_lock(output_dir, hold: bool = True):
     """One training run per `output_dir`, for the whole run; only the main process takes the lock (`hold`)."""
     return directory_lock(output_dir, "output_dir", "training run", ConfigError, hold)
@@ -84,10 +99,12 @@ def output_dir_lock(output_dir, hold: bool = True):
 
 def check_output_dir(config: Config) -> None:
     """Refuse to mix runs: an existing run is continued (resume) or replaced (overwrite), never both,
-    and continued only with the settings it was made with. Reads only, so a refused run leaves the old
-    one untouched."""
+    and continued only with the settings it was made with. A run that trained no step is no existing run
+    (`run_started`). Reads only, so a refused run leaves the old one untouched."""
     out = Path(config.output_dir)
     run_config = out / "config.yaml"
+    if not run_started(out):
+        return  # no run, or one that trained no step: it starts over (prepare_output_dir clears what it wrote)
     if run_config.is_file() and not config.resume_from_checkpoint and not config.overwrite_output_dir:
         raise ConfigError(
             f"output_dir: {out} already holds a training run. Set resume_from_checkpoint: latest to "
@@ -138,7 +155,11 @@ def prepare_output_dir(accelerator: Accelerator, config: Config) -> None:
     out = Path(config.output_dir)
     previous = out / "config.yaml"
     if accelerator.is_main_process:
-        if previous.is_file() and config.overwrite_output_dir and not config.resume_from_checkpoint:
+        if previous.is_file() and not run_started(out):
+            clear_previous_run(out, config)
+            print(f"output_dir: {out} holds a run that stopped before its first trained step (no checkpoint, no "
+                  "finished stage): starting it over")
+        elif previous.is_file() and config.overwrite_output_dir and not config.resume_from_checkpoint:
             kept = clear_previous_run(out, config)
             if kept:
                 print(f"overwrite_output_dir: removed the previous run's files from {out}; kept what it did not "
@@ -153,9 +174,9 @@ def prepare_output_dir(accelerator: Accelerator, config: Config) -> None:
 # What a run writes into its output_dir, and so all that overwrite_output_dir removes: its files, the
 # folders it writes whole, its own entries in folders a user may add files to, and the temporary names
 # of interrupted writes (`.partial-pipeline-<pid>`, `vae.old-<pid>`, and older versions' `pipeline.tmp-<pid>` ...).
-RUN_FILES = re.compile(r"config\.yaml|metrics\.jsonl|run_data\.json"
+RUN_FILES = re.compile(r"config\.yaml|metrics\.jsonl|run_data\.json|skipped_images\.txt"
                        r"|(pipeline|vae|latent_cache|lora|text_encoder|tokenizer)\.(tmp|old)(-\d+)?"
-                       r"|\.partial-(pipeline|vae|lora|text_encoder|tokenizer|run_data)-\d+(\.json)?"
+                       r"|\.partial-(pipeline|vae|lora|text_encoder|tokenizer|run_data|skipped_images)-\d+(\.json|\.txt)?"
                        r"|\.(text_encoder|tokenizer)\.tmp")
 RUN_FOLDERS = ("pipeline", "vae", "text_encoder", "tokenizer", "lora")
 RUN_ENTRIES = {

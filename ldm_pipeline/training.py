@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,15 @@ from .distributed import check_process_group
 from .loop import TrainingError
 from .lora import check_targets
 from .models import build_text_encoder, build_unet, build_vae, load_tokenizer, resolve_source, seeded, vae_scale_factor
-from .run_dir import check_output_dir, output_dir_lock, prepare_output_dir, written_then_renamed
+from .run_dir import (
+    RUN_DATA_FILE,
+    check_output_dir,
+    output_dir_lock,
+    prepare_output_dir,
+    run_started,
+    write_json,
+    written_then_renamed,
+)
 from .tokenizer import save_tokenizer
 from .unet_stage import cached_text_encoder, frozen_dtype, train_unet_stage
 from .vae_stage import load_trained_vae, train_vae_stage
@@ -50,12 +59,20 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
         return None
     with output_dir_lock(config.output_dir, hold=accelerator.is_main_process):  # one run per output_dir
         # Every input is checked before output_dir is written, so a refused run leaves nothing behind.
+        out = Path(config.output_dir)
         check_output_dir(config)
         check_resume_checkpoints(config, accelerator.num_processes)
-        prepared = prepare(accelerator, config, check_images=needs_image_check(config))
+        started = run_started(out)
+        prepared = prepare(accelerator, config, check_images=needs_image_check(config),
+                           listed_in=out / data_lib.SKIPPED_IMAGES_FILE)
         prepare_output_dir(accelerator, config)  # after the checks; overwrite_output_dir clears vae/ here
-        if prepared.new_text_components and accelerator.is_main_process:
-            save_run_text_components(config, prepared)
+        if accelerator.is_main_process:
+            if not started:
+                drop_stale_latent_cache(config, prepared)
+            if prepared.new_text_components:
+                save_run_text_components(config, prepared)
+            save_run_data(config, prepared)
+        accelerator.wait_for_everyone()  # no process reads the latent cache before a stale one is gone
         if config.report_to not in (None, "none"):
             accelerator.init_trackers("ldm_pipeline")  # tensorboard: <output_dir>/logs/ldm_pipeline
         accelerator.print(f"text_encoder: {prepared.text_encoder.num_parameters() / 1e6:.2f}M parameters, "
@@ -112,9 +129,14 @@ class Prepared:
         return len(self.captions)
 
 
-def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, check_images: bool = True) -> Prepared:
+def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, check_images: bool = True,
+            listed_in: Path | None = None) -> Prepared:
     """The data (written first by a plug-in that makes it; a dry run reads the captions it would write instead),
-    the run's text components and its VAE, and every check that would otherwise fail only later."""
+    the run's text components and its VAE, and every check that would otherwise fail only later.
+
+    Every image is decoded when `check_images` (each process its share), else only opened: the latent cache build
+    decodes each image once, after output_dir is written, and the headers catch most bad files before that.
+    `listed_in`: the file the caller writes the skipped images to (data.skip_bad_images)."""
     train, data = None, config.data
     planned = plugins.planned_captions(config) if dry_run and not data_exists(config) else None
     if planned is None:
@@ -122,8 +144,7 @@ def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, che
             plugins.prepare_data(config, accelerator)
         with accelerator.main_process_first():  # the first load writes datasets' cache; others reuse it
             train = data_lib.load_train_data(config, check_images=False)
-        if check_images:  # each process decodes its share
-            train = data_lib.check_train_images(train, data, accelerator)
+        train = data_lib.check_train_images(train, data, accelerator, decode=check_images, listed_in=listed_in)
     captions = train.captions if train else planned[:data.max_train_samples]
     tokenizer, text_encoder, new = run_text_components(config, captions, train.fingerprint if train else None)
     for component in ("vae", "unet"):  # a missing or pickle-only model directory fails here, not mid-run
@@ -137,7 +158,7 @@ def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, che
 
 
 def data_exists(config: Config) -> bool:
-    return bool(config.data.dataset_name) or Path(config.data.train_data_dir).is_dir()
+    return bool(config.data.dataset_name or config.data.webdataset) or Path(config.data.train_data_dir).is_dir()
 
 
 def finished_vae(config: Config) -> Path | None:
@@ -147,18 +168,16 @@ def finished_vae(config: Config) -> Path | None:
     return folder if (folder / "config.json").is_file() and not replaced else None
 
 
-RUN_DATA_FILE = "run_data.json"  # what the run's text components were made from
-
-
 def run_text_components(config: Config, captions: list[str], fingerprint: str | None):
     """(tokenizer, text encoder, newly built?) for this run.
 
     A tokenizer built from the captions and a randomly initialised text encoder are part of the run:
     they are saved in <output_dir> when it starts and read back on every resume (rebuilding them from
     the seed and captions could give others, which the trained UNet cannot read). A resume whose data
-    no longer matches them is refused, before anything is written."""
+    no longer matches them is refused, before anything is written; a run that trained no step starts over, and
+    makes them again from its data as it is now."""
     out = Path(config.output_dir)
-    if config.resume_from_checkpoint and (out / "text_encoder" / "config.json").is_file():
+    if config.resume_from_checkpoint and (out / "text_encoder" / "config.json").is_file() and run_started(out):
         record = json.loads((out / RUN_DATA_FILE).read_text()) if (out / RUN_DATA_FILE).is_file() else {}
         now = run_data_record(captions, fingerprint)
         changed = [key for key in ("num_examples", "captions") if key in record and record[key] != now[key]]
@@ -186,13 +205,46 @@ def save_run_text_components(config: Config, prepared: Prepared) -> None:
         save_tokenizer(prepared.tokenizer, partial)
     with written_then_renamed(out / "text_encoder") as partial:
         prepared.text_encoder.save_pretrained(partial, safe_serialization=True)
-    (out / RUN_DATA_FILE).write_text(json.dumps(run_data_record(prepared.captions, prepared.train.fingerprint),
-                                                indent=2))
+
+
+def save_run_data(config: Config, prepared: Prepared) -> None:
+    """run_data.json, what the run (re)started with (a resume checks it against the run's own text components; the
+    model card says where the captions came from), and the list of the images it skipped (data.skip_bad_images)."""
+    out, train = Path(config.output_dir), prepared.train
+    write_json(out / RUN_DATA_FILE, {**run_data_record(prepared.captions, train.fingerprint),
+                                     "caption_source": train.caption_source, "skipped_images": len(train.skipped)})
+    skipped = out / data_lib.SKIPPED_IMAGES_FILE
+    if train.skipped:
+        with written_then_renamed(skipped) as partial:
+            partial.write_text("".join(f"{reason}\n" for reason in train.skipped))
+    else:
+        skipped.unlink(missing_ok=True)
+
+
+def drop_stale_latent_cache(config: Config, prepared: Prepared) -> None:
+    """A run that trained no step starts over. Its own latent cache (<output_dir>/latent_cache) stays when it was
+    built, or half built, for the same data (the rerun finishes it), and goes when the data changed since (the user
+    removed an image the build could not decode, say): it would only be refused as stale. The model hashes are left
+    out of the comparison: the cache build hashes the models in the run's mixed precision. A cache elsewhere
+    (data.latent_cache_dir) may serve other runs; it is never removed, only refused when stale."""
+    if not config.data.cache_latents or config.data.latent_cache_dir is not None:
+        return
+    directory = latent_cache.latent_cache_dir(config)
+    manifest = latent_cache.read_manifest(directory)
+    if manifest is None:
+        return
+    key = latent_cache.cache_key(config, prepared.train, prepared.vae, None, prepared.tokenizer)
+    changed = [name for name in key if name not in ("vae", "text_encoder") and manifest["key"].get(name) != key[name]]
+    if changed:
+        shutil.rmtree(directory)
+        print(f"removed the latent cache {directory} that the run's earlier start built for other data or settings "
+              f"({', '.join(changed)} differ); it is built again")
 
 
 def needs_image_check(config: Config) -> bool:
-    """Whether images are checked before training: always when they are decoded in the loop (or by the VAE
-    stage); with the latent cache alone, the cache build decodes each image once and checks it there."""
+    """Whether images are decoded before training: always when they are decoded in the loop (or by the VAE
+    stage); with the latent cache alone, the cache build decodes each image once and checks it there (their
+    headers are read before anything is written)."""
     return not config.data.cache_latents or "vae" in config.stages
 
 

@@ -99,6 +99,33 @@ def _huge_image(tmp_path, data_dir):
     return {}
 
 
+def _not_an_image_in_a_cached_run(tmp_path, data_dir):
+    (data_dir / "003.png").write_bytes(b"this is text, not a png")
+    return {"data": {"cache_latents": True}}  # the cache build decodes the images: their headers are read before
+
+
+def _caption_file_not_utf8(tmp_path, data_dir):
+    for path in data_dir.glob("*.png"):
+        path.with_suffix(".txt").write_text("a red square")
+    (data_dir / "metadata.jsonl").unlink()
+    (data_dir / "003.txt").write_bytes("a red square, caf\u00e9".encode("latin-1"))
+    return {"data": {"caption_extension": ".txt"}}
+
+
+def _shard_without_caption(tmp_path, data_dir):
+    from test_webdataset import write_shards
+
+    write_shards(tmp_path / "shards", without_caption={"0007"})
+    return {"data": {"train_data_dir": None, "webdataset": str(tmp_path / "shards" / "*.tar")}}
+
+
+def _shard_with_a_truncated_image(tmp_path, data_dir):
+    from test_webdataset import write_shards
+
+    write_shards(tmp_path / "shards", truncated={"0007"})
+    return {"data": {"train_data_dir": None, "webdataset": str(tmp_path / "shards" / "*.tar")}}
+
+
 def _metadata(lines):
     def make(tmp_path, data_dir):
         (data_dir / "metadata.jsonl").write_bytes(b"\n".join(lines))
@@ -108,10 +135,20 @@ def _metadata(lines):
 
 BAD_RUNS = [
     ("undecodable images", _corrupt_images, data_lib.DataError,
-     r"2 image\(s\) failed to decode \(.*003.png.*005.png.*remove or fix them, or set data.on_bad_image: skip"),
+     r"2 image\(s\) failed to decode \(.*003.png.*005.png.*remove or fix them, or set data.skip_bad_images: true"),
+    ("not an image, cached run", _not_an_image_in_a_cached_run, data_lib.DataError,
+     r"1 image\(s\) cannot be opened as images \(.*003.png: cannot identify image file.*remove or fix them, or set "
+     r"data.skip_bad_images: true"),
+    ("caption file not UTF-8", _caption_file_not_utf8, data_lib.DataError,
+     r"003.txt is not UTF-8 text \(unexpected end of data at byte 17\); save it as UTF-8"),
+    ("shard sample without caption", _shard_without_caption, data_lib.DataError,
+     r"data.webdataset: .*shard-00001.tar: sample 0007 has an image and no caption \(0007.txt\); add one, or remove "
+     r"the sample, or set data.caption_column: null"),
+    ("shard cut short", _shard_with_a_truncated_image, data_lib.DataError,
+     r"1 image\(s\) failed to decode \(.*shard-00001.tar: 0007.png: .*truncated.*or set data.skip_bad_images: true"),
     ("empty dataset", _no_images, data_lib.DataError, r"no_images holds no readable images.*put .png/.jpg files"),
     ("15000x15000 image", _huge_image, data_lib.DataError, r"1 image\(s\) failed to decode \(.*003.png: Image size "
-     r"\(225000000 pixels\) exceeds limit .*decompression bomb.*or set data.on_bad_image: skip"),
+     r"\(225000000 pixels\) exceeds limit .*decompression bomb.*or set data.skip_bad_images: true"),
     ("metadata without file_name", _metadata([b'{"name": "000.png", "text": "a"}']), data_lib.DataError,
      r'metadata.jsonl line 1 has no "file_name"; every row names its image'),
     ("metadata not UTF-8", _metadata([json.dumps({"file_name": "000.png", "text": "caf\u00e9"},
@@ -348,6 +385,77 @@ def test_the_fixed_rerun_of_a_refused_run_starts(tmp_path, caption_folder):
     with pytest.raises(ConfigError, match="train_batch_size: one optimizer step"):
         train(tiny_config(tmp_path / "out", caption_folder, train_batch_size=16, max_train_steps=1))
     assert (train(tiny_config(tmp_path / "out", caption_folder, max_train_steps=1)) / "model_index.json").is_file()
+
+
+# --- a bad image found after output_dir is written (issue 5): the fixed data reruns with the same command -------
+
+
+def truncated_jpeg(path: Path) -> None:
+    """A JPEG cut short in its image data: its header opens (JPEG has no checksums to verify), only decoding finds
+    it."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue()[:-200])
+
+
+@pytest.mark.parametrize("resume", [None, "latest"])
+def test_a_bad_image_found_by_the_cache_build_leaves_a_run_that_the_same_command_restarts(tmp_path, capsys, resume):
+    data_dir = write_caption_folder(tmp_path / "data", count=8)
+    truncated_jpeg(data_dir / "003.png")  # found by the cache build, after output_dir is written
+    config = write_config(tmp_path / "run.yaml", tmp_path / "out", data_dir, max_train_steps=1,
+                          data__cache_latents=True, validation__num_heldout=0, resume_from_checkpoint=resume)
+    assert train_main(["--config", config]) == 2
+    assert_one_error_line(capsys.readouterr().err, "rows 0-7: 1 image(s) failed to decode (")
+    assert (tmp_path / "out" / "config.yaml").is_file() and (tmp_path / "out" / "latent_cache").is_dir()
+    # The user removes the image (and its metadata row), and runs the same command again.
+    (data_dir / "003.png").unlink()
+    lines = (data_dir / "metadata.jsonl").read_text().splitlines()
+    (data_dir / "metadata.jsonl").write_text("".join(line + "\n" for line in lines if '"003.png"' not in line))
+    assert train_main(["--config", config]) == 0, capsys.readouterr().err[-2000:]
+    out = capsys.readouterr().out
+    assert f"output_dir: {tmp_path / 'out'} holds a run that stopped before its first trained step" in out
+    assert "that the run's earlier start built for other data or settings (data, rows, captions" in out
+    assert json.loads((tmp_path / "out" / "run_data.json").read_text())["num_examples"] == 7
+    assert (tmp_path / "out" / "pipeline" / "model_index.json").is_file()
+    # Now a step is trained: the run is an existing one again.
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        train(tiny_config(tmp_path / "out", data_dir, max_train_steps=1, data__cache_latents=True,
+                          validation__num_heldout=0))
+
+
+def test_a_rerun_that_skips_the_bad_image_keeps_the_cache_shards_already_encoded(tmp_path, capsys):
+    """A run that trained no step starts over, but its own latent cache stays when the data is the same."""
+    data_dir = write_caption_folder(tmp_path / "data", count=8)
+    truncated_jpeg(data_dir / "006.png")  # in the last of 3 shards
+    config = write_config(tmp_path / "run.yaml", tmp_path / "out", data_dir, max_train_steps=1,
+                          data__cache_latents=True, data__cache_shard_size=3, validation__num_heldout=0)
+    assert train_main(["--config", config]) == 2
+    assert_one_error_line(capsys.readouterr().err, "rows 6-7: 1 image(s) failed to decode (")
+    shard = tmp_path / "out" / "latent_cache" / "shard-00000"
+    written = shard.stat().st_mtime_ns
+    assert train_main(["--config", config, "--set", "data.skip_bad_images=true"]) == 0
+    out = capsys.readouterr().out
+    assert "removed the latent cache" not in out and "2 of 3 shards are done; encoding the other 1" in out
+    assert shard.stat().st_mtime_ns == written
+    assert "- images: 7 (0 of them held out" in (tmp_path / "out" / "pipeline" / "README.md").read_text()
+
+
+def test_skip_bad_images_leaves_them_out_counted_and_listed(tmp_path, caplog):
+    data_dir = write_caption_folder(tmp_path / "data", count=8)
+    (data_dir / "003.png").write_bytes(b"this is text, not a png")  # found by the header check, before training
+    config = tiny_config(tmp_path / "out", data_dir, max_train_steps=1, data__cache_latents=True,
+                         data__skip_bad_images=True, validation__num_heldout=0)
+    with caplog.at_level("WARNING"):
+        pipeline = train(config)
+    listed = tmp_path / "out" / "skipped_images.txt"
+    skipped = [record.getMessage() for record in caplog.records if record.getMessage().startswith("skipping")]
+    assert skipped == [f"skipping 1 image(s) that cannot be opened as images: {data_dir / '003.png'}: cannot "
+                       f"identify image file {str(data_dir / '003.png')!r} (each listed with its reason in {listed})"]
+    assert listed.read_text() == f"{data_dir / '003.png'}: cannot identify image file {str(data_dir / '003.png')!r}\n"
+    card = (pipeline / "README.md").read_text()
+    assert "- images: 7 (0 of them held out" in card
+    assert ("- bad images: skipped (`data.skip_bad_images`): 1 left out before training, listed in the run's "
+            "skipped_images.txt") in card
 
 
 # --- the command lines: one `error:` line, exit code 2, no traceback ------------------------------------

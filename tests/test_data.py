@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import os
+from pathlib import Path
 
 import datasets
 import pytest
@@ -85,10 +86,15 @@ def test_undecodable_images_fail_or_are_skipped(tmp_path, caption_folder):
     (caption_folder / "003.png").write_bytes(b"this is not a png")
     good = (caption_folder / "004.png").read_bytes()
     (caption_folder / "005.png").write_bytes(good[: len(good) // 2])  # truncated
-    with pytest.raises(data_lib.DataError, match="2 image\\(s\\) failed to decode.*003.png.*on_bad_image: skip"):
+    with pytest.raises(data_lib.DataError, match="2 image\\(s\\) failed to decode.*003.png.*data.skip_bad_images: "
+                                                 "true to train without them"):
         data_lib.load_train_data(tiny_config(tmp_path / "out", caption_folder))
-    train = data_lib.load_train_data(tiny_config(tmp_path / "out", caption_folder, data__on_bad_image="skip"))
+    train = data_lib.load_train_data(tiny_config(tmp_path / "out", caption_folder, data__skip_bad_images=True))
     assert len(train.dataset) == 14 and len(train.captions) == 14
+    assert [Path(reason.split(":")[0]).name for reason in train.skipped] == ["003.png", "005.png"]
+    # on_bad_image: skip, the older spelling, still skips
+    train = data_lib.load_train_data(tiny_config(tmp_path / "out", caption_folder, data__on_bad_image="skip"))
+    assert len(train.dataset) == 14
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])
@@ -230,7 +236,7 @@ def test_images_are_checked_by_their_shard_once_and_bad_ones_skipped_or_named(tm
 
     config = tiny_config(tmp_path / "strict", caption_folder, data__cache_latents=True, data__cache_shard_size=5)
     with pytest.raises(data_lib.DataError, match=r"rows 0-4: 1 image\(s\) failed to decode \(.*003.png.*"
-                                                 "on_bad_image: skip"):
+                                                 "data.skip_bad_images: true"):
         latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
 
 
