@@ -66,12 +66,13 @@ def generate(pipe, prompts, seeds=None, **kwargs):
 def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None = None,
                      guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                      batch_size: int = 8, negative_prompt: str | None = None, return_progress: bool = False,
-                     show_progress: bool = True, state=None, check_finite: bool = True):
+                     show_progress: bool = True, state=None, check_finite: bool = True,
+                     guidance_rescale: float | None = None):
     """Yield the images of `generate` in prompt order, one batch at a time, as soon as it is made: a list
     of (image, frames) pairs, where frames are the decoded intermediate images with `return_progress`
     (else None). Nothing is held back, so a caller can write each batch before the next one starts.
-    Settings left None take the model's defaults (`pipe.generation_defaults`: steps, guidance, and
-    the trained resolution as height and width).
+    Settings left None take the model's defaults (`pipe.generation_defaults`: steps, guidance, its rescaling
+    for a zero-terminal-SNR model, and the trained resolution as height and width).
 
     With an Accelerate `state` (a `PartialState` or `Accelerator`), every process must iterate: each
     round of batch_size x processes prompts is split across the processes and gathered, so every
@@ -87,8 +88,10 @@ def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None 
     defaults = {**FALLBACK_DEFAULTS, **getattr(pipe, "generation_defaults", {})}
     steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
     guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    rescale = defaults.get("guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale
     height, width = height or defaults.get("height"), width or defaults.get("width")
     settings = {"negative_prompt": negative_prompt or "", "num_inference_steps": steps, "guidance_scale": guidance,
+                **({"guidance_rescale": rescale} if rescale else {}),
                 "scheduler": getattr(pipe, "scheduler_name", type(pipe.scheduler).__name__),
                 "model": pipe.name_or_path or ""}
     if getattr(pipe, "lora_path", None):
@@ -103,7 +106,7 @@ def generate_batches(pipe, prompts, seeds=None, num_inference_steps: int | None 
 
         pixels = pipe(
             [prompt for _, prompt, _ in jobs], num_inference_steps=steps, guidance_scale=guidance, height=height,
-            width=width,
+            width=width, guidance_rescale=rescale,
             negative_prompt=[negative_prompt] * len(jobs) if negative_prompt else None,
             generator=[torch.Generator("cpu").manual_seed(seed) for _, _, seed in jobs],
             callback_on_step_end=keep_latents if return_progress else None,

@@ -253,11 +253,15 @@ def build_unet(model: ModelConfig, resolution: int, vae: AutoencoderKL, text_enc
     return unet
 
 
-def build_noise_scheduler(model: ModelConfig, prediction_type: str | None = None) -> DDPMScheduler:
+def build_noise_scheduler(model: ModelConfig, prediction_type: str | None = None,
+                          zero_terminal_snr: bool = False) -> DDPMScheduler:
     """The pretrained pipeline's noise schedule, else Stable Diffusion's (scaled linear, 1000 steps).
 
     `prediction_type` None keeps the pretrained scheduler's own (fine-tuning a v-prediction model as
-    epsilon would silently unlearn it), else epsilon; a given value overrides it, with a note."""
+    epsilon would silently unlearn it), else epsilon; a given value overrides it, with a note.
+    `zero_terminal_snr` rescales it so the last timestep holds no signal (Lin et al. 2024) and makes samplers
+    configured from it take trailing timesteps, which start at that last one."""
+    rescaled = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_terminal_snr else {}
     if model.pretrained_model_name_or_path:
         source = _checked_path(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path", "scheduler")
         base = _from_pretrained(DDPMScheduler, source, "model.pretrained_model_name_or_path")
@@ -265,10 +269,10 @@ def build_noise_scheduler(model: ModelConfig, prediction_type: str | None = None
         if prediction_type is not None and prediction_type != own:
             logger.warning("prediction_type: training %s although %s was trained with %s (as configured)",
                            prediction_type, model.pretrained_model_name_or_path, own)
-        return DDPMScheduler.from_config(base.config, prediction_type=prediction_type or own)
+        return DDPMScheduler.from_config(base.config, prediction_type=prediction_type or own, **rescaled)
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                          beta_end=0.012, prediction_type=prediction_type or "epsilon", clip_sample=False,
-                         steps_offset=1)
+                         steps_offset=1, **rescaled)
 
 
 def base_reference(model: ModelConfig) -> str:

@@ -51,7 +51,8 @@ def save_pipeline(directory, *, vae, text_encoder, tokenizer, unet, noise_schedu
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     defaults = {"scheduler": sampling.scheduler, "num_inference_steps": sampling.num_inference_steps,
-                "guidance_scale": sampling.guidance_scale, **(extra or {})}
+                "guidance_scale": sampling.guidance_scale, "guidance_rescale": sampling.guidance_rescale,
+                **(extra or {})}
     with written_then_renamed(directory) as partial:
         pipe.save_pretrained(partial, safe_serialization=True)
         save_tokenizer(tokenizer, partial / "tokenizer")  # adds vocab.json + merges.txt for older transformers
@@ -128,6 +129,8 @@ def load_pipeline(path_or_id: str | os.PathLike | None, device=None, dtype=None,
     defaults["scheduler"] = scheduler or defaults["scheduler"]
     pipe.scheduler = make_sampler(defaults["scheduler"], pipe.scheduler.config)
     pipe.generation_defaults = {k: defaults[k] for k in ("num_inference_steps", "guidance_scale")}
+    if defaults.get("guidance_rescale"):  # a zero-terminal-SNR model's (a pipeline __call__ argument, as the others)
+        pipe.generation_defaults["guidance_rescale"] = defaults["guidance_rescale"]
     if defaults.get("resolution"):  # saved by training; without it diffusers' default size is used
         pipe.generation_defaults.update(height=defaults["resolution"], width=defaults["resolution"])
     pipe.scheduler_name = defaults["scheduler"]

@@ -172,7 +172,8 @@ def add_lora(accelerator: Accelerator, config: Config, unet, text_encoder, weigh
 def set_up_models(accelerator: Accelerator, config: Config, text_encoder, vae):
     """(UNet, noise scheduler, dtype of the frozen models): the UNet built from its seed (or loaded), LoRA
     adapters added, the frozen models moved and cast, memory options applied."""
-    noise_scheduler = build_noise_scheduler(config.model, config.prediction_type)
+    noise_scheduler = build_noise_scheduler(config.model, config.prediction_type,
+                                            config.rescale_betas_zero_terminal_snr)
     unet = seeded(config.seed, "unet", lambda: build_unet(config.model, config.resolution, vae, text_encoder))
     accelerator.print(f"[unet] {unet.num_parameters() / 1e6:.2f}M parameters")
     weight_dtype = frozen_dtype(accelerator)
@@ -251,7 +252,8 @@ def validate(accelerator: Accelerator, config: Config, parts: UNetParts, tokeniz
             images = generate(
                 pipe, [p for p, _ in jobs], [s for _, s in jobs], show_progress=False, state=accelerator,
                 num_inference_steps=config.sampling.num_inference_steps,
-                guidance_scale=config.sampling.guidance_scale, check_finite=False)
+                guidance_scale=config.sampling.guidance_scale, guidance_rescale=config.sampling.guidance_rescale,
+                check_finite=False)
     finally:
         if ema is not None:
             ema.restore(trainable(unet))

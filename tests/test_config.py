@@ -73,6 +73,8 @@ def test_yaml_scientific_notation_string_is_a_float(tmp_path, base):
     ({"data": {"caption_template": "a photo"}}, "data.caption_template"),
     ({"data": {"cache_latents": True, "center_crop": False}}, "data.cache_latents"),
     ({"sampling": {"guidance_scale": -3.0}}, "sampling.guidance_scale"),
+    ({"sampling": {"guidance_rescale": 1.5}}, "sampling.guidance_rescale"),
+    ({"rescale_betas_zero_terminal_snr": True, "prediction_type": "epsilon"}, "rescale_betas_zero_terminal_snr"),
 ])
 def test_bad_values_name_their_key(tmp_path, base, change, key):
     for name, value in change.items():

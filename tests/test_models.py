@@ -93,3 +93,16 @@ def test_missing_paths_and_mismatches_are_clear(tmp_path):
     text_encoder = build_text_encoder(ModelConfig(text_encoder="small"), tokenizer)
     with pytest.raises(ConfigError, match="attends to 64-dim"):
         build_unet(ModelConfig(unet_kwargs={"cross_attention_dim": 64}), 32, build_vae(ModelConfig()), text_encoder)
+
+
+def test_zero_terminal_snr_leaves_no_signal_at_the_last_timestep_and_samplers_start_there():
+    from ldm_pipeline.models import build_noise_scheduler, make_sampler
+
+    plain = build_noise_scheduler(ModelConfig(), "v_prediction")
+    rescaled = build_noise_scheduler(ModelConfig(), "v_prediction", zero_terminal_snr=True)
+    assert float(plain.alphas_cumprod[-1]) > 1e-3  # Stable Diffusion's schedule keeps some signal at t = 999
+    assert float(rescaled.alphas_cumprod[-1]) == 0.0  # Lin et al. 2024: none
+    for name in ("dpmsolver++", "ddim", "euler", "ddpm"):
+        sampler = make_sampler(name, rescaled.config)
+        sampler.set_timesteps(20)
+        assert int(sampler.timesteps[0]) == 999 and sampler.config.rescale_betas_zero_snr  # trailing: from pure noise

@@ -296,3 +296,20 @@ def test_a_dry_run_of_a_resumed_run_reads_its_text_components(tmp_path, trained_
     assert train(config, dry_run=True) is None
     assert sources == [str(out / "text_encoder")]  # not a fresh one built from the captions
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before
+
+
+def test_a_zero_terminal_snr_run_saves_a_pipeline_that_samples_the_same_way(tmp_path, caption_folder):
+    from ldm_pipeline import generate, load_pipeline
+
+    pipeline = train(tiny_config(tmp_path / "out", caption_folder, max_train_steps=2, prediction_type="v_prediction",
+                                 rescale_betas_zero_terminal_snr=True, sampling__guidance_rescale=0.7))
+    scheduler = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["rescale_betas_zero_snr"] is True and scheduler["timestep_spacing"] == "trailing"
+    assert scheduler["prediction_type"] == "v_prediction"
+    plain = StableDiffusionPipeline.from_pretrained(pipeline)  # plain diffusers reads the same schedule
+    plain.scheduler.set_timesteps(2)
+    assert int(plain.scheduler.timesteps[0]) == 999
+    pipe = load_pipeline(pipeline, device="cpu")
+    assert pipe.generation_defaults["guidance_rescale"] == 0.7
+    image = generate(pipe, ["a red square on the left"], seeds=[0])[0]
+    assert image.info["parameters"]["guidance_rescale"] == 0.7
