@@ -73,6 +73,22 @@ class ShapesDataConfig:
 
 
 @dataclass
+class BucketConfig:
+    """Aspect-ratio buckets (buckets.py): each image trains at the size nearest its aspect ratio. Either `sizes`, or
+    sizes made from a pixel `area` with sides in steps of `step` between `min_side` and `max_side`, up to
+    `max_aspect` (long side over short side). The whole section is fixed on resume: it decides every crop."""
+
+    sizes: list[list[int]] | None = None  # explicit [height, width] pairs, each side a multiple of 8
+    area: int | None = None  # pixels per image; null: resolution x resolution
+    step: int = 64  # 8 x the VAE's factor: latents of whole 8-cell blocks
+    min_side: int | None = None  # null: resolution / 2
+    max_side: int | None = None  # null: 2 x resolution
+    max_aspect: float = 2.0
+    # A bucket holding fewer images than one global batch gives no optimizer step: its images are moved to the
+    # nearest bucket by aspect ratio instead (none is dropped); --dry-run lists what moved.
+
+
+@dataclass
 class DataConfig:
     train_data_dir: str | None = fixed()  # image folder (metadata.jsonl captions or class subfolders)
     dataset_name: str | None = fixed()  # hub dataset id or local dataset script, loaded the same way
@@ -101,6 +117,9 @@ class DataConfig:
     on_bad_image: Literal["error", "skip"] = fixed("error")
     # Data a plug-in writes when train_data_dir is absent: the synthetic shapes (ldm_pipeline.shapes).
     make_shapes: ShapesDataConfig | None = fixed()
+    # null: every image resized and cropped to one `resolution` square. A section (see BucketConfig): each image at
+    # the bucket size nearest its aspect ratio, every optimizer step's batch from one bucket.
+    buckets: BucketConfig | None = fixed()
     cache_latents: bool = free(False)  # encode the data once with the frozen VAE (and text encoder)
     latent_cache_dir: str | None = free()  # default: <output_dir>/latent_cache
     # Rows per cache shard (an Arrow folder), at most; each process encodes whole shards and a killed build
@@ -589,9 +608,13 @@ def validate(config: Config) -> None:
     if d.make_shapes is not None:
         _require(d.train_data_dir is not None, "data.make_shapes needs data.train_data_dir to write into")
         _require(d.make_shapes.num_images >= 1, "data.make_shapes.num_images must be at least 1")
-    _require(not d.cache_latents or d.center_crop,
-             "data.cache_latents stores one crop per image; set data.center_crop: true or turn "
-             "data.cache_latents off")
+    _require(not d.cache_latents or d.center_crop or d.buckets is not None,
+             "data.cache_latents stores one crop per image; set data.center_crop: true, use data.buckets (whose "
+             "random crops are drawn once per image), or turn data.cache_latents off")
+    if d.buckets is not None:
+        _validate_buckets(d.buckets)
+        _require(not d.streaming, "data.buckets reads every image's size before training, which a stream (data."
+                 "streaming) cannot give; download the data set, or train it at one square resolution")
     _require(d.cache_shard_size >= 1, f"data.cache_shard_size: {d.cache_shard_size} must be at least 1")
     if d.streaming:
         _require((d.dataset_name or d.webdataset) and d.cache_latents and "vae" not in c.stages,
@@ -650,6 +673,18 @@ def _validate_captions(d: DataConfig) -> None:
     _require(not (reshaped and d.cache_latents), "data.shuffle_tags / data.tag_dropout give each sample other tags "
              "every epoch, but data.cache_latents stores each caption's tokens once; turn data.cache_latents off "
              "(the captions are then tokenized per sample), or the tag options off")
+
+
+def _validate_buckets(b: BucketConfig) -> None:
+    for pair in b.sizes or []:
+        _require(len(pair) == 2 and all(side > 0 and side % 8 == 0 for side in pair),
+                 f"data.buckets.sizes: {pair} must be [height, width], each a positive multiple of 8 (the VAE's "
+                 "factor), e.g. [512, 768]")
+    _require(b.step > 0 and b.step % 8 == 0, f"data.buckets.step: {b.step} must be a positive multiple of 8")
+    for key in ("area", "min_side", "max_side"):
+        value = getattr(b, key)
+        _require(value is None or value > 0, f"data.buckets.{key}: {value} must be positive (or null)")
+    _require(b.max_aspect >= 1, f"data.buckets.max_aspect: {b.max_aspect} must be >= 1 (long side over short side)")
 
 
 def _validate_lora(c: Config) -> None:

@@ -33,7 +33,16 @@ from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
-from .config import Config, DataConfig
+from .buckets import (
+    BucketAssignment,
+    assign_buckets,
+    bucket_sizes,
+    merge_small_buckets,
+    place_in_bucket,
+    read_dimensions,
+    row_seed,
+)
+from .config import Config, DataConfig, stage_settings
 
 logger = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
@@ -537,11 +546,25 @@ def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool = Tru
         left, top = (width - resolution) // 2, (height - resolution) // 2
     else:
         left, top = random.randint(0, width - resolution), random.randint(0, height - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
+    return to_pixels(image.crop((left, top, left + resolution, top + resolution)), flip)
+
+
+def to_pixels(image: Image.Image, flip: bool = False) -> torch.Tensor:
+    """(3, H, W) in [-1, 1], mirrored left-right when `flip`."""
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def bucketed_pixels(image: Image.Image, assignment: BucketAssignment, row: int, data: DataConfig, seed: int,
+                    flip: bool = False) -> dict[str, torch.Tensor]:
+    """The row's image placed in its bucket ("pixel_values", (3, h, w)), with its original (height, width) and the
+    crop's (top, left): the crop is the centre, or one drawn from the row's own seed, the same every epoch."""
+    bucket = assignment.sizes[assignment.bucket[row]]
+    image, original, corner = place_in_bucket(image, bucket, data.center_crop, row_seed(seed, row, "crop"))
+    return {"pixel_values": to_pixels(image, flip), "original_size": torch.tensor(original),
+            "crop_top_left": torch.tensor(corner)}
 
 
 def warn_truncated(tokenizer, captions: list[str]) -> None:
@@ -593,11 +616,15 @@ def loader_epoch(dataset) -> int | None:
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
-    """Rows of a `datasets` dataset as {"pixel_values": (3, R, R), "input_ids": (L,)}."""
+    """Rows of a `datasets` dataset as {"pixel_values": (3, R, R), "input_ids": (L,)}; with bucket `buckets`
+    (data.buckets) each image at its bucket's size, with its "original_size" and "crop_top_left" (see
+    `bucketed_pixels`; `seed` draws the crops)."""
 
-    def __init__(self, dataset, input_ids, data: DataConfig, resolution: int, indices=None):
+    def __init__(self, dataset, input_ids, data: DataConfig, resolution: int, indices=None,
+                 buckets: BucketAssignment | None = None, seed: int = 0):
         self.dataset, self.input_ids, self.data, self.resolution = dataset, input_ids, data, resolution
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        self.buckets, self.seed = buckets, seed
         self.copied_in_epoch = None
 
     def __len__(self):
@@ -612,12 +639,19 @@ class ImageTextDataset(torch.utils.data.Dataset):
         row = self.indices[i]
         image = open_rgb(self.dataset[row][self.data.image_column])
         flip = self.data.random_flip and random.random() < 0.5
-        pixels = image_to_tensor(image, self.resolution, self.data.center_crop, flip)
+        if self.buckets is not None:
+            item = bucketed_pixels(image, self.buckets, row, self.data, self.seed, flip)
+        else:
+            item = {"pixel_values": image_to_tensor(image, self.resolution, self.data.center_crop, flip)}
         epoch = loader_epoch(self)
         epoch = self.copied_in_epoch if epoch is None else epoch
         if isinstance(self.input_ids, TokenIds) and epoch is not None:
-            return {"pixel_values": pixels, "input_ids": self.input_ids.sample(row, epoch)}
-        return {"pixel_values": pixels, "input_ids": self.input_ids[row]}
+            return {**item, "input_ids": self.input_ids.sample(row, epoch)}
+        return {**item, "input_ids": self.input_ids[row]}
+
+    def bucket_of(self) -> np.ndarray | None:
+        """Each position's bucket, for the sampler that batches one bucket at a time (None: no buckets)."""
+        return None if self.buckets is None else self.buckets.bucket[np.asarray(self.indices, dtype=np.int64)]
 
 
 def split_heldout(num_rows: int, num_heldout: int, seed: int) -> tuple[list[int], list[int]]:
@@ -635,6 +669,7 @@ class TrainData:
     checked: bool = True  # every image was decoded once (bad ones dropped or refused)
     caption_source: str = ""  # where the captions come from, for the model card ("column `text`", ...)
     skipped: list[str] = field(default_factory=list)  # "path: reason" of each image left out (data.skip_bad_images)
+    buckets: BucketAssignment | None = None  # each row's aspect-ratio bucket (data.buckets)
 
     @property
     def num_rows(self) -> int:
@@ -750,3 +785,39 @@ def check_train_images(train: TrainData, data: DataConfig, accelerator=None, dec
     captions = Captions(captions, getattr(train.captions, "tags", None))
     return dataclasses.replace(train, dataset=dataset, captions=captions, checked=decode,
                                skipped=train.skipped + skipped)
+
+
+MAX_ENLARGEMENT = 2.0  # an image is enlarged at most this much per side to cover its bucket; smaller is too small
+
+
+def with_buckets(train: TrainData, config: Config, num_processes: int, listed_in: Path | None = None):
+    """(`train` with each row's aspect-ratio bucket, what --dry-run says of small buckets merged away). Sizes come
+    from the file headers. An image that would have to be enlarged more than MAX_ENLARGEMENT per side to cover its
+    bucket is refused by name (or skipped and listed with data.skip_bad_images)."""
+    data = config.data
+    sizes = bucket_sizes(data.buckets, config.resolution)
+    assignment = assign_buckets(sizes, read_dimensions(train.dataset, data.image_column))
+    targets = np.asarray(sizes, dtype=np.float64)[assignment.bucket]  # (N, 2) each row's bucket (height, width)
+    enlargement = (targets / assignment.original).max(axis=1)
+    small = np.flatnonzero(enlargement > MAX_ENLARGEMENT)
+    skipped = []
+    if len(small):
+        names = train.dataset.select_columns([data.image_column]).select(small)[data.image_column]
+        bad = [(int(row), f"{(value or {}).get('path') or f'row {row}'}: {width}x{height} px, too small for its "
+                f"{target_h}x{target_w} bucket (it would be enlarged {factor:.1f}x)")
+               for row, value, (height, width), (target_h, target_w), factor in zip(
+                   small, names, assignment.original[small], targets[small].astype(int), enlargement[small])]
+        error = bad_image_error(bad, data, f"are too small for any bucket (enlarged more than {MAX_ENLARGEMENT:g}x)",
+                                listed_in)
+        if error:
+            raise DataError(f"{error}; or lower data.buckets.min_side / data.buckets.area")
+        keep = np.setdiff1d(np.arange(train.num_rows), small)
+        skipped = [reason for _, reason in bad]
+        train = dataclasses.replace(train, dataset=train.dataset.select(keep),
+                                    captions=Captions([train.captions[i] for i in keep],
+                                                      getattr(train.captions, "tags", None)))
+        assignment = BucketAssignment(sizes, assignment.bucket[keep], assignment.original[keep])
+    windows = [stage_settings(config, name) for name in config.stages]
+    window = max(stage.train_batch_size * num_processes * stage.gradient_accumulation_steps for stage in windows)
+    assignment, notes = merge_small_buckets(assignment, window)
+    return dataclasses.replace(train, buckets=assignment, skipped=train.skipped + skipped), notes

@@ -33,11 +33,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .buckets import BucketAssignment
 from .config import Config, DataConfig
 from .data import (
     DataError,
     TrainData,
     bad_image_error,
+    bucketed_pixels,
     caption_rule,
     decode_or_note,
     image_to_tensor,
@@ -84,6 +86,9 @@ def cache_key(config: Config, train: TrainData, vae, text_encoder, tokenizer) ->
         "captions": captions.hexdigest()[:16],
         "tokenizer": hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16],
         "max_length": tokenizer.model_max_length,
+        # the buckets and the seed that draws each image's crop in its bucket
+        **({"buckets": json.dumps(vars(config.data.buckets), sort_keys=True), "seed": config.seed}
+           if config.data.buckets is not None else {}),
     }
 
 
@@ -98,6 +103,12 @@ def cache_features(config: Config, vae, text_encoder, tokenizer) -> datasets.Fea
                 "latent_mean": datasets.Array4D(latent, "float16"),
                 "latent_std": datasets.Array4D(latent, "float16"),
                 "input_ids": datasets.Sequence(datasets.Value("int32"), length=tokenizer.model_max_length)}
+    if config.data.buckets is not None:  # each bucket's latents at their own size: flat, with their shape
+        pair = datasets.Sequence(datasets.Value("int32"), length=2)
+        features.update(latent_mean=datasets.Sequence(datasets.Value("float16")),
+                        latent_std=datasets.Sequence(datasets.Value("float16")),
+                        latent_shape=datasets.Sequence(datasets.Value("int32"), length=4),  # (sides, C, h, w)
+                        original_size=pair, crop_top_left=pair)
     if text_encoder is not None:
         features["prompt_embeds"] = datasets.Array2D(
             (tokenizer.model_max_length, text_encoder.config.hidden_size), "float16")
@@ -178,6 +189,16 @@ class LatentDataset(torch.utils.data.Dataset):
     def __init__(self, cache: LatentCache, indices, random_flip: bool):
         self.indices, self.random_flip = indices, random_flip
         self.reader = RowReader(cache.rows, [name for name in cache.rows.column_names if name != "row"])
+        self.shapes = None  # (N, 4) each row's latent shape, when the cache holds aspect-ratio buckets
+        if "latent_shape" in cache.rows.column_names:
+            self.shapes = RowReader(cache.rows, ["latent_shape"]).read(list(range(len(cache.rows))))["latent_shape"]
+
+    def bucket_of(self) -> np.ndarray | None:
+        """Each position's bucket (its latent size), for the sampler that batches one bucket at a time."""
+        if self.shapes is None:
+            return None
+        _, bucket = np.unique(self.shapes[np.asarray(self.indices, dtype=np.int64), 2:], axis=0, return_inverse=True)
+        return bucket.reshape(-1)
 
     def __len__(self):
         return len(self.indices)
@@ -191,47 +212,78 @@ class LatentDataset(torch.utils.data.Dataset):
         items = []
         for k in range(len(positions)):
             side = int(self.random_flip and random.random() < 0.5)
-            item = {"latent_mean": torch.from_numpy(columns["latent_mean"][k, side]).float(),
-                    "latent_std": torch.from_numpy(columns["latent_std"][k, side]).float(),
+            shape = columns["latent_shape"][k] if "latent_shape" in columns else None  # buckets: rows stored flat
+            mean, std = ((columns[name][k].reshape(*shape) if shape is not None else columns[name][k])[side]
+                         for name in ("latent_mean", "latent_std"))
+            item = {"latent_mean": torch.from_numpy(mean).float(), "latent_std": torch.from_numpy(std).float(),
                     "input_ids": torch.from_numpy(columns["input_ids"][k]).long()}
+            if shape is not None:
+                item.update(original_size=torch.from_numpy(columns["original_size"][k]).long(),
+                            crop_top_left=torch.from_numpy(columns["crop_top_left"][k]).long())
             if "prompt_embeds" in columns:
                 item["prompt_embeds"] = torch.from_numpy(columns["prompt_embeds"][k]).float()
             items.append(item)
         return items
 
 
-def _encoder(config: Config, vae, text_encoder, tokenizer, bad: list):
+def _encoder(config: Config, vae, text_encoder, tokenizer, bad: list, buckets: BucketAssignment | None = None):
     """encode(batch of raw rows, their row numbers, their captions) -> columns of cache rows. An image
-    that fails to decode is left out and noted in `bad` as (row, reason)."""
+    that fails to decode is left out and noted in `bad` as (row, reason). With aspect-ratio `buckets` each image
+    is placed in its bucket as the training loop would (the same crop) and the VAE encodes each size apart."""
     data, resolution = config.data, config.resolution
     sides = (False, True) if data.random_flip else (False,)
+    features = cache_features(config, vae, text_encoder, tokenizer)
 
     def encode(batch, rows, captions):
-        pixels, kept, kept_captions = [], [], []
+        pixels, kept, kept_captions, placed = [], [], [], []
         for value, row, caption in zip(batch[data.image_column], rows, captions):
             image = decode_or_note(value, row, bad)
             if image is None:
                 continue
-            pixels.append(torch.stack([image_to_tensor(image, resolution, True, flip) for flip in sides]))
+            if buckets is None:
+                pixels.append(torch.stack([image_to_tensor(image, resolution, True, flip) for flip in sides]))
+            else:
+                views = [bucketed_pixels(image, buckets, row, data, config.seed, flip) for flip in sides]
+                pixels.append(torch.stack([view["pixel_values"] for view in views]))
+                placed.append(views[0])
             kept.append(row)
             kept_captions.append(caption)
         if not kept:
-            return {"row": [], "latent_mean": [], "latent_std": [], "input_ids": []} | (
-                {"prompt_embeds": []} if text_encoder is not None else {})
-        pixels = torch.stack(pixels)  # (b, sides, 3, R, R)
-        dist = vae.encode(pixels.flatten(0, 1).to(vae.device, vae.dtype)).latent_dist
-        shape = (len(kept), len(sides))
+            return {name: [] for name in features}
+        means, stds = encode_by_size(vae, pixels)  # each (sides, C, h, w)
         ids = tokenize(tokenizer, kept_captions, warn=False)  # (b, L)
-        columns = {"row": kept,
-                   "latent_mean": dist.mean.float().half().unflatten(0, shape).cpu().numpy(),
-                   "latent_std": dist.std.float().half().unflatten(0, shape).cpu().numpy(),
-                   "input_ids": ids.to(torch.int32).numpy()}
+        columns = {"row": kept, "input_ids": ids.to(torch.int32).numpy()}
+        if buckets is None:
+            columns.update(latent_mean=np.stack(means), latent_std=np.stack(stds))
+        else:
+            columns.update(latent_mean=[mean.reshape(-1) for mean in means],
+                           latent_std=[std.reshape(-1) for std in stds],
+                           latent_shape=[mean.shape for mean in means],
+                           original_size=[view["original_size"].tolist() for view in placed],
+                           crop_top_left=[view["crop_top_left"].tolist() for view in placed])
         if text_encoder is not None:
             embeds = text_encoder(ids.to(text_encoder.device))[0]  # (b, L, D)
             columns["prompt_embeds"] = embeds.float().half().cpu().numpy()
         return columns
 
     return encode
+
+
+def encode_by_size(vae, pixels: list[torch.Tensor]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The fp16 latent mean and std of each (sides, 3, H, W) entry of `pixels`, encoded in one VAE call per size
+    (one call in all without buckets, as before: the bytes do not depend on how sizes are mixed in a batch)."""
+    groups = {}
+    for k, views in enumerate(pixels):
+        groups.setdefault(tuple(views.shape), []).append(k)
+    means, stds = [None] * len(pixels), [None] * len(pixels)
+    for members in groups.values():
+        stacked = torch.stack([pixels[k] for k in members])  # (b, sides, 3, H, W)
+        dist = vae.encode(stacked.flatten(0, 1).to(vae.device, vae.dtype)).latent_dist
+        for name, values in (("mean", means), ("std", stds)):
+            tensor = getattr(dist, name).float().half().unflatten(0, stacked.shape[:2]).cpu().numpy()
+            for k, array in zip(members, tensor):
+                values[k] = array
+    return means, stds
 
 
 def _check_shard_images(bad: list, data: DataConfig, where: str) -> None:
@@ -396,7 +448,7 @@ def _encode_missing(accelerator, config, train, vae, text_encoder, tokenizer, ca
     shard_size, data = manifest["shard_size"], config.data
     features = cache_features(config, vae, text_encoder, tokenizer)
     bad = []
-    encode_rows = _encoder(config, vae, text_encoder, tokenizer, bad)
+    encode_rows = _encoder(config, vae, text_encoder, tokenizer, bad, train.buckets)
     main = accelerator.is_main_process
     if manifest["streaming"]:
         accelerator.wait_for_everyone()

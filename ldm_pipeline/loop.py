@@ -23,6 +23,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from .buckets import BucketSampler
 from .checkpoints import checkpoint_steps, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, StageSettings, get_setting
 from .cpu import return_freed_memory
@@ -270,9 +271,18 @@ def make_optimizer(config: Config, param_groups, learning_rate: float, lr_schedu
     return optimizer, schedule
 
 
-def make_loader(config: Config, dataset, batch_size: int):
+def make_loader(config: Config, dataset, stage: StageSettings, num_processes: int):
+    """Micro-batches of `stage.train_batch_size`: shuffled, or with aspect-ratio buckets (`dataset.bucket_of()`) whole
+    global batches of one bucket at a time, so a step never mixes sizes (buckets.BucketSampler)."""
+    batch_size = stage.train_batch_size
     if len(dataset) < batch_size:
         raise ConfigError(f"the training set has {len(dataset)} examples, fewer than one batch of {batch_size}; "
                           "add data or lower the batch size")
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       num_workers=config.data.dataloader_num_workers)
+    buckets = dataset.bucket_of() if hasattr(dataset, "bucket_of") else None
+    if buckets is None:
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                           num_workers=config.data.dataloader_num_workers)
+    window = batch_size * num_processes * stage.gradient_accumulation_steps
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=BucketSampler(buckets, window,
+                                                                                               config.seed),
+                                       drop_last=True, num_workers=config.data.dataloader_num_workers)

@@ -27,8 +27,18 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import data as data_lib
 from . import latent_cache, plugins
+from .buckets import bucket_table
 from .checkpoints import check_resume_checkpoints
-from .config import Config, ConfigError, ModelConfig, add_run_arguments, load_config, os_error_message, to_yaml
+from .config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    add_run_arguments,
+    load_config,
+    os_error_message,
+    stage_settings,
+    to_yaml,
+)
 from .console import quiet_library_logs
 from .cpu import set_up_cpu
 from .distributed import check_process_group
@@ -123,6 +133,7 @@ class Prepared:
     text_encoder: CLIPTextModel
     new_text_components: bool  # made now from presets or captions: saved in output_dir when the run starts
     vae: AutoencoderKL  # the run's finished VAE (<output_dir>/vae), else built from its seed
+    bucket_notes: list[str]  # small aspect-ratio buckets merged into others (data.buckets)
 
     @property
     def num_examples(self) -> int:
@@ -145,6 +156,9 @@ def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, che
         with accelerator.main_process_first():  # the first load writes datasets' cache; others reuse it
             train = data_lib.load_train_data(config, check_images=False)
         train = data_lib.check_train_images(train, data, accelerator, decode=check_images, listed_in=listed_in)
+    bucket_notes = []
+    if train is not None and data.buckets is not None:
+        train, bucket_notes = data_lib.with_buckets(train, config, accelerator.num_processes, listed_in)
     captions = train.captions if train else planned[:data.max_train_samples]
     tokenizer, text_encoder, new = run_text_components(config, captions, train.fingerprint if train else None)
     for component in ("vae", "unet"):  # a missing or pickle-only model directory fails here, not mid-run
@@ -154,7 +168,7 @@ def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, che
     finished = finished_vae(config)
     vae = load_trained_vae(finished) if finished else seeded(config.seed, "vae", lambda: build_vae(config.model))
     check_sizes(config, vae, len(captions), accelerator.num_processes)
-    return Prepared(train, captions, tokenizer, text_encoder, new, vae)
+    return Prepared(train, captions, tokenizer, text_encoder, new, vae, bucket_notes)
 
 
 def data_exists(config: Config) -> bool:
@@ -275,6 +289,11 @@ def describe_dry_run(accelerator: Accelerator, config: Config, prepared: Prepare
                   "unet": build_unet(config.model, config.resolution, prepared.vae, prepared.text_encoder)}
     accelerator.print(to_yaml(config))
     accelerator.print(describe_run(config, accelerator, components, prepared.num_examples))
+    if config.data.buckets is not None:
+        unet = stage_settings(config, "unet")
+        window = unet.train_batch_size * accelerator.num_processes * unet.gradient_accumulation_steps
+        accelerator.print(bucket_table(prepared.train.buckets, window, prepared.bucket_notes) if prepared.train else
+                          "buckets: assigned once the data is written (the first run writes it)")
 
 
 def check_sizes(config: Config, vae: AutoencoderKL, num_examples: int, num_processes: int) -> None:

@@ -91,9 +91,18 @@ def step_loss(parts: UNetParts, batch: dict, latent_noise: torch.Tensor, noise: 
     return losses.diffusion_loss(prediction, target, timesteps, parts.noise_scheduler, parts.snr_gamma)
 
 
-def draw(parts: UNetParts, generator: torch.Generator) -> tuple:
+def latent_shape_of(parts: UNetParts, batch: dict) -> tuple[int, int, int]:
+    """(C, h, w) of the batch's latents: its cached ones', or its images' over the VAE's factor (with aspect-ratio
+    buckets it changes from batch to batch)."""
+    if "latent_mean" in batch:
+        return tuple(batch["latent_mean"].shape[1:])
+    height, width = batch["pixel_values"].shape[-2:]
+    factor = vae_scale_factor(parts.vae)
+    return parts.latent_shape[0], height // factor, width // factor
+
+
+def draw(parts: UNetParts, generator: torch.Generator, shape: tuple[int, int, int]) -> tuple:
     """One sample's random draws, in a fixed order: latent sample, noise, offset, timestep, dropout."""
-    shape = parts.latent_shape
     return (torch.randn(shape, generator=generator), torch.randn(shape, generator=generator),
             torch.randn((shape[0], 1, 1), generator=generator),
             torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (), generator=generator),
@@ -102,7 +111,8 @@ def draw(parts: UNetParts, generator: torch.Generator) -> tuple:
 
 def training_loss(parts: UNetParts, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
     """The loss of one training micro-batch, each sample drawing from its own generator."""
-    draws = [torch.stack(column).to(parts.device) for column in zip(*(draw(parts, g) for g in generators))]
+    shape = latent_shape_of(parts, batch)
+    draws = [torch.stack(column).to(parts.device) for column in zip(*(draw(parts, g, shape) for g in generators))]
     latent_noise, noise, offset, timesteps, dropped = draws  # (B, C, h, w) x 2, (B, C, 1, 1), (B,), (B,)
     # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift mean brightness.
     return step_loss(parts, batch, latent_noise, noise + parts.noise_offset * offset, timesteps, dropped)
@@ -110,12 +120,11 @@ def training_loss(parts: UNetParts, batch: dict, generators: list[torch.Generato
 
 @torch.no_grad()
 def heldout_loss(accelerator: Accelerator, parts: UNetParts, heldout_set, seed: int) -> float:
-    """Same fixed (example, timestep, noise) triples every time, split across processes."""
+    """Same fixed (example, timestep, noise) triples every time, split across processes: example i's noise comes
+    from its own seed, at its own size (aspect-ratio buckets)."""
     if len(heldout_set) == 0:
         return float("nan")
-    shape, num_timesteps = parts.latent_shape, parts.noise_scheduler.config.num_train_timesteps
-    generator = torch.Generator().manual_seed(seed + 12345)
-    noise = torch.randn((len(heldout_set), *shape), generator=generator)
+    num_timesteps = parts.noise_scheduler.config.num_train_timesteps
     timesteps = (torch.arange(len(heldout_set)) * num_timesteps // len(heldout_set)).flip(0)
     total = torch.zeros(2, device=accelerator.device)
     # Unwrapped: processes may hold different numbers of examples, and a DDP forward can sync.
@@ -123,8 +132,10 @@ def heldout_loss(accelerator: Accelerator, parts: UNetParts, heldout_set, seed: 
     with accelerator.split_between_processes(list(range(len(heldout_set)))) as mine:
         for i in mine:
             item = {k: v.unsqueeze(0).to(accelerator.device) for k, v in heldout_set[i].items()}
+            shape = latent_shape_of(parts, item)
             zero = torch.zeros((1, *shape), device=accelerator.device)
-            total[0] += step_loss(parts, item, zero, noise[i:i + 1].to(accelerator.device),
+            noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + 12345 + i))
+            total[0] += step_loss(parts, item, zero, noise.to(accelerator.device),
                                   timesteps[i:i + 1].to(accelerator.device),
                                   torch.zeros(1, dtype=torch.bool, device=accelerator.device), denoiser)
             total[1] += 1
@@ -206,9 +217,11 @@ def training_sets(accelerator: Accelerator, config: Config, train: data_lib.Trai
         return dataset, heldout_set, cache.empty_prompt_embeds
     input_ids = data_lib.TokenIds(tokenizer, train.captions)  # tokenized per sample, not held for all rows
     rows, heldout = data_lib.split_heldout(train.num_rows, config.validation.num_heldout, config.seed)
-    dataset = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, rows)
+    dataset = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, rows, train.buckets,
+                                        config.seed)
     heldout_data = dataclasses.replace(config.data, random_flip=False)
-    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_data, config.resolution, heldout)
+    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_data, config.resolution, heldout,
+                                            train.buckets, config.seed)
     return dataset, heldout_set, None
 
 
@@ -283,7 +296,7 @@ def train_unet_stage(accelerator: Accelerator, config: Config, train: data_lib.T
         param_groups.append({"params": trainable(text_encoder), "lr": learning_rates[-1]})
     optimizer, lr_scheduler = make_optimizer(config, param_groups, config.learning_rate, config.lr_scheduler,
                                              config.lr_warmup_steps, config.max_train_steps)
-    loader = make_loader(config, dataset, config.train_batch_size)
+    loader = make_loader(config, dataset, stage_settings(config, "unet"), accelerator.num_processes)
     accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
     if train_text:
         unet, text_encoder, optimizer, loader = accelerator.prepare(unet, text_encoder, optimizer, loader)

@@ -47,6 +47,16 @@ def shares(accelerator: Accelerator, count: int, chunk: int):
         return [mine[i:i + chunk] for i in range(0, len(mine), chunk)]
 
 
+def same_size(dataset, rows: list[int]):
+    """(rows, (b, 3, H, W) pixels) of `rows`, a stack per image size (aspect-ratio buckets mix sizes)."""
+    groups = {}
+    for row in rows:
+        pixels = dataset[row]["pixel_values"]
+        groups.setdefault(tuple(pixels.shape), []).append((row, pixels))
+    for members in groups.values():
+        yield [row for row, _ in members], torch.stack([pixels for _, pixels in members])
+
+
 @torch.no_grad()
 def calibrate_latents(accelerator: Accelerator, vae: AutoencoderKL, dataset, num_samples: int,
                       batch_size: int) -> dict:
@@ -60,12 +70,12 @@ def calibrate_latents(accelerator: Accelerator, vae: AutoencoderKL, dataset, num
     """
     channels = vae.config.latent_channels
     sums = torch.zeros(3, channels, dtype=torch.float64, device=accelerator.device)  # count, sum, sum of squares
-    for rows in shares(accelerator, min(num_samples, len(dataset)), batch_size):
-        pixels = torch.stack([dataset[i]["pixel_values"] for i in rows]).to(accelerator.device, vae.dtype)
-        means = vae.encode(pixels).latent_dist.mean.double()  # (b, C, h, w)
-        sums[0] += means[:, 0].numel()
-        sums[1] += means.sum(dim=(0, 2, 3))
-        sums[2] += means.pow(2).sum(dim=(0, 2, 3))
+    for chunk in shares(accelerator, min(num_samples, len(dataset)), batch_size):
+        for _, pixels in same_size(dataset, chunk):
+            means = vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist.mean.double()  # (b, C, h, w)
+            sums[0] += means[:, 0].numel()
+            sums[1] += means.sum(dim=(0, 2, 3))
+            sums[2] += means.pow(2).sum(dim=(0, 2, 3))
     count, total, squares = accelerator.reduce(sums, "sum").cpu()
     mu = total / count  # (C,)
     std = ((squares - count * mu.pow(2)).sum() / count.sum()).sqrt().item()
@@ -84,9 +94,9 @@ def check_reconstructions(accelerator: Accelerator, vae: AutoencoderKL, heldout_
     right in each of its fields (recon_<field>_accuracy). Every process scores its share."""
     fields = checker.fields if checker else ()
     sums = torch.zeros(2 + len(fields))
-    for rows in shares(accelerator, len(heldout_set), batch_size):
-        pixels = torch.stack([heldout_set[i]["pixel_values"] for i in rows])
-        sums += reconstruction_sums(vae, pixels, [captions[i] for i in rows] if checker else None, checker)
+    for chunk in shares(accelerator, len(heldout_set), batch_size):
+        for rows, pixels in same_size(heldout_set, chunk):
+            sums += reconstruction_sums(vae, pixels, [captions[i] for i in rows] if checker else None, checker)
     count, psnr_sum, *correct = accelerator.reduce(sums.to(accelerator.device), "sum").tolist()
     if not count:
         return {}
@@ -125,8 +135,9 @@ def report_vae_check(accelerator: Accelerator, config: Config, out: Path, failur
 
 
 def save_vae_grid(vae: AutoencoderKL, heldout_set, path: Path, count: int = 8):
-    """Held-out originals (top row) above their reconstructions (bottom row)."""
-    pixels = torch.stack([heldout_set[i]["pixel_values"] for i in range(min(count, len(heldout_set)))])
+    """Held-out originals (top row) above their reconstructions (bottom row), of the first image's size."""
+    _, pixels = next(same_size(heldout_set, list(range(min(4 * count, len(heldout_set))))))
+    pixels = pixels[:count]
     images = IMAGES.postprocess(torch.cat([pixels, reconstruct(vae, pixels).cpu()]), output_type="pil")
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_image_grid(images, rows=2, cols=len(pixels))
@@ -143,9 +154,10 @@ def load_trained_vae(folder: Path) -> AutoencoderKL:
                           "to train the VAE again (stage vae), or restore it") from error
 
 
-def vae_step_loss(model, latent_shape: tuple, settings, batch: dict, generators) -> torch.Tensor:
+def vae_step_loss(model, channels: int, factor: int, settings, batch: dict, generators) -> torch.Tensor:
     """The loss of one VAE step: a posterior sample per image from its own generator, decoded and compared."""
     pixels = batch["pixel_values"]
+    latent_shape = (channels, pixels.shape[-2] // factor, pixels.shape[-1] // factor)  # buckets vary it
     noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(pixels.device)
     reconstruction, posterior = model(pixels, noise)
     return vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight)[0]
@@ -170,9 +182,11 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
         return load_trained_vae(out)
     rows, heldout = data_lib.split_heldout(len(train.dataset), settings.psnr_samples, config.seed)
     input_ids = torch.zeros(len(train.dataset), 1, dtype=torch.long)  # captions are not used here
-    dataset = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, rows)
+    dataset = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, rows, train.buckets,
+                                        config.seed)
     heldout_data = dataclasses.replace(config.data, random_flip=False)
-    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_data, config.resolution, heldout)
+    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_data, config.resolution, heldout,
+                                            train.buckets, config.seed)
     heldout_captions = [train.captions[row] for row in heldout]
     checker = plugins.reconstruction_checker(heldout_captions) if heldout else None
     if not heldout:
@@ -189,12 +203,13 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
                                              settings.lr_scheduler, settings.lr_warmup_steps,
                                              settings.max_train_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer,
-                                                   make_loader(config, dataset, settings.train_batch_size))
-    latent_shape = (vae.config.latent_channels,) + (config.resolution // vae_scale_factor(vae),) * 2
+                                                   make_loader(config, dataset, stage_settings(config, "vae"),
+                                                               accelerator.num_processes))
     batch_size = settings.train_batch_size
     stage = Stage(settings=stage_settings(config, "vae"), models=[model], optimizer=optimizer,
                   lr_scheduler=lr_scheduler, learning_rates=[settings.learning_rate], dataloader=loader,
-                  compute_loss=functools.partial(vae_step_loss, model, latent_shape, settings),
+                  compute_loss=functools.partial(vae_step_loss, model, vae.config.latent_channels,
+                                                 vae_scale_factor(vae), settings),
                   validate=functools.partial(validate_vae, accelerator, model, heldout_set, heldout_captions,
                                              checker, batch_size) if heldout else None)
     fit(accelerator, config, stage)

@@ -89,7 +89,7 @@ def test_offset_noise_adds_a_per_channel_constant_to_the_noise():
     generators = lambda: [torch.Generator().manual_seed(seed) for seed in range(4)]  # noqa: E731
     plain, batch = make_parts(Spy())
     offset, _ = make_parts(Spy(), noise_offset=0.5)
-    draws = [draw(plain, generator) for generator in generators()]
+    draws = [draw(plain, generator, SHAPE) for generator in generators()]
     noise = torch.stack([d[1] for d in draws]) + 0.5 * torch.stack([d[2] for d in draws])  # (B, C, h, w)
     assert training_loss(offset, batch, generators()).item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
     assert training_loss(plain, batch, generators()).item() != pytest.approx(noise.pow(2).mean().item(), rel=1e-3)
