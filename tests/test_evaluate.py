@@ -80,7 +80,7 @@ def test_grey_shape_has_a_shape_but_no_palette_color():
     ImageDraw.Draw(image).rectangle((40, 40, 59, 59), fill=(90, 90, 90))
     assert classify_image(image) | {"foreground_fraction": None, "shape_iou": None, "solidity": None} == {
         "color": None, "shape": "square", "position": "bottom right", "clean": True, "background": "white",
-        "foreground_fraction": None, "shape_iou": None, "solidity": None}
+        "foreground_fraction": None, "shape_iou": None, "solidity": None, "cut": False}
 
 
 def test_specks_and_spurs_do_not_change_the_answer():
@@ -102,8 +102,8 @@ def test_wrong_content_scores_zero():
     report = score_images([blue_square], ["a red circle in the top left"])
     assert report["color_accuracy"] == 0.0 and report["shape_accuracy"] == 0.0
     assert report["position_accuracy"] == 1.0 and report["all_accuracy"] == 0.0
-    assert report["per_image"] == [{"caption": "a red circle in the top left", "background": "white", "shape_iou": 1.0,
-                                    "solidity": 1.0, "color": "blue", "color_correct": False, "shape": "square",
+    assert report["per_image"] == [{"caption": "a red circle in the top left", "background": "white", "cut": False,
+                                    "shape_iou": 1.0, "solidity": 1.0, "color": "blue", "color_correct": False, "shape": "square",
                                     "shape_correct": False, "position": "top left", "position_correct": True,
                                     "clean": True, "clean_correct": True}]
 
@@ -284,3 +284,12 @@ def test_evaluate_refuses_a_model_not_trained_on_shapes(trained_run, capsys):
         evaluate_model(trained_run / "pipeline", device="cpu")
     assert cli(["evaluate", "--model", str(trained_run / "pipeline"), "--device", "cpu"]) == 2
     assert_one_error_line(capsys.readouterr().err, "evaluate scores models trained on the shapes data set")
+
+
+def test_a_shape_running_past_the_frame_is_counted_as_cut():
+    inside = draw_shape("red", "square", "top left", 64, random.Random(0))
+    cut = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(cut).rectangle((-8, 4, 14, 26), fill=(220, 40, 40))  # its left part beyond the frame
+    assert classify_image(inside)["cut"] is False and classify_image(cut)["cut"] is True
+    report = score_images([inside, cut], ["a red square in the top left"] * 2)
+    assert report["cut_fraction"] == 0.5

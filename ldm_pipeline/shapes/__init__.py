@@ -93,7 +93,7 @@ def evaluate_command(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     summary = {k: report[k] for k in ("color_accuracy", "shape_accuracy", "position_accuracy", "clean_accuracy",
-                                       "all_accuracy", "dark_background_fraction", "vae_psnr_db")}
+                                       "all_accuracy", "cut_fraction", "dark_background_fraction", "vae_psnr_db")}
     print(json.dumps(summary, indent=2))
     print(f"wrote the full report to {out}")
     return 0

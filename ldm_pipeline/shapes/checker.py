@@ -199,7 +199,8 @@ def border_luminance(pixels: np.ndarray) -> float:
 def classify_image(image: Image.Image) -> dict:
     """Read one image: {"color", "shape", "position"} (each None without a usable foreground; shape None also
     when no ideal shape fits), "clean" (no speck beside the shape), the background ("white" or "dark", from the
-    border's luminance), the foreground fraction, and the fit behind the shape ("shape_iou", "solidity")."""
+    border's luminance), the foreground fraction, the fit behind the shape ("shape_iou", "solidity") and whether
+    the shape runs past the frame ("cut")."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     height, width, _ = pixels.shape
     background = "dark" if border_luminance(pixels) < DARK_BORDER_LUMINANCE else "white"
@@ -217,7 +218,7 @@ def classify_image(image: Image.Image) -> dict:
     fraction = float(component.mean())
     if fraction < MIN_FOREGROUND_FRACTION:
         return {"color": None, "shape": None, "position": None, "clean": clean, "background": background,
-                "foreground_fraction": fraction, "shape_iou": 0.0, "solidity": 0.0}
+                "foreground_fraction": fraction, "shape_iou": 0.0, "solidity": 0.0, "cut": False}
 
     # Median colour of the component: the mask already drops edge pixels blended more than half with white,
     # the median ignores noise and stray pixels, and the hue match ignores the blending that is left.
@@ -231,8 +232,10 @@ def classify_image(image: Image.Image) -> dict:
     ys, xs = np.nonzero(component)
     center = ((xs.mean() + 0.5) / width, (ys.mean() + 0.5) / height)
     position = min(POSITIONS, key=lambda name: math.dist(center, POSITIONS[name]))
+    # Drawn shapes keep a 1 px margin: a shape on the outermost pixels runs past the frame.
+    cut = bool(component[0].any() or component[-1].any() or component[:, 0].any() or component[:, -1].any())
     return {"color": color, "shape": shape, "position": position, "clean": clean, "background": background,
-            "foreground_fraction": fraction, "shape_iou": fits[best], "solidity": convexity}
+            "foreground_fraction": fraction, "shape_iou": fits[best], "solidity": convexity, "cut": cut}
 
 
 def score_images(images, captions) -> dict:
@@ -246,7 +249,7 @@ def score_images(images, captions) -> dict:
     for image, text in zip(images, captions):
         expected = dict(zip(FIELDS, parse_caption(text)), clean=True)
         predicted = classify_image(image)
-        row = {"caption": text, "background": predicted["background"],
+        row = {"caption": text, "background": predicted["background"], "cut": predicted["cut"],
                "shape_iou": round(predicted["shape_iou"], 3), "solidity": round(predicted["solidity"], 3)}
         for field in CHECKS:
             row[field] = predicted[field]
@@ -256,8 +259,9 @@ def score_images(images, captions) -> dict:
                 for field in CHECKS}
     all_correct = [all(row[f"{field}_correct"] for field in CHECKS) for row in per_image]
     dark = float(np.mean([row["background"] == "dark" for row in per_image]))
+    cut = float(np.mean([row["cut"] for row in per_image]))  # shapes running past the frame
     return {**accuracy, "all_accuracy": float(np.mean(all_correct)), "dark_background_fraction": dark,
-            "num_images": len(per_image), "per_image": per_image}
+            "cut_fraction": cut, "num_images": len(per_image), "per_image": per_image}
 
 
 def is_shapes_data(captions) -> bool:
