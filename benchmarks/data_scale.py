@@ -1,6 +1,7 @@
 """Data at scale: the latent cache build and training from it, at growing data-set sizes.
 
     python benchmarks/data_scale.py [--sizes 10000 100000] [--processes 1 2] [--steps 200] [--workdir DIR]
+                                    [--buckets]
 
 For each size N it writes N synthetic shapes images (64 px), then, each as its own `accelerate launch`:
 - builds the latent cache (`ldm-pipeline cache`) at each process count: images/s of encoding, peak RSS of
@@ -10,6 +11,8 @@ For each size N it writes N synthetic shapes images (64 px), then, each as its o
 The models are the shapes config's (`train_configs/shapes.yaml`: small VAE, UNet and text encoder) at their
 random initialisation: the speed and memory of a step do not depend on what the weights are. Prints one
 Markdown table and writes it, with the raw rows, to <workdir>/data_scale.json. Nothing is asserted.
+With --buckets the images come in three frame sizes (64x64, 96x64, 64x96) and train in aspect-ratio buckets:
+each job then also reads every image's size from its header to assign its bucket, timed ("buckets_s").
 
 Peak RSS is the process's high-water mark (`ru_maxrss`: start-up, data loading and the loop together) and,
 separately, the highest RSS sampled every 50 ms during the training loop alone, in all and its anonymous part
@@ -53,6 +56,7 @@ def worker(job: str, config_path: str, overrides: list[str]) -> None:
 
     import psutil
 
+    from ldm_pipeline import data as data_lib
     from ldm_pipeline import latent_cache, training, unet_stage, vae_stage
     from ldm_pipeline.config import load_config
     from ldm_pipeline.cpu import set_up_cpu
@@ -73,6 +77,15 @@ def worker(job: str, config_path: str, overrides: list[str]) -> None:
             loop_anon[0] = max(loop_anon[0], int(status["RssAnon"].split()[0]) * 1024)
             time.sleep(0.05)
 
+    assign = data_lib.with_buckets
+
+    def timed_assign(*args, **kwargs):
+        start = time.perf_counter()
+        result = assign(*args, **kwargs)
+        timed["buckets_s"] = time.perf_counter() - start
+        return result
+
+    data_lib.with_buckets = timed_assign  # training.prepare looks it up in its module
     if job == "cache":
         build = latent_cache.build_latent_cache
 
@@ -160,6 +173,8 @@ def main() -> None:
                         help="read the images from the image folder, or from a hub-style parquet copy of it")
     parser.add_argument("--reuse-caches", action="store_true", help="keep caches built by an earlier run")
     parser.add_argument("--in-loop-all", action="store_true", help="in-loop encoding at every size, not the first")
+    parser.add_argument("--buckets", action="store_true",
+                        help="three frame sizes (64x64, 96x64, 64x96) trained in aspect-ratio buckets")
     parser.add_argument("--worker", choices=["cache", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help=argparse.SUPPRESS)
@@ -173,11 +188,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     results = []
+    frames = [(64, 64), (96, 64), (64, 96)] if args.buckets else None
+    extra = ["data.buckets={sizes: [[64, 64], [64, 96], [96, 64]]}"] if args.buckets else []
+    kind = "buckets" if args.buckets else args.source
     for size in args.sizes:
-        data_dir = work / f"shapes-{size}"
+        data_dir = work / (f"shapes-mixed-{size}" if args.buckets else f"shapes-{size}")
         if not data_dir.is_dir():
             start = time.perf_counter()
-            make_shapes(data_dir, size, 64, seed=0)
+            make_shapes(data_dir, size, 64, seed=0, sizes=frames)
             print(f"made {size} images in {time.perf_counter() - start:.0f} s", flush=True)
         if args.source == "parquet":
             if not (work / f"parquet-{size}").is_dir():
@@ -186,16 +204,17 @@ def main() -> None:
         cache_dir = None
         counts = args.processes if size == args.sizes[0] else args.processes_after_first or args.processes
         for processes in counts:
-            out = work / f"cache-{args.source}-{size}-p{processes}"
+            out = work / f"cache-{kind}-{size}-p{processes}"
             cache_dir = out / "latent_cache"
             if args.reuse_caches and (cache_dir / "manifest.json").is_file():
                 print(f"reusing {cache_dir} (not timed again)", flush=True)
                 continue
             shutil.rmtree(out, ignore_errors=True)
-            rows = launch("cache", processes, settings(data_dir, out, args.steps, True, args.threads))
+            rows = launch("cache", processes, settings(data_dir, out, args.steps, True, args.threads) + extra)
             cache_dir = out / "latent_cache"
             encode_s = max(row["encode_s"] for row in rows)
-            results.append({"job": f"cache ({args.source})", "images": size, "processes": processes,
+            results.append({"job": f"cache ({kind})", "images": size, "processes": processes,
+                            "buckets_s": rows[0].get("buckets_s"),
                             "threads": rows[0]["threads"],
                             "images_per_s": size / encode_s, "images_per_s_per_process": size / encode_s / processes,
                             "peak_rss_mb": [row["peak_rss"] / 2**20 for row in rows],
@@ -204,14 +223,14 @@ def main() -> None:
         for cache in (True, False):
             if not cache and size != args.sizes[0] and not args.in_loop_all:
                 continue
-            out = work / f"train-{args.source}-{size}-{'cache' if cache else 'in_loop'}"
+            out = work / f"train-{kind}-{size}-{'cache' if cache else 'in_loop'}"
             shutil.rmtree(out, ignore_errors=True)
-            overrides = settings(data_dir, out, args.steps, cache, args.threads)
+            overrides = settings(data_dir, out, args.steps, cache, args.threads) + extra
             if cache:
                 overrides.append(f"data.latent_cache_dir={cache_dir}")
             (row,) = launch("train", 1, overrides)
             job = "train from cache" if cache else "train, in-loop encoding"
-            results.append({"job": f"{job} ({args.source})", "images": size,
+            results.append({"job": f"{job} ({kind})", "images": size, "buckets_s": row.get("buckets_s"),
                             "processes": 1, "threads": row["threads"], "samples_per_s": row["samples"] / row["train_s"],
                             "peak_rss_mb": [row["peak_rss"] / 2**20],
                             "loop_peak_rss_mb": row["loop_peak_rss"] / 2**20,
@@ -220,18 +239,20 @@ def main() -> None:
 
     lines = [f"CPU: {cpu_model()}, {cores} cores; {args.steps} training steps of batch 32 at 64 px", "",
              "| job | images | processes | images/s (per process) | samples/s | peak RSS per process (MB) | "
-             "loop peak RSS: all / anonymous (MB) | cache on disk (MB) |", "|---|---|---|---|---|---|---|---|"]
+             "loop peak RSS: all / anonymous (MB) | cache on disk (MB) | bucket assignment (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         cells = [r["job"], f"{r['images']:,}", str(r["processes"]),
                  f"{r['images_per_s']:.0f} ({r['images_per_s_per_process']:.0f})" if "images_per_s" in r else "",
                  f"{r['samples_per_s']:.1f}" if "samples_per_s" in r else "",
                  " / ".join(f"{mb:.0f}" for mb in r["peak_rss_mb"]),
                  f"{r['loop_peak_rss_mb']:.0f} / {r['loop_peak_anon_mb']:.0f}" if "loop_peak_rss_mb" in r else "",
-                 f"{r['cache_mb']:.1f}" if "cache_mb" in r else ""]
+                 f"{r['cache_mb']:.1f}" if "cache_mb" in r else "",
+                 f"{r['buckets_s']:.1f}" if r.get("buckets_s") is not None else ""]
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
     summary = {"cpu": cpu_model(), "cores": cores, "rows": results, "table": lines}
-    (work / f"data_scale_{args.source}.json").write_text(json.dumps(summary, indent=2))
+    (work / f"data_scale_{kind}.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
