@@ -1,4 +1,4 @@
-"""The VAE loss's foreground weighting: which pixels count as foreground, and by how much they count."""
+"""The losses: the VAE loss's foreground weighting, and the diffusion loss's masks."""
 
 from types import SimpleNamespace
 
@@ -35,3 +35,25 @@ def test_foreground_errors_count_one_plus_weight_times_more(weight):
     background_loss = vae_loss(on_background, target, NO_KL, 0.0, weight)[0]
     assert shape_loss / background_loss == pytest.approx(1 + weight)
     assert vae_loss(target, target, NO_KL, 0.0, weight)[0] == 0
+
+
+def test_a_masked_out_region_gets_no_gradient_and_an_all_ones_mask_is_no_mask():
+    from ldm_pipeline.config import ModelConfig
+    from ldm_pipeline.losses import diffusion_loss
+    from ldm_pipeline.models import build_noise_scheduler
+
+    scheduler = build_noise_scheduler(ModelConfig(), "epsilon")
+    torch.manual_seed(0)
+    prediction = torch.randn(2, 4, 8, 8, requires_grad=True)
+    target, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 2:6] = 1.0  # the subject; the rest is background
+    diffusion_loss(prediction, target, timesteps, scheduler, 5.0, mask).backward()
+    assert prediction.grad[:, :, 2:6, 2:6].abs().sum() > 0
+    assert prediction.grad[:, :, :2].abs().sum() == 0 and prediction.grad[:, :, :, 6:].abs().sum() == 0
+    plain = diffusion_loss(prediction, target, timesteps, scheduler, 5.0)
+    ones = diffusion_loss(prediction, target, timesteps, scheduler, 5.0, torch.ones(2, 1, 8, 8))
+    assert torch.allclose(plain, ones, rtol=1e-6)
+    # normalised by the mask's area: the masked loss is the mean error over the subject
+    inside = (prediction - target)[:, :, 2:6, 2:6].pow(2).mean()
+    assert torch.allclose(diffusion_loss(prediction, target, timesteps, scheduler, None, mask), inside, rtol=1e-6)
