@@ -6,8 +6,9 @@ to one square, and every optimizer step's batch comes from one bucket.
 - `assign_buckets` reads each image's size from its file header (nothing is decoded) and picks the bucket nearest
   its aspect ratio; buckets too small for one global batch are merged into their nearest neighbour, so no image is
   dropped (`merge_small_buckets`).
-- `crop_box` places an image in its bucket: resized to cover it, then cropped at the centre or at an offset drawn
-  from the image's own seed (the same every epoch, at any process count, in the latent cache and in the loop).
+- `crop_box` places an image in its bucket (data.bucketed_pixels applies it): resized to cover the bucket, then
+  cropped at the centre or at an offset drawn from the image's own seed (the same every epoch, at any process
+  count, in the latent cache and in the loop).
 - `BucketSampler` orders an epoch as whole global batches of one bucket each, shuffled from (seed, epoch).
 """
 
@@ -128,16 +129,6 @@ def crop_box(width: int, height: int, bucket: tuple[int, int], center: bool, see
     generator = torch.Generator().manual_seed(seed)
     left, top = (int(torch.randint(0, spare + 1, (), generator=generator)) for spare in (spare_w, spare_h))
     return resized, (left, top)
-
-
-def place_in_bucket(image: Image.Image, bucket: tuple[int, int], center: bool, seed: int):
-    """(the image resized to cover `bucket` and cropped to it, its original (height, width), the crop's (top, left)
-    in the resized image): what a model conditioned on size and crop (SDXL's micro-conditioning) is told."""
-    (width, height), (left, top) = crop_box(*image.size, bucket, center, seed)
-    original = (image.height, image.width)
-    if (width, height) != image.size:
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-    return image.crop((left, top, left + bucket[1], top + bucket[0])), original, (top, left)
 
 
 class BucketSampler(torch.utils.data.Sampler):

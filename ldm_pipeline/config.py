@@ -115,6 +115,10 @@ class DataConfig:
     # instead of stopping the run (for large folders). on_bad_image: skip is its older spelling, still read.
     skip_bad_images: bool = fixed(False)
     on_bad_image: Literal["error", "skip"] = fixed("error")
+    # Masked loss: train on the subject, not its background. Each image's mask (white trains, black is ignored) is
+    # the file of its name in mask_dir, else its own alpha channel; it weights the loss on the latent grid.
+    masked_loss: bool = fixed(False)
+    mask_dir: str | None = fixed()
     # Data a plug-in writes when train_data_dir is absent: the synthetic shapes (ldm_pipeline.shapes).
     make_shapes: ShapesDataConfig | None = fixed()
     # null: every image resized and cropped to one `resolution` square. A section (see BucketConfig): each image at
@@ -611,6 +615,12 @@ def validate(config: Config) -> None:
     _require(not d.cache_latents or d.center_crop or d.buckets is not None,
              "data.cache_latents stores one crop per image; set data.center_crop: true, use data.buckets (whose "
              "random crops are drawn once per image), or turn data.cache_latents off")
+    if d.mask_dir is not None:
+        _require(d.masked_loss, f"data.mask_dir: {d.mask_dir} holds masks for data.masked_loss: true; set it, or "
+                 "remove data.mask_dir")
+        _require(Path(d.mask_dir).is_dir(), f"data.mask_dir: {d.mask_dir} does not exist or is not a directory")
+    _require(not (d.masked_loss and d.cache_latents), "data.masked_loss reads each image's mask as it trains and "
+             "the latent cache does not store masks yet; set data.cache_latents: false for a masked run")
     if d.buckets is not None:
         _validate_buckets(d.buckets)
         _require(not d.streaming, "data.buckets reads every image's size before training, which a stream (data."

@@ -37,8 +37,8 @@ from .buckets import (
     BucketAssignment,
     assign_buckets,
     bucket_sizes,
+    crop_box,
     merge_small_buckets,
-    place_in_bucket,
     read_dimensions,
     row_seed,
 )
@@ -449,6 +449,43 @@ def open_rgb(value) -> Image.Image:
     return image.convert("RGB")
 
 
+def mask_file(value, data: DataConfig) -> Path | None:
+    """The image's mask in data.mask_dir: the file of the same name, with any image extension (None: none there)."""
+    if data.mask_dir is None or not isinstance(value, dict) or not value.get("path"):
+        return None
+    stem = Path(value["path"]).stem
+    found = [path for path in sorted(Path(data.mask_dir).glob(f"{glob.escape(stem)}.*"))
+             if path.suffix.lower() in IMAGE_EXTENSIONS]
+    return found[0] if found else None
+
+
+def open_mask(value, data: DataConfig) -> Image.Image:
+    """The image's training mask, 8-bit greyscale (white trains, black is ignored): its file in data.mask_dir, else
+    its own alpha channel. A missing mask, one of another size than its image, or an all-black one is refused by
+    name: each would train on something other than the user meant."""
+    path = mask_file(value, data)
+    where = (value.get("path") if isinstance(value, dict) else None) or "an image"
+    if path is not None:
+        with Image.open(path) as image:
+            mask = image.convert("L")
+        with Image.open(value["path"]) as image:
+            size = image.size
+        if mask.size != size:
+            raise DataError(f"{path} is {mask.size[0]}x{mask.size[1]} px but its image {where} is {size[0]}x{size[1]} "
+                            "px; give each image a mask of its own size")
+    else:
+        source = value if isinstance(value, Image.Image) else Image.open(
+            io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"])
+        if "A" not in source.getbands() and not (source.mode == "P" and "transparency" in source.info):
+            raise DataError(f"data.masked_loss: {where} has no alpha channel and no mask file in data.mask_dir "
+                            f"({data.mask_dir}); give it one, or set data.masked_loss: false")
+        mask = source.convert("RGBA").getchannel("A")
+    if mask.getextrema()[1] == 0:
+        raise DataError(f"the mask of {where} ({path or 'its alpha channel'}) is all black: nothing of the image "
+                        "would train; fix the mask or remove the image")
+    return mask
+
+
 BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 SKIPPED_IMAGES_FILE = "skipped_images.txt"  # in output_dir: each image skipped (data.skip_bad_images) and why
 
@@ -534,37 +571,62 @@ def drop_bad_images(dataset: datasets.Dataset, captions: list[str], data: DataCo
     return dataset.select(kept), [captions[i] for i in kept], [reason for _, reason in bad]
 
 
-def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False):
-    """Resize the short side to `resolution`, crop a square, map to [-1, 1]: (3, R, R)."""
-    width, height = image.size
+def square_box(width: int, height: int, resolution: int, center_crop: bool):
+    """((resized width, resized height), (left, top)): the short side resized to `resolution`, then a square crop
+    at the centre or at a random place."""
     if min(width, height) != resolution:
         scale = resolution / min(width, height)
-        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        width, height = image.size
+        width, height = max(resolution, round(width * scale)), max(resolution, round(height * scale))
     if center_crop:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
-    else:
-        left, top = random.randint(0, width - resolution), random.randint(0, height - resolution)
-    return to_pixels(image.crop((left, top, left + resolution, top + resolution)), flip)
+        return (width, height), ((width - resolution) // 2, (height - resolution) // 2)
+    return (width, height), (random.randint(0, width - resolution), random.randint(0, height - resolution))
 
 
-def to_pixels(image: Image.Image, flip: bool = False) -> torch.Tensor:
-    """(3, H, W) in [-1, 1], mirrored left-right when `flip`."""
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+def placed(image: Image.Image, resized: tuple[int, int], corner: tuple[int, int], size: tuple[int, int],
+           flip: bool, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """`image` resized to `resized` (width, height), cropped to `size` (width, height) at `corner` (left, top), and
+    mirrored left-right when `flip`."""
+    if resized != image.size:
+        image = image.resize(resized, resample)
+    image = image.crop((corner[0], corner[1], corner[0] + size[0], corner[1] + size[1]))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
+def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False,
+                    mask: Image.Image | None = None):
+    """Resize the short side to `resolution`, crop a square, map to [-1, 1]: (3, R, R); with a `mask`, also the
+    mask cut the same way, (1, R, R) in [0, 1]."""
+    resized, corner = square_box(*image.size, resolution, center_crop)
+    pixels = to_pixels(placed(image, resized, corner, (resolution, resolution), flip))
+    if mask is None:
+        return pixels
+    return pixels, mask_tensor(placed(mask, resized, corner, (resolution, resolution), flip))
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) in [-1, 1]."""
     array = np.asarray(image, dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """(1, H, W) in [0, 1] of an 8-bit greyscale mask."""
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None]
+
+
 def bucketed_pixels(image: Image.Image, assignment: BucketAssignment, row: int, data: DataConfig, seed: int,
-                    flip: bool = False) -> dict[str, torch.Tensor]:
+                    flip: bool = False, mask: Image.Image | None = None) -> dict[str, torch.Tensor]:
     """The row's image placed in its bucket ("pixel_values", (3, h, w)), with its original (height, width) and the
-    crop's (top, left): the crop is the centre, or one drawn from the row's own seed, the same every epoch."""
-    bucket = assignment.sizes[assignment.bucket[row]]
-    image, original, corner = place_in_bucket(image, bucket, data.center_crop, row_seed(seed, row, "crop"))
-    return {"pixel_values": to_pixels(image, flip), "original_size": torch.tensor(original),
-            "crop_top_left": torch.tensor(corner)}
+    crop's (top, left): the crop is the centre, or one drawn from the row's own seed, the same every epoch. With a
+    `mask`, also the mask placed alike ("mask", (1, h, w))."""
+    height, width = assignment.sizes[assignment.bucket[row]]
+    resized, corner = crop_box(*image.size, (height, width), data.center_crop, row_seed(seed, row, "crop"))
+    item = {"pixel_values": to_pixels(placed(image, resized, corner, (width, height), flip)),
+            "original_size": torch.tensor((image.height, image.width)),
+            "crop_top_left": torch.tensor((corner[1], corner[0]))}
+    if mask is not None:
+        item["mask"] = mask_tensor(placed(mask, resized, corner, (width, height), flip))
+    return item
 
 
 def warn_truncated(tokenizer, captions: list[str]) -> None:
@@ -637,10 +699,15 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.indices[i]
-        image = open_rgb(self.dataset[row][self.data.image_column])
+        value = self.dataset[row][self.data.image_column]
+        image = open_rgb(value)
+        mask = open_mask(value, self.data) if self.data.masked_loss else None
         flip = self.data.random_flip and random.random() < 0.5
         if self.buckets is not None:
-            item = bucketed_pixels(image, self.buckets, row, self.data, self.seed, flip)
+            item = bucketed_pixels(image, self.buckets, row, self.data, self.seed, flip, mask)
+        elif mask is not None:
+            pixels, cut = image_to_tensor(image, self.resolution, self.data.center_crop, flip, mask)
+            item = {"pixel_values": pixels, "mask": cut}
         else:
             item = {"pixel_values": image_to_tensor(image, self.resolution, self.data.center_crop, flip)}
         epoch = loader_epoch(self)

@@ -88,7 +88,10 @@ def step_loss(parts: UNetParts, batch: dict, latent_noise: torch.Tensor, noise: 
     noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = (denoiser or parts.unet)(noisy, timesteps, text_features(parts, batch, dropped)).sample
     target = losses.diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
-    return losses.diffusion_loss(prediction, target, timesteps, parts.noise_scheduler, parts.snr_gamma)
+    mask = batch.get("mask")  # (B, 1, H, W) with data.masked_loss: each latent cell weighted by the area it covers
+    if mask is not None:
+        mask = torch.nn.functional.adaptive_avg_pool2d(mask.float(), latents.shape[-2:])
+    return losses.diffusion_loss(prediction, target, timesteps, parts.noise_scheduler, parts.snr_gamma, mask)
 
 
 def latent_shape_of(parts: UNetParts, batch: dict) -> tuple[int, int, int]:
