@@ -121,7 +121,7 @@ def test_packaged_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
     config = load_config("shapes", ["data.train_data_dir=data/shapes"])
     assert config.data.make_shapes.num_images == 6000 and config.output_dir == "outputs/shapes"
     assert load_config("shapes.yaml").resolution == config.resolution
-    with pytest.raises(ConfigError, match="name of a packaged config: folder128, sd15_finetune, .*shapes"):
+    with pytest.raises(ConfigError, match="name of a packaged config: folder128, folder_cpu, sd15_finetune, .*shapes"):
         load_config("shape")
     (tmp_path / "images").mkdir()
     (tmp_path / "shapes.yaml").write_text("resolution: 32\ndata: {train_data_dir: images}\n")
