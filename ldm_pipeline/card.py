@@ -86,7 +86,9 @@ def _data_section(config: Config, num_images: int, num_heldout: int) -> str:
     elif data.webdataset:
         source = f"webdataset shards `{data.webdataset}`"
     else:
-        source = f"the image folder `{data.train_data_dir}`"
+        source = f"the image folder `{data.image_folder}`"
+        if data.instance_data_dir:
+            source = f"DreamBooth: the pictures of one subject in `{data.instance_data_dir}`"
         if data.make_shapes is not None:
             source += f" (synthetic shapes, {data.make_shapes.num_images} drawn with seed {data.make_shapes.seed})"
     # Where the captions really came from, as the run found them (a folder without captions trains unconditionally
@@ -105,6 +107,11 @@ def _data_section(config: Config, num_images: int, num_heldout: int) -> str:
                          + (f", the first {data.keep_tokens} kept in place" if data.keep_tokens else ""))
     lines = [f"- source: {source}", f"- images: {num_images:,} ({num_heldout} of them held out for the validation "
              "loss)", f"- captions: {captions}"]
+    if data.class_data_dir:
+        lines.append(f"- prior preservation: the first {data.num_class_images} images of `{data.class_data_dir}`, "
+                     f"captioned `{data.class_prompt}` (those it lacked were generated with the base model before "
+                     "training, their prompt and seed in each PNG), one paired with each picture in every batch; "
+                     f"loss = instance loss + {config.prior_loss_weight:g} x class loss")
     if data.skips_bad_images:
         lines.append(f"- bad images: skipped (`data.skip_bad_images`): {record.get('skipped_images', 0)} left out "
                      f"before training, listed in the run's {SKIPPED_IMAGES_FILE}")

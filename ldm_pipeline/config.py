@@ -119,6 +119,19 @@ class DataConfig:
     # the file of its name in mask_dir, else its own alpha channel; it weights the loss on the latent grid.
     masked_loss: bool = fixed(False)
     mask_dir: str | None = fixed()
+    # DreamBooth (Ruiz et al. 2023): teach a pretrained model one subject from a few pictures. instance_data_dir is
+    # an image folder, read as train_data_dir is (in its place), whose pictures are all captioned instance_prompt
+    # ("a photo of sks dog": a rare token for the subject, then its class); with caption_extension a caption file
+    # beside a picture replaces it.
+    instance_data_dir: str | None = fixed()
+    instance_prompt: str | None = fixed()
+    # Prior preservation: the first num_class_images pictures of class_data_dir, captioned class_prompt ("a photo of
+    # a dog"), each paired with an instance picture in every batch, keep the base's class from collapsing onto the
+    # subject (see prior_loss_weight). Missing ones are generated with the base model before training, written
+    # into class_data_dir (with their prompt and seed as PNG metadata) and reused by the next run.
+    class_data_dir: str | None = fixed()
+    class_prompt: str | None = fixed()
+    num_class_images: int = fixed(100)
     # Data a plug-in writes when train_data_dir is absent: the synthetic shapes (ldm_pipeline.shapes).
     make_shapes: ShapesDataConfig | None = fixed()
     # null: every image resized and cropped to one `resolution` square. A section (see BucketConfig): each image at
@@ -140,9 +153,18 @@ class DataConfig:
         return self.skip_bad_images or self.on_bad_image == "skip"
 
     @property
+    def image_folder(self) -> str | None:
+        """The image folder trained on: data.train_data_dir, or DreamBooth's data.instance_data_dir."""
+        return self.train_data_dir or self.instance_data_dir
+
+    @property
+    def image_folder_key(self) -> str:
+        return "data.instance_data_dir" if self.instance_data_dir else "data.train_data_dir"
+
+    @property
     def source(self) -> str:
         """The data source as the config names it, for messages: the folder, the data set, or the shards."""
-        return self.train_data_dir or self.dataset_name or str(self.webdataset)
+        return self.image_folder or self.dataset_name or str(self.webdataset)
 
 
 @dataclass
@@ -271,6 +293,9 @@ class Config:
     ema_decay: float = reapplied(0.9999)
     snr_gamma: float | None = free(card=True)  # min-SNR weighting (Hang et al. 2023); 5.0 is the paper's
     noise_offset: float = free(0.0, card=True)  # offset noise (Guttenberg 2023); ~0.05 lets images get darker
+    # DreamBooth's prior preservation (data.class_data_dir): the loss is the instance rows' loss plus this times the
+    # class rows' loss, each the mean over its half of the batch. 0: the class rows train nothing.
+    prior_loss_weight: float = free(1.0, card=True)
     # null: the pretrained pipeline's own (a v-prediction model stays v-prediction), else epsilon
     prediction_type: Literal["epsilon", "v_prediction"] | None = fixed(card=True)
     # Zero terminal SNR (Lin et al. 2024): rescale the noise schedule so the last timestep holds no signal, as the
@@ -600,10 +625,13 @@ def validate(config: Config) -> None:
         _require(bar is None or 0 <= bar <= 1, f"vae_training.{key} is a fraction in [0, 1] (or null)")
     _require(c.validation.num_heldout >= 0, "validation.num_heldout must be >= 0")
     _require(c.validation.validation_steps >= 0, "validation.validation_steps must be >= 0 (0 disables)")
-    sources = [f"data.{key}" for key in ("train_data_dir", "dataset_name", "webdataset") if getattr(d, key)]
+    sources = [f"data.{key}" for key in ("train_data_dir", "dataset_name", "webdataset", "instance_data_dir")
+               if getattr(d, key)]
     _require(len(sources) == 1, "data: set exactly one of data.train_data_dir (an image folder), data.dataset_name "
-             "(a hub data set, or a local one in the hub's layout) or data.webdataset (tar shards)"
+             "(a hub data set, or a local one in the hub's layout), data.webdataset (tar shards) or "
+             "data.instance_data_dir (DreamBooth: pictures of one subject)"
              + (f"; this config sets {' and '.join(sources)}" if sources else ""))
+    _validate_dreambooth(c)
     if d.train_data_dir and d.make_shapes is None:
         path = Path(d.train_data_dir)
         _require(path.is_dir(),
@@ -641,13 +669,14 @@ def validate(config: Config) -> None:
     for place, name in ((Path(where.anchor), "the filesystem root"), (Path.home().resolve(), "your home directory")):
         _require(where != place, f"output_dir: {c.output_dir} is {name}; a run writes there and, with "
                  "overwrite_output_dir, clears folders there. Give the run a folder of its own, e.g. outputs/my_run")
-    if d.train_data_dir:
-        data = Path(d.train_data_dir).expanduser().resolve()
-        overlap = ("is the data folder" if where == data else "is inside the data folder" if data in where.parents
-                   else "holds the data folder" if where in data.parents else None)
-        _require(overlap is None, f"output_dir: {c.output_dir} {overlap} (data.train_data_dir: {d.train_data_dir}): "
-                 "the run's images (samples/) would be read as training images on the next run, and the data would "
-                 "sit among files the run replaces. Keep them apart, e.g. data/my_images and outputs/my_run")
+    for key in ("train_data_dir", "instance_data_dir", "class_data_dir"):
+        if getattr(d, key):
+            data = Path(getattr(d, key)).expanduser().resolve()
+            overlap = ("is the data folder" if where == data else "is inside the data folder" if data in where.parents
+                       else "holds the data folder" if where in data.parents else None)
+            _require(overlap is None, f"output_dir: {c.output_dir} {overlap} (data.{key}: {getattr(d, key)}): "
+                     "the run's images (samples/) would be read as training images on the next run, and the data "
+                     "would sit among files the run replaces. Keep them apart, e.g. data/my_images and outputs/my_run")
     _validate_lora(c)
     if c.report_to not in (None, "none"):
         from accelerate.tracking import get_available_trackers  # here: the config itself loads without torch
@@ -668,9 +697,9 @@ def validate(config: Config) -> None:
 
 def _validate_captions(d: DataConfig) -> None:
     if d.caption_extension is not None:
-        _require(d.train_data_dir is not None, f"data.caption_extension: {d.caption_extension!r} reads a caption file "
-                 "beside each image of data.train_data_dir; a data set or webdataset shards carry their captions in a "
-                 "column (data.caption_column)")
+        _require(d.image_folder is not None, f"data.caption_extension: {d.caption_extension!r} reads a caption file "
+                 "beside each image of data.train_data_dir (or data.instance_data_dir); a data set or webdataset "
+                 "shards carry their captions in a column (data.caption_column)")
         _require(re.fullmatch(r"\.[\w.-]+", d.caption_extension) is not None,
                  f"data.caption_extension: {d.caption_extension!r} must be a file extension with its dot, e.g. .txt")
     _require(d.keep_tokens >= 0, f"data.keep_tokens: {d.keep_tokens} must be >= 0 (the first N tags stay in place)")
@@ -683,6 +712,40 @@ def _validate_captions(d: DataConfig) -> None:
     _require(not (reshaped and d.cache_latents), "data.shuffle_tags / data.tag_dropout give each sample other tags "
              "every epoch, but data.cache_latents stores each caption's tokens once; turn data.cache_latents off "
              "(the captions are then tokenized per sample), or the tag options off")
+
+
+def _validate_dreambooth(c: Config) -> None:
+    d = c.data
+    if d.instance_data_dir is not None:
+        _require(Path(d.instance_data_dir).is_dir(), f"data.instance_data_dir: {d.instance_data_dir} does not exist or "
+                 "is not a directory; point it at a folder of pictures of the subject")
+        _require(bool(d.instance_prompt), f"data.instance_data_dir: {d.instance_data_dir} holds the subject's "
+                 "pictures, all captioned data.instance_prompt; set it, e.g. 'a photo of sks dog' (a rare token, then "
+                 "the class)")
+    else:
+        _require(d.instance_prompt is None, "data.instance_prompt captions the pictures of data.instance_data_dir; "
+                 "set data.instance_data_dir to the subject's pictures, or remove data.instance_prompt")
+    if d.class_data_dir is None:
+        _require(d.class_prompt is None, "data.class_prompt captions the class images of data.class_data_dir (prior "
+                 "preservation); set data.class_data_dir to a folder for them (it is filled with generated ones), or "
+                 "remove data.class_prompt")
+        return
+    _require(d.instance_data_dir is not None, f"data.class_data_dir: {d.class_data_dir} pairs class images with the "
+             "pictures of a subject (DreamBooth's prior preservation); set data.instance_data_dir and "
+             "data.instance_prompt, or remove data.class_data_dir")
+    _require(bool(d.class_prompt), f"data.class_data_dir: {d.class_data_dir} holds the class images, captioned and "
+             "generated with data.class_prompt; set it, e.g. 'a photo of a dog' (the instance prompt without its rare "
+             "token)")
+    _require(not Path(d.class_data_dir).exists() or Path(d.class_data_dir).is_dir(),
+             f"data.class_data_dir: {d.class_data_dir} is a file; give a folder for the class images")
+    _require(Path(d.class_data_dir).resolve() != Path(d.instance_data_dir).resolve(),
+             f"data.class_data_dir: {d.class_data_dir} is data.instance_data_dir: the subject's pictures would also "
+             "train as its class; give the class images a folder of their own")
+    _require(d.num_class_images >= 1, f"data.num_class_images: {d.num_class_images} must be at least 1 (100-200 is "
+             "usual), or remove data.class_data_dir to train without prior preservation")
+    _require(c.prior_loss_weight >= 0, f"prior_loss_weight: {c.prior_loss_weight} must be >= 0 (1.0 is usual)")
+    _require(not d.cache_latents, "data.class_data_dir pairs each instance picture with a class image as it trains, "
+             "and the latent cache holds the instance pictures only; set data.cache_latents: false")
 
 
 def _validate_buckets(b: BucketConfig) -> None:

@@ -53,10 +53,10 @@ class DataError(ValueError):
 
 
 def _open_source(data: DataConfig):
-    if data.train_data_dir:
-        root = Path(data.train_data_dir)
+    if data.image_folder:
+        root, key = Path(data.image_folder), data.image_folder_key
         if not root.is_dir():
-            raise DataError(f"data.train_data_dir: {root} does not exist or is not a directory")
+            raise DataError(f"{key}: {root} does not exist or is not a directory")
         check_metadata(root)
         try:
             # Split folders (train/, test/ ...): let datasets find them. Otherwise one pattern: finding
@@ -65,9 +65,9 @@ def _open_source(data: DataConfig):
             files = {"data_dir": str(root)} if split_folders else {"data_files": {"train": str(root / "**")}}
             dataset = quietly(datasets.load_dataset, "imagefolder", **files, split="train")
         except (ValueError, FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
-            raise DataError(f"data.train_data_dir: {root} holds no readable images ({error}); "
+            raise DataError(f"{key}: {root} holds no readable images ({error}); "
                             "put .png/.jpg files there (see the README for accepted layouts)") from error
-        unused = _count_images(root) - len(dataset)
+        unused = count_images(root) - len(dataset)
         if unused > 0:  # imagefolder drops images that its metadata file does not list
             logger.warning("%d image file(s) in %s have no row in its metadata file and are not used", unused, root)
     elif data.webdataset:
@@ -266,7 +266,7 @@ def _json_lines(path: Path, text: str):
                                 'holds one, like {"file_name": "0001.png", "text": "a caption"}') from error
 
 
-def _count_images(root: Path) -> int:
+def count_images(root: Path) -> int:
     """Image files as imagefolder finds them (by extension; hidden and `__*` folders skipped)."""
     return sum(1 for path in root.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS
                and not any(part.startswith((".", "__")) for part in path.relative_to(root).parts))
@@ -302,7 +302,7 @@ def _caption_plan(features, data: DataConfig):
         names = [name.replace("_", " ") for name in label.names]
         return (["label"], lambda batch: [data.caption_template.format(label=names[i]) for i in batch["label"]],
                 f"class folders, as `{data.caption_template}`")
-    if not data.train_data_dir:
+    if not data.image_folder:
         raise DataError(f"data.caption_column: {column!r} is not a column of {data.source} (columns: "
                         f"{[name for name in features if not name.startswith('__')]}) and no other column holds "
                         "text: it would train a model that ignores its prompts. Name the caption column in "
@@ -359,14 +359,14 @@ def with_caption_files(dataset: datasets.Dataset, captions: list[str], source: s
                 uncaptioned.append(image)
             continue
         if written is not None and written[row] is not None:
-            raise DataError(f"{image} has two captions: {file} and {_metadata_row(Path(data.train_data_dir), image)}"
+            raise DataError(f"{image} has two captions: {file} and {_metadata_row(Path(data.image_folder), image)}"
                             f"; keep one of them")
         # One line, as a prompt is; without the byte-order mark some Windows editors write first.
         captions[row] = " ".join(read_utf8(file).removeprefix("\ufeff").split())
         found += 1
     if not found:
         example = Path(dataset[0][data.image_column]["path"]).with_suffix(extension)
-        raise DataError(f"data.caption_extension: {extension}, but no image in {data.train_data_dir} has a caption "
+        raise DataError(f"data.caption_extension: {extension}, but no image in {data.image_folder} has a caption "
                         f"file beside it (e.g. {example}); check the extension, or remove data.caption_extension")
     warning = None
     if uncaptioned:
@@ -614,12 +614,12 @@ def mask_tensor(mask: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None]
 
 
-def bucketed_pixels(image: Image.Image, assignment: BucketAssignment, row: int, data: DataConfig, seed: int,
+def bucketed_pixels(image: Image.Image, bucket: tuple[int, int], row: int, data: DataConfig, seed: int,
                     flip: bool = False, mask: Image.Image | None = None) -> dict[str, torch.Tensor]:
-    """The row's image placed in its bucket ("pixel_values", (3, h, w)), with its original (height, width) and the
-    crop's (top, left): the crop is the centre, or one drawn from the row's own seed, the same every epoch. With a
-    `mask`, also the mask placed alike ("mask", (1, h, w))."""
-    height, width = assignment.sizes[assignment.bucket[row]]
+    """The row's image placed in its `bucket` (height, width) ("pixel_values", (3, h, w)), with its original (height,
+    width) and the crop's (top, left): the crop is the centre, or one drawn from the row's own seed, the same every
+    epoch. With a `mask`, also the mask placed alike ("mask", (1, h, w))."""
+    height, width = bucket
     resized, corner = crop_box(*image.size, (height, width), data.center_crop, row_seed(seed, row, "crop"))
     item = {"pixel_values": to_pixels(placed(image, resized, corner, (width, height), flip)),
             "original_size": torch.tensor((image.height, image.width)),
@@ -698,20 +698,26 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "copied_in_epoch": loader_epoch(self)}
 
     def __getitem__(self, i):
+        epoch = loader_epoch(self)
+        return self.item(i, self.copied_in_epoch if epoch is None else epoch)
+
+    def item(self, i: int, epoch: int | None, bucket: tuple[int, int] | None = None) -> dict:
+        """Position `i` as a training sample of `epoch` (None: read outside the loader), placed in `bucket` (height,
+        width) when given, else in its own bucket (data.buckets) or the `resolution` square."""
         row = self.indices[i]
         value = self.dataset[row][self.data.image_column]
         image = open_rgb(value)
         mask = open_mask(value, self.data) if self.data.masked_loss else None
         flip = self.data.random_flip and random.random() < 0.5
-        if self.buckets is not None:
-            item = bucketed_pixels(image, self.buckets, row, self.data, self.seed, flip, mask)
+        if bucket is None and self.buckets is not None:
+            bucket = self.buckets.sizes[self.buckets.bucket[row]]
+        if bucket is not None:
+            item = bucketed_pixels(image, bucket, row, self.data, self.seed, flip, mask)
         elif mask is not None:
             pixels, cut = image_to_tensor(image, self.resolution, self.data.center_crop, flip, mask)
             item = {"pixel_values": pixels, "mask": cut}
         else:
             item = {"pixel_values": image_to_tensor(image, self.resolution, self.data.center_crop, flip)}
-        epoch = loader_epoch(self)
-        epoch = self.copied_in_epoch if epoch is None else epoch
         if isinstance(self.input_ids, TokenIds) and epoch is not None:
             return {**item, "input_ids": self.input_ids.sample(row, epoch)}
         return {**item, "input_ids": self.input_ids[row]}
@@ -737,6 +743,7 @@ class TrainData:
     caption_source: str = ""  # where the captions come from, for the model card ("column `text`", ...)
     skipped: list[str] = field(default_factory=list)  # "path: reason" of each image left out (data.skip_bad_images)
     buckets: BucketAssignment | None = None  # each row's aspect-ratio bucket (data.buckets)
+    prior: TrainData | None = None  # DreamBooth: the class images (data.class_data_dir), captioned data.class_prompt
 
     @property
     def num_rows(self) -> int:
@@ -746,12 +753,12 @@ class TrainData:
 def data_fingerprint(dataset, data: DataConfig, num_rows: int) -> str:
     """Local folders and shards: every file's path, size and mtime. Hub datasets: datasets' own fingerprint."""
     digest = hashlib.sha256()
-    root = Path(data.train_data_dir or data.dataset_name or ".").expanduser()
+    root = Path(data.image_folder or data.dataset_name or ".").expanduser()
     if data.webdataset:
         for name in webdataset_files(data.webdataset):
             stat = os.stat(name)
             digest.update(f"{os.path.abspath(name)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    elif data.train_data_dir or (data.streaming and root.is_dir()):
+    elif data.image_folder or (data.streaming and root.is_dir()):
         for folder, subfolders, files in os.walk(root):  # one folder's names at a time, not the whole tree
             subfolders.sort()
             for name in sorted(files):
@@ -771,7 +778,7 @@ def load_train_data(config: Config, accelerator=None, check_images: bool = True)
     of `accelerator`); without it, images are checked where they are first decoded: by the latent cache
     build, per shard, by the process that owns the shard."""
     data = config.data
-    if data.train_data_dir and "fork" in multiprocessing.get_all_start_methods():
+    if data.image_folder and "fork" in multiprocessing.get_all_start_methods():
         dataset, captions, fingerprint, source, warnings = _list_folder_in_child(data)
     else:
         _, dataset, captions, fingerprint, source, warnings = _list_source(data)
@@ -788,12 +795,14 @@ def _list_source(data: DataConfig):
     opened = _open_source(data)
     dataset = _finish_source(opened, data)
     captions, source = captions_of(dataset, data)
+    if data.instance_prompt is not None:  # DreamBooth: every picture of the subject (or of its class) captioned alike
+        captions, source = [data.instance_prompt] * len(dataset), f"`{data.instance_prompt}` for every picture"
     warnings = []
     if data.caption_extension:
         captions, source, warning = with_caption_files(dataset, captions, source, data)
         warnings += [warning] if warning else []
     if source == UNCONDITIONAL and data.caption_column is not None:
-        hint = "" if data.caption_extension or next(Path(data.train_data_dir).rglob("*.txt"), None) is None else \
+        hint = "" if data.caption_extension or next(Path(data.image_folder).rglob("*.txt"), None) is None else \
             " (its .txt files are captions with data.caption_extension: .txt)"
         warnings.append(f"no captions in {data.source} (no metadata.jsonl or metadata.csv, no class folders"
                         f"{', no caption files' if data.caption_extension else ''}): training a model that ignores "
@@ -815,12 +824,12 @@ def _list_folder_in_child(data: DataConfig):
         outcome, *result = receiver.recv()
     except EOFError:
         child.join()
-        raise DataError(f"listing data.train_data_dir {data.train_data_dir} stopped (exit code {child.exitcode}); "
+        raise DataError(f"listing {data.image_folder_key} {data.image_folder} stopped (exit code {child.exitcode}); "
                         "run again, or check the folder can be read") from None
     child.join()
     if outcome == "error":
         is_data_error, message = result
-        raise DataError(message) if is_data_error else RuntimeError(f"loading {data.train_data_dir}: {message}")
+        raise DataError(message) if is_data_error else RuntimeError(f"loading {data.image_folder}: {message}")
     files, captions, fingerprint, source, warnings = result
     dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(name) for name in files])
     return _finish_source(dataset, data), captions, fingerprint, source, warnings
@@ -830,7 +839,7 @@ def _send_listing(data: DataConfig, sender) -> None:
     try:
         opened, _, captions, fingerprint, source, warnings = _list_source(data)
         if not opened.cache_files:
-            raise DataError(f"datasets kept the listing of {data.train_data_dir} in memory, not in its cache; "
+            raise DataError(f"datasets kept the listing of {data.image_folder} in memory, not in its cache; "
                             "set HF_DATASETS_CACHE to a writable directory")
         sender.send(("ok", [entry["filename"] for entry in opened.cache_files], captions, fingerprint, source,
                      warnings))

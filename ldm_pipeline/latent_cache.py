@@ -243,7 +243,8 @@ def _encoder(config: Config, vae, text_encoder, tokenizer, bad: list, buckets: B
             if buckets is None:
                 pixels.append(torch.stack([image_to_tensor(image, resolution, True, flip) for flip in sides]))
             else:
-                views = [bucketed_pixels(image, buckets, row, data, config.seed, flip) for flip in sides]
+                bucket = buckets.sizes[buckets.bucket[row]]
+                views = [bucketed_pixels(image, bucket, row, data, config.seed, flip) for flip in sides]
                 pixels.append(torch.stack([view["pixel_values"] for view in views]))
                 placed.append(views[0])
             kept.append(row)

@@ -10,6 +10,7 @@ live in `vae_stage.py` and `unet_stage.py`, the loop they both run in `loop.py`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import data as data_lib
-from . import latent_cache, plugins
+from . import dreambooth, latent_cache, plugins
 from .buckets import bucket_table
 from .checkpoints import check_resume_checkpoints
 from .config import (
@@ -161,6 +162,9 @@ def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, che
         train, bucket_notes = data_lib.with_buckets(train, config, accelerator.num_processes, listed_in)
     captions = train.captions if train else planned[:data.max_train_samples]
     tokenizer, text_encoder, new = run_text_components(config, captions, train.fingerprint if train else None)
+    dreambooth.check_prompts(tokenizer, data)
+    if data.class_data_dir:
+        dreambooth.missing_class_images(config)  # too few, and no base model to make the rest: refused here
     for component in ("vae", "unet"):  # a missing or pickle-only model directory fails here, not mid-run
         resolve_source(config.model, component)
     if config.lora.rank:
@@ -168,11 +172,14 @@ def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, che
     finished = finished_vae(config)
     vae = load_trained_vae(finished) if finished else seeded(config.seed, "vae", lambda: build_vae(config.model))
     check_sizes(config, vae, len(captions), accelerator.num_processes)
+    if data.class_data_dir and train is not None and not dry_run:  # every input checked: the class images come last
+        dreambooth.make_class_images(accelerator, config)
+        train = dataclasses.replace(train, prior=dreambooth.load_class_data(config, accelerator, check_images))
     return Prepared(train, captions, tokenizer, text_encoder, new, vae, bucket_notes)
 
 
 def data_exists(config: Config) -> bool:
-    return bool(config.data.dataset_name or config.data.webdataset) or Path(config.data.train_data_dir).is_dir()
+    return bool(config.data.dataset_name or config.data.webdataset) or Path(config.data.image_folder).is_dir()
 
 
 def finished_vae(config: Config) -> Path | None:
@@ -336,10 +343,29 @@ def describe_run(config: Config, accelerator: Accelerator, components: dict, num
         lines.append(f"LoRA: rank {config.lora.rank} adapters on the UNet's {', '.join(config.lora.target_modules)}"
                      + (" and the text encoder's attention" if config.lora.train_text_encoder else "")
                      + f"; the rest of {config.model.pretrained_model_name_or_path} stays frozen")
+    lines += dreambooth_lines(config)
     result = out / ("lora" if config.lora.rank else "pipeline")
     lines.append(f"writes: {result} (the {'LoRA' if config.lora.rank else 'model'}), {out / 'samples'} (image grids), "
                  f"{out / 'metrics.jsonl'}")
     return "\n".join(lines)
+
+
+def dreambooth_lines(config: Config) -> list[str]:
+    """What --dry-run and a run's first screen say of DreamBooth's data: the subject, its class, what is generated."""
+    data = config.data
+    if not data.instance_data_dir:
+        return []
+    lines = [f"DreamBooth: the pictures of {data.instance_data_dir}, captioned {data.instance_prompt!r}"
+             + (f" (or by their {data.caption_extension} files)" if data.caption_extension else "")]
+    if data.class_data_dir:
+        have = dreambooth.class_images_in(Path(data.class_data_dir))
+        missing = max(0, data.num_class_images - have)
+        made = f"; {missing} to generate with {config.model.pretrained_model_name_or_path} before training" \
+            if missing else ""
+        lines.append(f"prior preservation: {data.num_class_images} class images from {data.class_data_dir} "
+                     f"({have} there{made}), captioned {data.class_prompt!r}; each batch pairs every picture with "
+                     f"one, loss = instance + {config.prior_loss_weight:g} x class (prior_loss_weight)")
+    return lines
 
 
 def parse_args(argv=None):

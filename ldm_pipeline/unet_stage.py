@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from diffusers.training_utils import EMAModel, cast_training_params
 
 from . import data as data_lib
-from . import latent_cache, losses
+from . import dreambooth, latent_cache, losses
 from .card import training_card
 from .checkpoints import checkpoint_trained_weights_only
 from .config import TEXT_ENCODER_LORA_TARGETS, Config, stage_settings
@@ -52,6 +52,7 @@ class UNetParts:
     noise_offset: float
     snr_gamma: float | None
     device: torch.device
+    prior_loss_weight: float = 1.0  # DreamBooth: the weight of the class rows' loss
     unwrap: Callable = lambda model: model  # accelerator.unwrap_model
 
 
@@ -91,7 +92,16 @@ def step_loss(parts: UNetParts, batch: dict, latent_noise: torch.Tensor, noise: 
     mask = batch.get("mask")  # (B, 1, H, W) with data.masked_loss: each latent cell weighted by the area it covers
     if mask is not None:
         mask = torch.nn.functional.adaptive_avg_pool2d(mask.float(), latents.shape[-2:])
-    return losses.diffusion_loss(prediction, target, timesteps, parts.noise_scheduler, parts.snr_gamma, mask)
+    prior = batch.get("prior")  # (B,) DreamBooth: True on the class rows
+    if prior is None:
+        return losses.diffusion_loss(prediction, target, timesteps, parts.noise_scheduler, parts.snr_gamma, mask)
+
+    def loss_of(rows):
+        return losses.diffusion_loss(prediction[rows], target[rows], timesteps[rows], parts.noise_scheduler,
+                                     parts.snr_gamma, None if mask is None else mask[rows])
+
+    # Prior preservation (Ruiz et al. 2023): the subject's loss plus the weighted loss of the base's own class images.
+    return loss_of(~prior) + parts.prior_loss_weight * loss_of(prior)
 
 
 def latent_shape_of(parts: UNetParts, batch: dict) -> tuple[int, int, int]:
@@ -113,9 +123,14 @@ def draw(parts: UNetParts, generator: torch.Generator, shape: tuple[int, int, in
 
 
 def training_loss(parts: UNetParts, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
-    """The loss of one training micro-batch, each sample drawing from its own generator."""
+    """The loss of one training micro-batch, each sample drawing from its own generator (a DreamBooth pair: its
+    instance row's draws, then its class row's)."""
     shape = latent_shape_of(parts, batch)
-    draws = [torch.stack(column).to(parts.device) for column in zip(*(draw(parts, g, shape) for g in generators))]
+    samples = [draw(parts, g, shape) for g in generators]
+    if "class_input_ids" in batch:
+        batch = dreambooth.with_class_rows(batch)
+        samples += [draw(parts, g, shape) for g in generators]
+    draws = [torch.stack(column).to(parts.device) for column in zip(*samples)]
     latent_noise, noise, offset, timesteps, dropped = draws  # (B, C, h, w) x 2, (B, C, 1, 1), (B,), (B,)
     # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift mean brightness.
     return step_loss(parts, batch, latent_noise, noise + parts.noise_offset * offset, timesteps, dropped)
@@ -225,6 +240,11 @@ def training_sets(accelerator: Accelerator, config: Config, train: data_lib.Trai
     heldout_data = dataclasses.replace(config.data, random_flip=False)
     heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_data, config.resolution, heldout,
                                             train.buckets, config.seed)
+    if train.prior is not None:  # DreamBooth: each instance picture paired with a class image (whole: no mask)
+        classes = data_lib.ImageTextDataset(train.prior.dataset, data_lib.TokenIds(tokenizer, train.prior.captions),
+                                            dreambooth.class_data_config(config.data), config.resolution,
+                                            seed=config.seed)
+        dataset = dreambooth.PriorPairs(dataset, classes)
     return dataset, heldout_set, None
 
 
@@ -290,7 +310,9 @@ def train_unet_stage(accelerator: Accelerator, config: Config, train: data_lib.T
     """Train the UNet (or its LoRA adapters); returns <output_dir>/pipeline (<output_dir>/lora)."""
     unet, noise_scheduler, weight_dtype = set_up_models(accelerator, config, text_encoder, vae)
     dataset, heldout_set, empty_embeds = training_sets(accelerator, config, train, tokenizer, text_encoder, vae)
-    accelerator.print(f"[unet] {len(dataset)} training examples, {len(heldout_set)} held out for val_loss")
+    trained_rows = len(getattr(dataset, "instances", dataset))  # DreamBooth: the instance pictures
+    paired = f", each paired with one of {len(dataset.classes)} class images" if train.prior is not None else ""
+    accelerator.print(f"[unet] {trained_rows} training examples, {len(heldout_set)} held out for val_loss{paired}")
     train_text = trains_text_encoder(config)
     learning_rates = [config.learning_rate]
     param_groups = [{"params": trainable(unet), "lr": config.learning_rate}]
@@ -312,7 +334,7 @@ def train_unet_stage(accelerator: Accelerator, config: Config, train: data_lib.T
         empty_ids=data_lib.tokenize(tokenizer, [""], warn=False)[0], empty_embeds=empty_embeds,
         weight_dtype=weight_dtype, trains_text_encoder=train_text, caption_dropout=config.data.caption_dropout,
         noise_offset=config.noise_offset, snr_gamma=config.snr_gamma, device=accelerator.device,
-        unwrap=accelerator.unwrap_model)
+        unwrap=accelerator.unwrap_model, prior_loss_weight=config.prior_loss_weight)
     check = functools.partial(validate, accelerator, config, parts, tokenizer, heldout_set, ema)
     models = [unet, text_encoder] if train_text else [unet]
     stage = Stage(settings=stage_settings(config, "unet"), models=models, optimizer=optimizer,
@@ -326,7 +348,7 @@ def train_unet_stage(accelerator: Accelerator, config: Config, train: data_lib.T
                 unet_log_offset(config))
     result_dir = Path(config.output_dir) / ("lora" if config.lora.rank else "pipeline")
     if accelerator.is_main_process:
-        save_result(accelerator, config, parts, tokenizer, ema, models, len(dataset) + len(heldout_set),
+        save_result(accelerator, config, parts, tokenizer, ema, models, trained_rows + len(heldout_set),
                     len(heldout_set), final_metrics, result_dir, example_prompts(config, train.captions))
     accelerator.wait_for_everyone()
     accelerator.end_training()
