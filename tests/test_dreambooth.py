@@ -249,3 +249,28 @@ def test_the_dry_run_says_what_is_trained_and_what_will_be_generated(root, tmp_p
             f"{root / 'base'} before training), captioned {CLASS!r}") in out
     assert "instance_data_dir:" in out and "prior_loss_weight: 1.0" in out  # the resolved config
     assert not (tmp_path / "class").exists() and not (tmp_path / "out").exists()
+
+
+def test_masked_pictures_pair_with_class_images_that_train_whole(root, reference, tmp_path, monkeypatch):
+    import ldm_pipeline.losses as losses
+
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    for k in range(4):
+        image = Image.new("RGBA", (32, 40), (255, 255, 255, 0))
+        ImageDraw.Draw(image).rectangle((8 + k, 8, 20 + k, 24), fill=(130, 40, 170, 255))  # opaque: the subject
+        image.save(subject / f"{k}.png")
+    masks, diffusion_loss = [], losses.diffusion_loss
+
+    def spy(*args, **kwargs):
+        if torch.is_grad_enabled():
+            masks.append(args[5])
+        return diffusion_loss(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "diffusion_loss", spy)  # step_loss calls losses.diffusion_loss
+    train(config_from_dict(dreambooth_config(root, tmp_path / "out", data__instance_data_dir=str(subject),
+                                             data__masked_loss=True, max_train_steps=1, use_ema=False,
+                                             checkpointing_steps=0)))
+    pictures, classes = masks  # one step: the pictures' loss, then the class images'
+    assert pictures.shape == classes.shape == (2, 1, 4, 4) and float(pictures.min()) == 0.0
+    assert torch.equal(classes, torch.ones_like(classes))
