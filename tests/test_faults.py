@@ -53,7 +53,10 @@ def interrupted(command: list[str], first: Path, logs: Path, timeout: float = 12
     files (a full pipe would stall it); a run that hangs is killed after printing its stacks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
+        # SIGINT back to its default first: a shell starting the suite in the background (`pytest &`) makes
+        # its children ignore SIGINT, and Python then installs no KeyboardInterrupt handler.
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stdout, stderr=stderr,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + timeout
         while not first.exists() and process.poll() is None and time.monotonic() < deadline:
