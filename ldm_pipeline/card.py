@@ -14,9 +14,9 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from .config import TEXT_ENCODER_LORA_TARGETS, Config, fields_with, get_setting
-from .data import SKIPPED_IMAGES_FILE, UNCONDITIONAL
+from .data import UNCONDITIONAL
 from .models import base_reference, resolve_source
-from .run_dir import RUN_DATA_FILE
+from .run_dir import RUN_DATA_FILE, SKIPPED_IMAGES_FILE
 
 TAGS = ["ldm_pipeline", "text-to-image", "diffusers", "stable-diffusion-style"]
 SAMPLE_GRID = "sample_grid.png"  # the final validation grid, copied next to the card

@@ -487,7 +487,6 @@ def open_mask(value, data: DataConfig) -> Image.Image:
 
 
 BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-SKIPPED_IMAGES_FILE = "skipped_images.txt"  # in output_dir: each image skipped (data.skip_bad_images) and why
 
 
 def decode_or_note(value, row: int, bad: list) -> Image.Image | None:

@@ -3,9 +3,10 @@ by every process for its share of the shards and read memory-mapped, so no proce
 decodes all of it.
 
 <latent_cache_dir>/manifest.json        what the cache is valid for (`key`), its layout, and once complete its
-                                        shards and their row counts
+                                        shards, their row counts and the images left out
 <latent_cache_dir>/shard-00000/ ...     `save_to_disk` folders: shard k holds the data set's rows
-                                        [k * shard_size, (k + 1) * shard_size), bad images left out
+                                        [k * shard_size, (k + 1) * shard_size), bad images left out (with
+                                        data.skip_bad_images; listed with their reasons in its skipped.txt)
 <latent_cache_dir>/stream-p0of2-00000/  (data.streaming) shard k of process 0's part of the stream
 <latent_cache_dir>/empty_prompt_embeds.safetensors   (text embeddings cached) for caption dropout
 <latent_cache_dir>/.partial-*           a shard being written, renamed when whole: a killed build leaves
@@ -21,7 +22,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -53,6 +54,7 @@ from .run_dir import write_json, written_then_renamed
 CACHE_FORMAT = 2
 ENCODE_BATCH = 32  # images per VAE call; fixed, so a shard's bytes do not depend on the process count
 EMPTY_EMBEDS_FILE = "empty_prompt_embeds.safetensors"
+SKIPPED_FILE = "skipped.txt"  # in a shard: the images it left out (data.skip_bad_images) and why
 
 
 def weights_hash(module: torch.nn.Module | None) -> str | None:
@@ -143,6 +145,7 @@ class LatentCache:
     rows: datasets.Dataset
     empty_prompt_embeds: torch.Tensor | None  # (L, D), when text embeddings are cached
     directory: Path
+    skipped: list[str] = field(default_factory=list)  # "path: reason" of each image the build left out
 
 
 class RowReader:
@@ -294,6 +297,12 @@ def _check_shard_images(bad: list, data: DataConfig, where: str) -> None:
             raise DataError(f"{where}: {error}")
 
 
+def _note_skipped(shard: Path, bad: list) -> None:
+    """Keep the reasons of the images a shard left out (data.skip_bad_images) in the shard, for the manifest."""
+    if bad:
+        (shard / SKIPPED_FILE).write_text("".join(f"{reason}\n" for _, reason in sorted(bad)))
+
+
 def _encode_shard(cache_dir: Path, name: str, part: datasets.Dataset, start: int, captions: list[str],
                   encode_rows, features, data: DataConfig, bar, bad: list) -> None:
     """Encode rows [start, start + len(part)) of the data set with `datasets.map` into an Arrow file,
@@ -310,6 +319,7 @@ def _encode_shard(cache_dir: Path, name: str, part: datasets.Dataset, start: int
                        load_from_cache_file=False, new_fingerprint=f"latent-cache-{name}-{os.getpid()}")
     _check_shard_images(bad, data, f"rows {start}-{start + len(part) - 1}")
     quietly(encoded.save_to_disk, str(partial))
+    _note_skipped(partial, bad)
     del encoded
     scratch.unlink()
     partial.rename(cache_dir / name)
@@ -359,6 +369,7 @@ def _encode_stream(cache_dir: Path, accelerator, train: TrainData, shard_size: i
             part = datasets.Dataset.from_dict({key: [] for key in features}, features=features)  # all bad images
         _check_shard_images(bad, data, f"stream shard {name}")
         quietly(part.save_to_disk, str(partial))
+        _note_skipped(partial, bad)
         del part
         shutil.rmtree(scratch, ignore_errors=True)
         partial.rename(cache_dir / name)
@@ -478,7 +489,10 @@ def _encode_missing(accelerator, config, train, vae, text_encoder, tokenizer, ca
         names = _shard_names(cache_dir, manifest)
         shards = [{"name": name, "rows": datasets.load_from_disk(str(cache_dir / name)).num_rows} for name in names]
         rows = sum(shard["rows"] for shard in shards)
-        write_json(cache_dir / "manifest.json", {**manifest, "complete": True, "shards": shards, "cached_rows": rows})
+        skipped = [line for name in names if (cache_dir / name / SKIPPED_FILE).is_file()
+                   for line in (cache_dir / name / SKIPPED_FILE).read_text().splitlines()]
+        write_json(cache_dir / "manifest.json", {**manifest, "complete": True, "shards": shards, "cached_rows": rows,
+                                                 "skipped": skipped})
         size = sum(path.stat().st_size for path in cache_dir.rglob("*") if path.is_file())
         print(f"wrote latent cache {cache_dir} ({rows} images, {len(shards)} shard(s), {size / 1e6:.1f} MB)")
     accelerator.wait_for_everyone()
@@ -509,4 +523,4 @@ def open_latent_cache(cache_dir: Path, manifest: dict, features: datasets.Featur
         except (SafetensorError, OSError, KeyError) as error:
             raise _unreadable_cache(cache_dir, cache_dir / EMPTY_EMBEDS_FILE, error) from error
     rows = datasets.concatenate_datasets(parts).with_format("numpy")
-    return LatentCache(rows=rows, empty_prompt_embeds=empty, directory=cache_dir)
+    return LatentCache(rows=rows, empty_prompt_embeds=empty, directory=cache_dir, skipped=manifest.get("skipped", []))

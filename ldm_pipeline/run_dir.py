@@ -78,6 +78,7 @@ def write_json(path: Path, value: dict) -> None:
 
 
 RUN_DATA_FILE = "run_data.json"  # the data a run started with: for its resume checks and its model card
+SKIPPED_IMAGES_FILE = "skipped_images.txt"  # in output_dir: each image skipped (data.skip_bad_images) and why
 CHECKPOINT = re.compile(r"(vae-)?step-\d+")  # a complete checkpoint's name (a partial one is .partial-step-N)
 
 
@@ -207,3 +208,19 @@ def clear_previous_run(out: Path, config: Config) -> list[str]:
             if not left:
                 (out / folder).rmdir()
     return sorted(kept)
+
+
+def list_skipped_images(output_dir: Path, reasons: list[str]) -> None:
+    """<output_dir>/skipped_images.txt: one "path: reason" line per image the run left out (none: no file), and
+    their count in run_data.json (for the model card)."""
+    out = Path(output_dir)
+    listed = out / SKIPPED_IMAGES_FILE
+    if reasons:
+        with written_then_renamed(listed) as partial:
+            partial.write_text("".join(f"{reason}\n" for reason in reasons))
+    else:
+        listed.unlink(missing_ok=True)
+    if (out / RUN_DATA_FILE).is_file():
+        record = json.loads((out / RUN_DATA_FILE).read_text())
+        if record.get("skipped_images") != len(reasons):
+            write_json(out / RUN_DATA_FILE, {**record, "skipped_images": len(reasons)})

@@ -48,7 +48,9 @@ from .lora import check_targets
 from .models import build_text_encoder, build_unet, build_vae, load_tokenizer, resolve_source, seeded, vae_scale_factor
 from .run_dir import (
     RUN_DATA_FILE,
+    SKIPPED_IMAGES_FILE,
     check_output_dir,
+    list_skipped_images,
     output_dir_lock,
     prepare_output_dir,
     run_started,
@@ -75,7 +77,7 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
         check_resume_checkpoints(config, accelerator.num_processes)
         started = run_started(out)
         prepared = prepare(accelerator, config, check_images=needs_image_check(config),
-                           listed_in=out / data_lib.SKIPPED_IMAGES_FILE)
+                           listed_in=out / SKIPPED_IMAGES_FILE)
         prepare_output_dir(accelerator, config)  # after the checks; overwrite_output_dir clears vae/ here
         if accelerator.is_main_process:
             if not started:
@@ -234,12 +236,7 @@ def save_run_data(config: Config, prepared: Prepared) -> None:
     out, train = Path(config.output_dir), prepared.train
     write_json(out / RUN_DATA_FILE, {**run_data_record(prepared.captions, train.fingerprint),
                                      "caption_source": train.caption_source, "skipped_images": len(train.skipped)})
-    skipped = out / data_lib.SKIPPED_IMAGES_FILE
-    if train.skipped:
-        with written_then_renamed(skipped) as partial:
-            partial.write_text("".join(f"{reason}\n" for reason in train.skipped))
-    else:
-        skipped.unlink(missing_ok=True)
+    list_skipped_images(out, train.skipped)
 
 
 def drop_stale_latent_cache(config: Config, prepared: Prepared) -> None:

@@ -33,6 +33,7 @@ from .loop import Stage, fit, log_image, log_metrics, make_loader, make_optimize
 from .lora import add_adapters, save_lora, trainable
 from .models import base_reference, build_noise_scheduler, build_unet, make_sampler, seeded, vae_scale_factor
 from .pipeline import save_pipeline
+from .run_dir import list_skipped_images
 
 
 @dataclass
@@ -229,6 +230,9 @@ def training_sets(accelerator: Accelerator, config: Config, train: data_lib.Trai
     if config.data.cache_latents:  # memory-mapped: only the rows of a batch are ever read into RAM
         cache = latent_cache.build_latent_cache(accelerator, config, train, vae,
                                                 cached_text_encoder(config, text_encoder), tokenizer)
+        found_later = [reason for reason in cache.skipped if reason not in train.skipped]  # by decoding them
+        if found_later and accelerator.is_main_process:
+            list_skipped_images(config.output_dir, train.skipped + found_later)
         rows, heldout = data_lib.split_heldout(len(cache.rows), config.validation.num_heldout, config.seed)
         dataset = latent_cache.LatentDataset(cache, rows, config.data.random_flip)
         heldout_set = latent_cache.LatentDataset(cache, heldout, random_flip=False)

@@ -437,7 +437,12 @@ def test_a_rerun_that_skips_the_bad_image_keeps_the_cache_shards_already_encoded
     out = capsys.readouterr().out
     assert "removed the latent cache" not in out and "2 of 3 shards are done; encoding the other 1" in out
     assert shard.stat().st_mtime_ns == written
-    assert "- images: 7 (0 of them held out" in (tmp_path / "out" / "pipeline" / "README.md").read_text()
+    card = (tmp_path / "out" / "pipeline" / "README.md").read_text()
+    assert "- images: 7 (0 of them held out" in card
+    # found by decoding, not by its header: listed with its reason all the same, and counted on the card
+    listed = (tmp_path / "out" / "skipped_images.txt").read_text().splitlines()
+    assert len(listed) == 1 and listed[0].startswith(f"{data_dir / '006.png'}: "), listed
+    assert "1 left out before training, listed in the run's skipped_images.txt" in card
 
 
 def test_skip_bad_images_leaves_them_out_counted_and_listed(tmp_path, caplog):
