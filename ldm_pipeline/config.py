@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import errno
+import importlib.util
 import re
 import types
 import typing
@@ -284,6 +285,12 @@ class Config:
     adam_weight_decay: float = reapplied(1e-2, all_stages=True)
     adam_epsilon: float = reapplied(1e-8, all_stages=True)
     max_grad_norm: float = free(1.0)
+    # The UNet stage's optimizer (the VAE stage keeps AdamW). adamw_8bit: AdamW with 8-bit moments (bitsandbytes,
+    # `pip install "ldm_pipeline[8bit]"`: a quarter of AdamW's optimizer memory); adafactor: factored second moments
+    # (transformers; a fraction of AdamW's, no first moment), at this learning_rate with no schedule of its own;
+    # prodigy: learns its own step size (`pip install "ldm_pipeline[prodigy]"`; set learning_rate to 1.0). The adam_*
+    # settings apply to adamw, adamw_8bit and prodigy; adam_weight_decay to all.
+    optimizer: Literal["adamw", "adamw_8bit", "adafactor", "prodigy"] = fixed("adamw", card=True)
     mixed_precision: Literal["no", "fp16", "bf16"] = free("no", card=True)
     gradient_checkpointing: bool = free(False)  # the UNet (+ a trained text encoder) and the vae stage
     # NHWC weights and activations for the convolutions of the UNet and of the VAE stage: faster on
@@ -318,6 +325,9 @@ class Config:
     # metrics.jsonl is always written.
     report_to: str | None = free("tensorboard")
 
+
+# optimizer -> (the package it needs, the ldm_pipeline extra that installs it); adamw and adafactor need none extra
+OPTIONAL_OPTIMIZERS = {"adamw_8bit": ("bitsandbytes", "8bit"), "prodigy": ("prodigyopt", "prodigy")}
 
 def setting_fields(cls=Config, prefix: str = ""):
     """(dotted key, dataclasses.Field) of every setting, sections walked into."""
@@ -356,6 +366,7 @@ class StageSettings:
     checkpointing_steps: int
     validation_steps: int
     log_offset: int  # tracker steps continue after earlier stages, so they only ever grow
+    optimizer: str = "adamw"  # config.optimizer for the UNet stage
 
     @property
     def reapplied_keys(self) -> list[str]:
@@ -373,7 +384,7 @@ def stage_settings(config: Config, name: str) -> StageSettings:
     return StageSettings("unet", "", "", config.train_batch_size, config.gradient_accumulation_steps,
                          config.max_train_steps, config.max_grad_norm, config.checkpointing_steps,
                          config.validation.validation_steps,
-                         config.vae_training.max_train_steps if "vae" in config.stages else 0)
+                         config.vae_training.max_train_steps if "vae" in config.stages else 0, config.optimizer)
 
 
 def _type_name(tp) -> str:
@@ -678,6 +689,12 @@ def validate(config: Config) -> None:
                      "the run's images (samples/) would be read as training images on the next run, and the data "
                      "would sit among files the run replaces. Keep them apart, e.g. data/my_images and outputs/my_run")
     _validate_lora(c)
+    extra = OPTIONAL_OPTIMIZERS.get(c.optimizer)
+    if extra is not None:
+        package, name = extra
+        _require(importlib.util.find_spec(package) is not None,
+                 f"optimizer: {c.optimizer} needs {package}, an optional extra: pip install \"ldm_pipeline[{name}]\" "
+                 "(or optimizer: adamw)")
     if c.report_to not in (None, "none"):
         from accelerate.tracking import get_available_trackers  # here: the config itself loads without torch
         from accelerate.utils import LoggerType

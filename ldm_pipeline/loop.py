@@ -88,8 +88,7 @@ def restore_hyperparameters(config: Config, stage: Stage, saved_config: dict, ac
     config's instead, so a changed learning_rate (or Adam setting) takes effect: the LR schedule keeps
     its position and is rescaled to the new base. The stage's reapplied settings that changed are named."""
     for group, base in zip(stage.optimizer.param_groups, stage.learning_rates):
-        group.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                     weight_decay=config.adam_weight_decay, initial_lr=base)
+        group.update(**optimizer_settings(config, stage.settings.optimizer), initial_lr=base)
     schedule = stage.lr_scheduler
     schedule.base_lrs = list(stage.learning_rates)
     for group, base, factor in zip(stage.optimizer.param_groups, stage.learning_rates, schedule.lr_lambdas):
@@ -256,17 +255,42 @@ def after_step(accelerator, config: Config, stage: Stage, state: Progress, bar, 
         save_checkpoint(accelerator, config, settings, step, saved, stage.ema)
 
 
+def optimizer_settings(config: Config, kind: str) -> dict:
+    """The config's settings as `kind`'s param-group keys: set when it is made and again after a resume."""
+    if kind == "adafactor":  # its eps is a pair of its own; no betas
+        return {"weight_decay": config.adam_weight_decay}
+    return {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon,
+            "weight_decay": config.adam_weight_decay}
+
+
 def make_optimizer(config: Config, param_groups, learning_rate: float, lr_scheduler: str, warmup: int,
-                   max_steps: int):
-    # The fused kernel updates every tensor in one pass: ~10% faster UNet steps on a CPU
-    # (benchmarks/step_speed.py); torch has it for CPU and CUDA parameters. Not under fp16: the GradScaler
-    # then hands a fused optimizer its overflow flag instead of skipping step(), and Accelerate's
-    # optimizer_step_was_skipped, which the loop needs to not count a skipped step, stays False.
-    params = [p for group in param_groups for p in (group["params"] if isinstance(group, dict) else [group])]
-    fused = config.mixed_precision != "fp16" and all(
-        p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda") for p in params)
-    optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=fused)
+                   max_steps: int, kind: str = "adamw"):
+    """The `kind` optimizer (config.optimizer) and its LR schedule."""
+    settings = optimizer_settings(config, kind)
+    if kind == "adamw_8bit":
+        import bitsandbytes  # an optional extra, checked when the config is read
+
+        optimizer = bitsandbytes.optim.AdamW8bit(param_groups, lr=learning_rate, **settings)
+    elif kind == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # At the config's learning rate and schedule: no relative step, no parameter-scale factor.
+        optimizer = Adafactor(param_groups, lr=learning_rate, relative_step=False, scale_parameter=False,
+                              warmup_init=False, **settings)
+    elif kind == "prodigy":
+        from prodigyopt import Prodigy  # an optional extra, checked when the config is read
+
+        optimizer = Prodigy(param_groups, lr=learning_rate, **settings)
+    else:
+        # The fused kernel updates every tensor in one pass: ~10% faster UNet steps on a CPU
+        # (benchmarks/step_speed.py); torch has it for CPU and CUDA parameters. Not under fp16: the GradScaler
+        # then hands a fused optimizer its overflow flag instead of skipping step(), and Accelerate's
+        # optimizer_step_was_skipped, which the loop needs to not count a skipped step, stays False.
+        params = [p for group in param_groups for p in (group["params"] if isinstance(group, dict) else [group])]
+        fused = config.mixed_precision != "fp16" and all(
+            p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
+            for p in params)
+        optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, fused=fused, **settings)
     schedule = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
     return optimizer, schedule
 

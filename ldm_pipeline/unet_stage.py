@@ -324,7 +324,7 @@ def train_unet_stage(accelerator: Accelerator, config: Config, train: data_lib.T
         learning_rates.append(config.text_encoder_learning_rate or config.learning_rate)
         param_groups.append({"params": trainable(text_encoder), "lr": learning_rates[-1]})
     optimizer, lr_scheduler = make_optimizer(config, param_groups, config.learning_rate, config.lr_scheduler,
-                                             config.lr_warmup_steps, config.max_train_steps)
+                                             config.lr_warmup_steps, config.max_train_steps, config.optimizer)
     loader = make_loader(config, dataset, stage_settings(config, "unet"), accelerator.num_processes)
     accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
     if train_text:
