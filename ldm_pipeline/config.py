@@ -317,6 +317,14 @@ class Config:
     checkpoints_total_limit: int | None = free()
     resume_from_checkpoint: str | None = free()  # "latest" or a checkpoint directory
     max_consecutive_bad_steps: int = free(5)  # non-finite losses in a row before training stops
+    # Seconds a process waits in a collective (all-reduce, barrier) for the others before it stops the run, naming
+    # the collective and the last checkpoint: a node lost without closing its connections (power, network) is
+    # otherwise waited for until the job's time limit. 30 minutes, torch's own default for gloo: the longest waits a
+    # healthy run has are the main process writing alone while the others wait at a barrier (an sd15 checkpoint is
+    # ~14 GB: 23 min on a shared filesystem at 10 MB/s) and a first step under torch.compile (minutes); 10 minutes,
+    # NCCL's default, would stop such runs. Raise it for a first `ldm-pipeline cache` of a big hub data set, which
+    # the main process downloads while the others wait.
+    distributed_timeout: int = free(1800)
     logging_steps: int = free(10)
     # Torch threads per process when training on CPU from the command line. null: the machine's physical
     # cores shared among its processes (accelerate launch would otherwise leave each process 1 thread).
@@ -605,7 +613,7 @@ def validate(config: Config) -> None:
     _require(c.stages == sorted(c.stages, key=["vae", "unet"].index),
              f"stages: {c.stages}: the vae stage must come before the unet stage")
     for key in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "logging_steps",
-                "max_consecutive_bad_steps"):
+                "max_consecutive_bad_steps", "distributed_timeout"):
         _require(getattr(c, key) >= 1, f"{key}: {getattr(c, key)} must be at least 1")
     for key in ("train_batch_size", "max_train_steps"):
         _require(getattr(c.vae_training, key) >= 1, f"vae_training.{key} must be at least 1")

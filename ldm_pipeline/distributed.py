@@ -1,12 +1,17 @@
-"""Processes: the checks that the processes `accelerate launch` started form one group, and the process state
-generation and evaluation run in."""
+"""Processes: the checks that the processes `accelerate launch` started form one group, the process state
+generation and evaluation run in, the group's timeout, and what a collective that gave up says."""
 
 from __future__ import annotations
 
 import os
+import re
+import traceback
+from datetime import timedelta
+from pathlib import Path
 
+import torch.distributed
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env
 
 from .config import ConfigError
 
@@ -30,3 +35,42 @@ def check_process_group(num_processes: int) -> None:
                           "which accelerate launch does not pass on from use_cpu: true")
 
 
+
+
+def process_group_kwargs(timeout_seconds: int) -> InitProcessGroupKwargs:
+    """The process group's timeout (`distributed_timeout`): how long a collective waits for the others (gloo's
+    timeout, NCCL's watchdog)."""
+    timeout = timedelta(seconds=timeout_seconds)
+    if timeout == InitProcessGroupKwargs().timeout:
+        # Accelerate passes on only the values that differ from its handler's defaults (600 s, NCCL's), so 600 s
+        # would reach a gloo group as torch's 30 minutes (huggingface/accelerate#2611): a millisecond more is passed.
+        timeout += timedelta(milliseconds=1)
+    return InitProcessGroupKwargs(timeout=timeout)
+
+
+def failed_collective(error: BaseException) -> bool:
+    """Whether `error` is a collective giving up because another process died (its connections closed) or did not
+    answer within the group's timeout. gloo raises a plain RuntimeError that names its source file; torch's store
+    and NCCL raise `DistError`."""
+    gloo = isinstance(error, RuntimeError) and "/gloo/" in str(error)
+    return gloo or isinstance(error, torch.distributed.DistError)
+
+
+def describe_failed_collective(error: BaseException) -> str:
+    """The collective that gave up, the line of this package that ran it and torch's reason, in one line: e.g.
+    "DDP's gradient all-reduce in backward (ldm_pipeline/loop.py:166 in fit: accelerator.backward(loss)) gave up:
+    Timed out waiting 20000ms for recv operation to complete"."""
+    frames = traceback.extract_tb(error.__traceback__)
+    package = Path(__file__).parent
+    ours = [frame for frame in frames if Path(frame.filename).parent == package]
+    # torch's collectives are functions of distributed_c10d.py (all_reduce, barrier, broadcast, ...); DDP launches
+    # its gradient all-reduce from C++ during backward, so no Python frame names it.
+    named = [frame.name for frame in frames if frame.filename.endswith("distributed_c10d.py")]
+    collective = named[-1] if named else ("DDP's gradient all-reduce in backward"
+                                          if any(frame.name == "backward" for frame in frames) else "a collective")
+    if ours:
+        frame = ours[-1]
+        collective += f" ({package.name}/{Path(frame.filename).name}:{frame.lineno} in {frame.name}: {frame.line})"
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line).split(". This is typically")[0]  # gloo's "[file:line] "
+    return f"{collective} gave up: {reason}"

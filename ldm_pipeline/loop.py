@@ -27,6 +27,7 @@ from .buckets import BucketSampler
 from .checkpoints import checkpoint_steps, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, StageSettings, get_setting
 from .cpu import return_freed_memory
+from .distributed import describe_failed_collective, failed_collective
 from .lora import trainable
 
 
@@ -145,53 +146,71 @@ def fit(accelerator: Accelerator, config: Config, stage: Stage) -> Progress:
     for model in stage.models:
         model.train()
 
-    while state.step < settings.max_train_steps:
-        epoch, done_in_epoch = divmod(state.windows, steps_per_epoch)
-        stage.dataloader.set_epoch(epoch)
-        batches = stage.dataloader
-        if done_in_epoch:
-            batches = accelerator.skip_first_batches(stage.dataloader, done_in_epoch * accum)
-        micro, window_bad = 0, torch.zeros((), device=accelerator.device)
-        for batch in batches:
-            generators = sample_generators(config.seed, state.windows * accum + micro,
-                                           range(first_sample, first_sample + settings.train_batch_size))
-            # Randomness inside the models (a LoRA's dropout) draws from torch's global generator: seed it from
-            # the micro-step too, so a resume repeats it (at the same process count; its masks are per process).
-            torch.manual_seed(sample_generators(config.seed, state.windows * accum + micro,
-                                                [f"process{accelerator.process_index}"])[0].initial_seed())
-            micro += 1
-            with accelerator.accumulate(*stage.models):
-                loss = stage.compute_loss(batch, generators)
-                window_bad += (~torch.isfinite(loss.detach())).float()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    bad, overflow, grad_norm = optimizer_step(accelerator, stage, window_bad)
-            finite = torch.isfinite(loss.detach())
-            loss_sum += torch.where(finite, loss.detach().float(), 0.0)
-            loss_count += finite.float()
-            if not accelerator.sync_gradients:
-                continue
-            micro, window_bad, state.windows = 0, torch.zeros((), device=accelerator.device), state.windows + 1
-            if bad:
-                bad_in_a_row, state.skipped_steps = bad_in_a_row + 1, state.skipped_steps + 1
-                check_bad_steps(accelerator, config, settings, state, bad_in_a_row)
-            elif overflow:
-                state.overflow_steps += 1  # the scaler lowers its scale and the window's data is spent
-            else:
-                bad_in_a_row = 0
-                if stage.ema is not None:
-                    stage.ema.step(trainable(accelerator.unwrap_model(stage.models[0])))
-                state.step += 1
-                steps_timed += 1
-                bar.update(1)
-                after_step(accelerator, config, stage, state, bar, loss_sum, loss_count,
-                           steps_timed * global_batch / (time.perf_counter() - started), grad_norm)
-                if state.step % config.logging_steps == 0:
-                    loss_sum.zero_(), loss_count.zero_()
-            if state.step >= settings.max_train_steps or state.windows % steps_per_epoch == 0:
-                break
-    bar.close()
+    try:
+        while state.step < settings.max_train_steps:
+            epoch, done_in_epoch = divmod(state.windows, steps_per_epoch)
+            stage.dataloader.set_epoch(epoch)
+            batches = stage.dataloader
+            if done_in_epoch:
+                batches = accelerator.skip_first_batches(stage.dataloader, done_in_epoch * accum)
+            micro, window_bad = 0, torch.zeros((), device=accelerator.device)
+            for batch in batches:
+                generators = sample_generators(config.seed, state.windows * accum + micro,
+                                               range(first_sample, first_sample + settings.train_batch_size))
+                # Randomness inside the models (a LoRA's dropout) draws from torch's global generator: seed it from
+                # the micro-step too, so a resume repeats it (at the same process count; its masks are per process).
+                torch.manual_seed(sample_generators(config.seed, state.windows * accum + micro,
+                                                    [f"process{accelerator.process_index}"])[0].initial_seed())
+                micro += 1
+                with accelerator.accumulate(*stage.models):
+                    loss = stage.compute_loss(batch, generators)
+                    window_bad += (~torch.isfinite(loss.detach())).float()
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        bad, overflow, grad_norm = optimizer_step(accelerator, stage, window_bad)
+                finite = torch.isfinite(loss.detach())
+                loss_sum += torch.where(finite, loss.detach().float(), 0.0)
+                loss_count += finite.float()
+                if not accelerator.sync_gradients:
+                    continue
+                micro, window_bad, state.windows = 0, torch.zeros((), device=accelerator.device), state.windows + 1
+                if bad:
+                    bad_in_a_row, state.skipped_steps = bad_in_a_row + 1, state.skipped_steps + 1
+                    check_bad_steps(accelerator, config, settings, state, bad_in_a_row)
+                elif overflow:
+                    state.overflow_steps += 1  # the scaler lowers its scale and the window's data is spent
+                else:
+                    bad_in_a_row = 0
+                    if stage.ema is not None:
+                        stage.ema.step(trainable(accelerator.unwrap_model(stage.models[0])))
+                    state.step += 1
+                    steps_timed += 1
+                    bar.update(1)
+                    after_step(accelerator, config, stage, state, bar, loss_sum, loss_count,
+                               steps_timed * global_batch / (time.perf_counter() - started), grad_norm)
+                    if state.step % config.logging_steps == 0:
+                        loss_sum.zero_(), loss_count.zero_()
+                if state.step >= settings.max_train_steps or state.windows % steps_per_epoch == 0:
+                    break
+    except RuntimeError as error:
+        if failed_collective(error):  # another process died or stopped answering
+            where = f"[{settings.name}] after step {state.step} of {settings.max_train_steps}: "
+            raise peer_lost(config, error, where) from error
+        raise
+    finally:
+        bar.close()  # before any message, which then starts on a line of its own
     return state
+
+
+def peer_lost(config: Config, error: BaseException, where: str = "") -> TrainingError:
+    """One line for a collective that gave up: where the run stood, which collective, torch's reason, and the last
+    complete checkpoint (the UNet's, else the VAE's) to resume from."""
+    kept = checkpoint_steps(config, "") or checkpoint_steps(config, "vae-")
+    return TrainingError(
+        f"{where}{describe_failed_collective(error)}. Another process of the run died or did not answer within "
+        f"distributed_timeout ({config.distributed_timeout} s). "
+        + (f"The last complete checkpoint is {kept[-1][1]}: " if kept else "No checkpoint was written yet: ")
+        + "start the command again on every node with resume_from_checkpoint: latest")
 
 
 def optimizer_step(accelerator: Accelerator, stage: Stage, window_bad: torch.Tensor):

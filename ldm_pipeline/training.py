@@ -42,8 +42,8 @@ from .config import (
 )
 from .console import quiet_library_logs
 from .cpu import set_up_cpu
-from .distributed import check_process_group
-from .loop import TrainingError
+from .distributed import check_process_group, failed_collective, process_group_kwargs
+from .loop import TrainingError, peer_lost
 from .lora import check_targets
 from .models import build_text_encoder, build_unet, build_vae, load_tokenizer, resolve_source, seeded, vae_scale_factor
 from .run_dir import (
@@ -112,6 +112,7 @@ def build_accelerator(config: Config) -> Accelerator:
                                             logging_dir=str(Path(config.output_dir) / "logs")),
         # One seeded permutation per epoch, the same at any process count (and after a resume).
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        kwargs_handlers=[process_group_kwargs(config.distributed_timeout)],
     )
     check_process_group(accelerator.num_processes)
     return accelerator
@@ -328,6 +329,9 @@ def describe_run(config: Config, accelerator: Accelerator, components: dict, num
     lines = [f"{name}: {module.num_parameters() / 1e6:.2f}M parameters" for name, module in components.items()]
     lines.append(f"effective batch size: {global_batch} = {config.train_batch_size} per process x "
                  f"{accelerator.num_processes} processes x {config.gradient_accumulation_steps} accumulation")
+    if accelerator.num_processes > 1:
+        lines.append(f"distributed_timeout: {config.distributed_timeout} s (a collective waits this long for a process "
+                     "that stopped answering, then the run stops and names it)")
     if "unet" in config.stages:
         lines.append(f"unet stage: {config.max_train_steps} optimizer steps")
         if num_examples:
@@ -384,6 +388,11 @@ def main(argv=None) -> int:
     except (OSError, SafetensorError) as error:  # a full or read-only disk: what failed, and the way out
         print(f"error: {os_error_message(error)}; a run resumes from its last complete checkpoint with "
               "resume_from_checkpoint: latest", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # a collective outside the training loop (cache, validation, saving) gave up
+        if not failed_collective(error):
+            raise
+        print(f"error: {peer_lost(config, error)}", file=sys.stderr)
         return 2
     return 0
 

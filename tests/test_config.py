@@ -64,6 +64,7 @@ def test_yaml_scientific_notation_string_is_a_float(tmp_path, base):
     ({"stages": ["unet", "decoder"]}, "stages[1]"),
     ({"resolution": 60}, "resolution"),
     ({"max_train_steps": 0}, "max_train_steps"),
+    ({"distributed_timeout": 0}, "distributed_timeout"),
     ({"learning_rate": -1.0}, "learning_rate"),
     ({"stages": ["unet", "vae"]}, "stages"),
     ({"validation": {"prompts": "a red circle"}}, "validation.prompts"),
