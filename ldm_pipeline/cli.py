@@ -128,6 +128,7 @@ def cmd_train(args) -> int:
 
 def cmd_cache(args) -> int:
     from .cpu import set_up_cpu
+    from .distributed import describe_failed_collective, failed_collective
     from .training import build_cache
 
     config = load_config(args.config, args.overrides)
@@ -139,6 +140,13 @@ def cmd_cache(args) -> int:
             print("stopped: the finished shards of the latent cache are kept (a shard being written is not); "
                   "run the same command again to encode only the rest", file=sys.stderr)
         return 130
+    except RuntimeError as error:  # another process died or stopped answering
+        if not failed_collective(error):
+            raise
+        print(f"error: {describe_failed_collective(error)}. Another process died or did not answer within "
+              f"distributed_timeout ({config.distributed_timeout} s); the finished shards of the latent cache are "
+              "kept: run the same command again on every node to encode only the rest", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch.distributed
 from accelerate import PartialState
-from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, parse_flag_from_env
 
 from .config import ConfigError
 
@@ -35,6 +35,16 @@ def check_process_group(num_processes: int) -> None:
                           "which accelerate launch does not pass on from use_cpu: true")
 
 
+
+
+def check_fsdp(distributed_type: DistributedType) -> None:
+    """Refuse a launch that asked for FSDP (fsdp.yaml, --use_fsdp) which Accelerate does not shard: it enables FSDP
+    only for GPUs and other accelerators, and on CPU processes (ACCELERATE_USE_CPU) it would train as plain DDP."""
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and distributed_type != DistributedType.FSDP:
+        raise ConfigError(f"the launcher asked for FSDP, but Accelerate runs these processes as "
+                          f"{distributed_type.value} (it shards only on GPUs and other accelerators, not on CPU "
+                          "processes); launch with "
+                          "multi_gpu.yaml, or cpu_2proc.yaml on CPUs, for data-parallel training with full copies")
 
 
 def process_group_kwargs(timeout_seconds: int) -> InitProcessGroupKwargs:

@@ -42,7 +42,7 @@ from .config import (
 )
 from .console import quiet_library_logs
 from .cpu import set_up_cpu
-from .distributed import check_process_group, failed_collective, process_group_kwargs
+from .distributed import check_fsdp, check_process_group, failed_collective, process_group_kwargs
 from .loop import TrainingError, peer_lost
 from .lora import check_targets
 from .models import build_text_encoder, build_unet, build_vae, load_tokenizer, resolve_source, seeded, vae_scale_factor
@@ -115,6 +115,7 @@ def build_accelerator(config: Config) -> Accelerator:
         kwargs_handlers=[process_group_kwargs(config.distributed_timeout)],
     )
     check_process_group(accelerator.num_processes)
+    check_fsdp(accelerator.distributed_type)
     return accelerator
 
 

@@ -248,3 +248,37 @@ def test_a_closed_connection_is_named_in_one_line_too(tmp_path):
                        "peer. Another process of the run died or did not answer within distributed_timeout (1800 s). "
                        f"The last complete checkpoint is {out / 'checkpoints' / 'step-4'}: start the command "
                        "again on every node with resume_from_checkpoint: latest")
+
+
+# Accelerate turns FSDP on only for GPUs and other accelerators (accelerate/state.py, AcceleratorState: the FSDP
+# branch sits under `distributed_type in [MULTI_GPU, MULTI_NPU, ...]`); CPU processes become MULTI_CPU and prepare()
+# wraps the UNet in DDP. Checked in one process of a one-process gloo group, as a launched worker starts.
+FSDP_ON_CPU = """
+from accelerate import Accelerator
+print(Accelerator(cpu=True).distributed_type.value)
+"""
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Accelerate 1.16 enables FSDP only on accelerators: CPU processes run as MULTI_CPU (DDP)")
+def test_accelerate_shards_with_fsdp2_on_cpu_processes():
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_USE_CPU": "1",
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    result = subprocess.run([sys.executable, "-c", FSDP_ON_CPU], env=env, capture_output=True, text=True,
+                            timeout=300, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "FSDP"
+
+
+def test_a_launch_that_asks_for_fsdp_on_cpu_is_refused_by_name(tmp_path, monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from ldm_pipeline.config import ConfigError
+    from ldm_pipeline.distributed import check_fsdp
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="asked for FSDP, but Accelerate runs these processes as MULTI_CPU"):
+        check_fsdp(DistributedType.MULTI_CPU)
+    check_fsdp(DistributedType.FSDP)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    check_fsdp(DistributedType.MULTI_CPU)
