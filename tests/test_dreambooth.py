@@ -116,6 +116,31 @@ def test_a_stopped_run_resumes_exactly_and_reuses_the_class_images(root, referen
     assert "generating" not in capsys.readouterr().out
 
 
+def test_two_processes_generate_the_same_class_images_and_end_with_the_weights_of_one(root, reference, tmp_path):
+    """Through `accelerate launch`: the class images split over 2 processes (a fresh folder), each process then
+    training 1 pair of the global batch of 2."""
+    import yaml
+    from safetensors.torch import load_file
+    from test_launch import accelerate_launch
+
+    ref, _ = reference
+    config = dreambooth_config(root, tmp_path / "out", train_batch_size=1)
+    config["data"]["class_data_dir"] = str(tmp_path / "class")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    result = accelerate_launch("train.py", "--config", str(tmp_path / "run.yaml"), processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    made = sorted((tmp_path / "class").iterdir())
+    assert [path.name for path in made] == sorted(mtimes(root / "class"))  # every image once
+    for path in made:
+        with Image.open(path) as image, Image.open(root / "class" / path.name) as expected:
+            assert np.abs(np.asarray(image, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1, path.name
+    assert_same_state(tmp_path / "out" / "checkpoints" / f"step-{STEPS}", ref / "checkpoints" / f"step-{STEPS}",
+                      atol=5e-5)
+    saved, expected = (load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+                       for out in (tmp_path / "out", ref))
+    assert all(torch.allclose(saved[name], expected[name], rtol=0, atol=5e-5) for name in expected)
+
+
 def test_a_stopped_generation_is_completed_with_the_images_it_would_have_made(root, reference, tmp_path):
     folder = tmp_path / "class"
     first = config_from_dict(dreambooth_config(root, tmp_path / "out", data__class_data_dir=str(folder),
