@@ -15,32 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from shapes_benchmark import cpu_description  # noqa: E402
+from shapes_benchmark import cpu_description, launch_training  # noqa: E402
 
 FRAMES = [(64, 64), (96, 64), (64, 96)]  # (width, height)
 BUCKETS = "data.buckets={sizes: [[64, 64], [64, 96], [96, 64]]}"  # [height, width]
 
 
 def train(data: Path, out: Path, overrides: list[str], log: Path) -> float:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--config",
-               "train_configs/shapes.yaml", "--set", f"data.train_data_dir={data}", "--set", "data.make_shapes=null",
-               "--set", f"output_dir={out}"]
-    for override in overrides:
-        command += ["--set", override]
-    print("$", " ".join(command), flush=True)
-    start = time.perf_counter()
-    with open(log, "w") as handle:
-        subprocess.run(command, cwd=ROOT, check=True, stdout=handle, stderr=subprocess.STDOUT)
-    return time.perf_counter() - start
+    return launch_training("train_configs/shapes.yaml", [f"data.train_data_dir={data}", "data.make_shapes=null",
+                                                         f"output_dir={out}", *overrides], log)
 
 
 def score(pipeline: Path, first_seed: int) -> list[dict]:

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from shapes_benchmark import cpu_description  # noqa: E402
+from shapes_benchmark import cpu_description, launch_training  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -61,16 +59,8 @@ def write_folder(folder: Path, resolution: int) -> None:
 
 
 def train(folder: Path, out: Path, overrides: list[str], log: Path) -> float:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--config",
-               "train_configs/folder_cpu.yaml", "--set", f"data.train_data_dir={folder}", "--set", f"output_dir={out}"]
-    for override in overrides:
-        command += ["--set", override]
-    print("$", " ".join(command), flush=True)
-    start = time.perf_counter()
-    with open(log, "w") as handle:
-        subprocess.run(command, cwd=ROOT, check=True, stdout=handle, stderr=subprocess.STDOUT)
-    return time.perf_counter() - start
+    return launch_training("train_configs/folder_cpu.yaml",
+                           [f"data.train_data_dir={folder}", f"output_dir={out}", *overrides], log)
 
 
 def to_scan(image) -> np.ndarray:

@@ -53,6 +53,16 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def launch_training(config: str, settings: list[str], log: Path) -> float:
+    """`accelerate launch train.py --config <config> --set ...` as the README runs it (one process, fp32), its output
+    into `log`; the seconds it took."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--config", config]
+    for setting in settings:
+        command += ["--set", setting]
+    return run(command, log)
+
+
 def stage_speed(metrics: list[dict], stage: str, batch: int) -> float | None:
     """Optimizer steps per second of a stage, from the last samples/s it logged."""
     rates = [row["samples_per_s"] for row in metrics if row.get("stage") == stage and "samples_per_s" in row]
@@ -64,12 +74,8 @@ def benchmark_seed(seed: int, workdir: Path, overrides: list[str], first_seeds: 
 
     data_dir, output_dir = workdir / f"seed{seed}" / "data" / "shapes", workdir / f"seed{seed}" / "outputs"
     settings = [f"data.train_data_dir={data_dir}", f"output_dir={output_dir}", f"seed={seed}", *overrides]
-    train = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-             "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--config", "train_configs/shapes.yaml"]
-    for override in settings:
-        train += ["--set", override]
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    wall = run(train, output_dir.parent / "train.log")
+    wall = launch_training("train_configs/shapes.yaml", settings, output_dir.parent / "train.log")
     config = load_config(ROOT / "train_configs" / "shapes.yaml", settings)
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     calibration = json.loads((output_dir / "vae" / "calibration.json").read_text())
