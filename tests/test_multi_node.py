@@ -8,7 +8,7 @@ started again with `resume_from_checkpoint: latest` and finish. The run must end
 state of one process at the same global batch, as an uninterrupted run does. (A SIGKILL alone closes the node's
 connections on a shared host and the survivor fails at once with "Connection reset by peer", before any timeout.)
 
-What machine 1 writes is read from the system calls of its processes (`strace -f`: every open for writing, rename,
+What machine 1 writes is read from the system calls of its processes (`strace -ff`: every open for writing, rename,
 mkdir and unlink, whether made by Python, by torch's C++ writer or by safetensors' Rust one). Under output_dir it
 may write only its own random-number state in each checkpoint, which Accelerate's `save_state` has every process
 write, and create that checkpoint's folder when it gets there before the main process.
@@ -78,8 +78,9 @@ def start_machines(config: Path, folder: Path, trace: Path | None) -> list[Machi
                    "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
                    str(ROOT / "train.py"), "--config", str(config)]
         traced = rank == 1 and trace is not None
-        if traced:  # -y: the folder an *at call's path is relative to
-            command = [STRACE, "-f", "-qq", "-y", "-e", f"trace={WRITE_CALLS}", "-o", str(trace)] + command
+        if traced:  # -ff: one file per thread, `trace.<tid>`, so no call is split by another thread's;
+            # -y: the folder an *at call's path is relative to
+            command = [STRACE, "-ff", "-qq", "-y", "-e", f"trace={WRITE_CALLS}", "-o", str(trace)] + command
         cwd = folder / f"machine{rank}"
         cwd.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
@@ -111,11 +112,14 @@ def stop(machines: list[Machine], signal_number: int) -> None:
 
 def written_under(trace: Path, cwd: Path, root: Path) -> set[str]:
     """Paths under `root` (relative to it) that the traced processes, started in `cwd`, created, opened for writing,
-    renamed or removed. strace -y writes a call's folder beside its descriptor: `unlinkat(3</out/x>, "name", 0)`."""
+    renamed or removed, read from strace's per-thread files `trace.<tid>`. strace -y writes a call's folder beside
+    its descriptor: `unlinkat(3</out/x>, "name", 0)`."""
     root, found = str(root.resolve()), set()
-    call = re.compile(r"^\d+ (\w+)\((.*)\) += (-?\d+)")
+    call = re.compile(r"^(\w+)\((.*)\) += (-?\d+)")
     path = re.compile(r'(?:(?:AT_FDCWD|\d+)<([^>]*)>, )?"([^"]*)"')
-    for line in trace.read_text().splitlines():
+    threads = sorted(trace.parent.glob(trace.name + ".*"))
+    assert threads, f"strace wrote no {trace}.<tid> files"
+    for line in (line for thread in threads for line in thread.read_text().splitlines()):
         match = call.match(line)
         if not match or int(match.group(3)) < 0:  # a failed call changed nothing (an existing folder: EEXIST)
             continue
