@@ -7,10 +7,18 @@ single `.safetensors` file whose keys follow the original `LatentDiffusion` modu
     first_stage_model.*               the VAE       (encoder.down.N.block.M / decoder.up.N ...)
     cond_stage_model.transformer.*    the CLIP text model (transformers' own key names)
 
+An SDXL pipeline is written in the layout of Stability's `sd_xl_base_1.0.safetensors` (the
+generative-models `DiffusionEngine` tree): the same UNet and VAE keys, the UNet's "text_time"
+embedding as `label_emb.0`, and the two text encoders under the `conditioner`:
+
+    conditioner.embedders.0.transformer.*   text_encoder, CLIP ViT-L in SDXL (transformers' names)
+    conditioner.embedders.1.model.*         text_encoder_2, OpenCLIP ViT-bigG in SDXL (OpenCLIP's names)
+
 The renaming below is derived from each component's config, so it covers any UNet built from
-Stable Diffusion's block types at any width and depth, not just SD-1.x sizes. Before anything is
-written, the result is read back with diffusers' own single-file converters; a model whose weights
-would not all come back unchanged (an architecture the original layout cannot express) is refused.
+Stable Diffusion's block types at any width and depth, not just SD-1.x / SDXL sizes. Before
+anything is written, the result is read back with diffusers' own single-file converters; a model
+whose weights would not all come back unchanged (an architecture the original layout cannot
+express) is refused.
 """
 
 from __future__ import annotations
@@ -19,9 +27,11 @@ from pathlib import Path
 
 import torch
 from diffusers.loaders.single_file_utils import (
+    CHECKPOINT_KEY_NAMES,
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
 )
 from safetensors.torch import save_file
 
@@ -32,6 +42,8 @@ from .run_dir import written_then_renamed
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+XL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
+XL_TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
 
 # ResnetBlock2D parameter names -> the original UNet's ResBlock (in_layers = norm, SiLU, conv ...).
 UNET_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
@@ -39,13 +51,18 @@ UNET_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "o
 VAE_RESNET_NAMES = {"conv_shortcut": "nin_shortcut"}
 # The VAE's mid-block attention: diffusers' Attention -> the original AttnBlock (1x1 convolutions).
 VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+# A transformers CLIP encoder layer -> OpenCLIP's ResidualAttentionBlock (q, k and v are one in_proj there).
+OPEN_CLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                         "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
-SD_SCALING_FACTOR = 0.18215
+# What tools that do not read the pipeline's configs assume, per family: UNet widths and VAE scaling_factor.
+FAMILY_DEFAULTS = {"StableDiffusionPipeline": ("SD-1.x", (320, 640, 1280, 1280), 0.18215),
+                   "StableDiffusionXLPipeline": ("SDXL", (320, 640, 1280), 0.13025)}
 UNET_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UNET_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 LAYOUT_HINT = ("the original Stable Diffusion layout holds UNets made of CrossAttnDownBlock2D / DownBlock2D, "
                "a UNetMidBlock2DCrossAttn and CrossAttnUpBlock2D / UpBlock2D with one layers_per_block, "
-               "an AutoencoderKL and a CLIPTextModel")
+               "an AutoencoderKL and a CLIPTextModel (SDXL: and a CLIPTextModelWithProjection of another width)")
 
 
 def _refuse(component: str, reason: str):
@@ -78,6 +95,8 @@ def unet_module_names(config) -> dict[str, str]:
             names[f"up_blocks.{level}.attentions.{j}"] = f"output_blocks.{first + j}.1"
         upsampler_slot = 2 if block_type == "CrossAttnUpBlock2D" else 1
         names[f"up_blocks.{level}.upsamplers.0.conv"] = f"output_blocks.{first + per_level}.{upsampler_slot}.conv"
+    if config.addition_embed_type == "text_time":  # SDXL's pooled-text + size/crop embedding, added to the time's
+        names.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
     return names
 
 
@@ -152,12 +171,51 @@ def vae_to_original(vae) -> dict[str, torch.Tensor]:
     return original
 
 
-def text_encoder_to_original(text_encoder) -> dict[str, torch.Tensor]:
+def text_encoder_to_original(text_encoder, prefix: str = TEXT_ENCODER_PREFIX) -> dict[str, torch.Tensor]:
+    """The CLIP text model keeps transformers' names; `prefix` is SD's or, for SDXL, XL_TEXT_ENCODER_PREFIX."""
     if type(text_encoder).__name__ != "CLIPTextModel":
         _refuse("text encoder", f"it is a {type(text_encoder).__name__}, not a CLIPTextModel")
     # transformers >= 5.6 flattened CLIPTextModel; the original layout keeps the `text_model.` level.
-    return {TEXT_ENCODER_PREFIX + (key if key.startswith("text_model.") else "text_model." + key): tensor
+    return {prefix + (key if key.startswith("text_model.") else "text_model." + key): tensor
             for key, tensor in text_encoder.state_dict().items()}
+
+
+def text_encoder_2_to_original(text_encoder_2) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder in OpenCLIP's names, as `sd_xl_base_1.0` holds its ViT-bigG text tower."""
+    if type(text_encoder_2).__name__ != "CLIPTextModelWithProjection":
+        _refuse("text encoder 2", f"it is a {type(text_encoder_2).__name__}, not a CLIPTextModelWithProjection")
+    state = {key.removeprefix("text_model."): tensor for key, tensor in text_encoder_2.state_dict().items()}
+    original = {"token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+                "positional_embedding": state.pop("embeddings.position_embedding.weight"),  # bare (positions, width)
+                "ln_final.weight": state.pop("final_layer_norm.weight"),
+                "ln_final.bias": state.pop("final_layer_norm.bias"),
+                # OpenCLIP computes pooled @ text_projection, a (width, projection_dim) matrix; nn.Linear stores
+                # the transpose.
+                "text_projection": state.pop("text_projection.weight").T}
+    for layer in range(text_encoder_2.config.num_hidden_layers):
+        ours, theirs = f"encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):  # nn.MultiheadAttention's in_proj: q, k, v stacked, (3 * width, width)
+            original[f"{theirs}attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"{ours}self_attn.{name}_proj.{kind}") for name in ("q", "k", "v")])
+            for old, new in OPEN_CLIP_LAYER_NAMES.items():
+                original[f"{theirs}{new}.{kind}"] = state.pop(f"{ours}{old}.{kind}")
+    if state:
+        _refuse("text encoder 2", f"its weight {next(iter(state))} has no place there")
+    return {XL_TEXT_ENCODER_2_PREFIX + key: tensor for key, tensor in original.items()}
+
+
+def pipeline_to_original(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    """Each component's part of the checkpoint, by its pipeline name."""
+    kind = type(pipe).__name__
+    if kind not in FAMILY_DEFAULTS:
+        _refuse("pipeline", f"it is a {kind}")
+    parts = {"unet": unet_to_original(pipe.unet), "vae": vae_to_original(pipe.vae)}
+    if kind == "StableDiffusionPipeline":
+        return {**parts, "text_encoder": text_encoder_to_original(pipe.text_encoder)}
+    if pipe.text_encoder is None or pipe.text_encoder_2 is None:  # a refiner-style pipeline: a different layout
+        _refuse("pipeline", "it lacks text_encoder or text_encoder_2")
+    return {**parts, "text_encoder": text_encoder_to_original(pipe.text_encoder, XL_TEXT_ENCODER_PREFIX),
+            "text_encoder_2": text_encoder_2_to_original(pipe.text_encoder_2)}
 
 
 def check_round_trip(pipe, checkpoint: dict) -> None:
@@ -172,6 +230,16 @@ def check_round_trip(pipe, checkpoint: dict) -> None:
         "text encoder": (unprefixed(pipe.text_encoder.state_dict()),
                          unprefixed(convert_ldm_clip_checkpoint(checkpoint))),
     }
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        # from_single_file picks the converter for text_encoder_2 by width alone: the first text encoder's
+        # converter when that one's position embedding is as wide as text_encoder_2 (SDXL's are 768 and 1280).
+        widths = [checkpoint[CHECKPOINT_KEY_NAMES[name]].shape[-1] for name in ("clip_sdxl", "open_clip_sdxl")]
+        if widths[0] == widths[1]:
+            _refuse("text encoder 2", f"both text encoders are {widths[0]} wide, and diffusers' from_single_file "
+                    "would then load text_encoder's weights into it; give the two text encoders different "
+                    "hidden_size")
+        components["text encoder 2"] = (unprefixed(pipe.text_encoder_2.state_dict()), unprefixed(
+            convert_open_clip_checkpoint(pipe.text_encoder_2, checkpoint, prefix=XL_TEXT_ENCODER_2_PREFIX)))
     for component, (state, read_back) in components.items():
         for key, tensor in state.items():
             back = read_back.get(key)
@@ -183,18 +251,25 @@ def check_round_trip(pipe, checkpoint: dict) -> None:
 
 
 def export_single_file(model, out, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> dict:
-    """Write the pipeline at `model` (directory or hub id) to `out` as one original-layout checkpoint.
+    """Write the pipeline at `model` (directory or hub id) to `out` as one original-layout checkpoint:
+    Stable Diffusion's for a `StableDiffusionPipeline`, SDXL's for a `StableDiffusionXLPipeline`.
 
     The file is written under a temporary name and renamed when complete. Returns a summary:
-    path, bytes, number of tensors per component."""
+    path, bytes, number of tensors per component.
+
+    diffusers loads the file back with the pipeline directory as its config, which holds the sizes the
+    file does not record and needs no download (`original_config` is not needed):
+    `StableDiffusionXLPipeline.from_single_file(out, config=model_dir, local_files_only=True)`
+    (`StableDiffusionPipeline` for SD). Without `config=`, diffusers guesses the model from the keys and
+    fetches the hub repo of that guess: SDXL only when text_encoder_2 has at least 10 layers (it looks
+    for `conditioner.embedders.1.model.transformer.resblocks.9.*`), and then with SDXL 1.0's sizes."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: the checkpoint is written as safetensors; give a path ending in .safetensors")
     if out.exists() and not overwrite:
         raise ConfigError(f"--out {out} already exists; choose another path or pass --overwrite to replace it")
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
-    parts = {"unet": unet_to_original(pipe.unet), "vae": vae_to_original(pipe.vae),
-             "text_encoder": text_encoder_to_original(pipe.text_encoder)}
+    parts = pipeline_to_original(pipe)
     checkpoint = {key: tensor for part in parts.values() for key, tensor in part.items()}
     check_round_trip(pipe, checkpoint)
     checkpoint = {key: tensor.to(dtype).contiguous() for key, tensor in checkpoint.items()}
@@ -206,14 +281,17 @@ def export_single_file(model, out, dtype: torch.dtype = torch.float32, overwrite
 
 
 def portability_notes(pipe) -> list[str]:
-    """What tools that do not read the pipeline's configs will get wrong: they assume SD-1.x sizes
-    and its VAE scaling factor, neither of which the file itself records."""
+    """What tools that do not read the pipeline's configs will get wrong: they assume SD-1.x's (or
+    SDXL's) sizes and VAE scaling factor, neither of which the file itself records."""
+    kind = type(pipe).__name__
+    family, widths, scaling_factor = FAMILY_DEFAULTS[kind]
     notes = []
-    if tuple(pipe.unet.config.block_out_channels) != (320, 640, 1280, 1280):
-        notes.append(f"the UNet has widths {tuple(pipe.unet.config.block_out_channels)}, not SD-1.x's; tools "
+    if tuple(pipe.unet.config.block_out_channels) != widths:
+        notes.append(f"the UNet has widths {tuple(pipe.unet.config.block_out_channels)}, not {family}'s; tools "
                      "that guess the architecture from the keys will not load it; diffusers does with "
-                     "StableDiffusionPipeline.from_single_file(FILE, config=PIPELINE_DIR)")
-    if abs(pipe.vae.config.scaling_factor - SD_SCALING_FACTOR) > 1e-6:
-        notes.append(f"the VAE's scaling_factor is {pipe.vae.config.scaling_factor:.5f} (SD's is {SD_SCALING_FACTOR}); "
-                     "tools that assume SD's value need it set by hand, from_single_file(config=...) reads it")
+                     f"{kind}.from_single_file(FILE, config=PIPELINE_DIR)")
+    if abs(pipe.vae.config.scaling_factor - scaling_factor) > 1e-6:
+        notes.append(f"the VAE's scaling_factor is {pipe.vae.config.scaling_factor:.5f} ({family}'s is "
+                     f"{scaling_factor}); tools that assume {family}'s value need it set by hand, "
+                     "from_single_file(config=...) reads it")
     return notes
