@@ -31,25 +31,30 @@ def _card(body: str, base_model: list[str] | None = None, datasets: list[str] | 
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-def minimal_card(name: str) -> ModelCard:
+def minimal_card(name: str, pipeline_class: str = "StableDiffusionPipeline") -> ModelCard:
     """For a pipeline saved outside a training run: what it is and how to load it."""
-    return _card(f"# {name}\n\nA diffusers `StableDiffusionPipeline` saved by ldm_pipeline.\n\n{_usage(None)}")
+    return _card(f"# {name}\n\nA diffusers `{pipeline_class}` saved by ldm_pipeline.\n\n"
+                 f"{_usage(None, pipeline_class)}")
 
 
-def _usage(sampling) -> str:
+def _pipeline_class(parameters: dict[str, int]) -> str:
+    return "StableDiffusionXLPipeline" if "text_encoder_2" in parameters else "StableDiffusionPipeline"
+
+
+def _usage(sampling, pipeline_class: str) -> str:
     settings = "" if sampling is None else \
         f", num_inference_steps={sampling.num_inference_steps}, guidance_scale={sampling.guidance_scale}"
-    return ("## Use\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-            "pipe = StableDiffusionPipeline.from_pretrained(\"path/to/this/directory\")\n"
+    return (f"## Use\n\n```python\nfrom diffusers import {pipeline_class}\n\n"
+            f"pipe = {pipeline_class}.from_pretrained(\"path/to/this/directory\")\n"
             f"image = pipe(\"a prompt\"{settings}).images[0]\n```\n\n"
             "or `ldm-pipeline generate --model path/to/this/directory --prompt \"a prompt\"`, which writes the "
             "prompt, seed and settings into each PNG.")
 
 
-def _lora_usage(config: Config) -> str:
+def _lora_usage(config: Config, pipeline_class: str) -> str:
     sampling = config.sampling
-    return ("## Use\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained(\"{base_reference(config.model)}\")\n"
+    return (f"## Use\n\n```python\nfrom diffusers import {pipeline_class}\n\n"
+            f"pipe = {pipeline_class}.from_pretrained(\"{base_reference(config.model)}\")\n"
             "pipe.load_lora_weights(\"path/to/this/directory\")\n"
             f"image = pipe(\"a prompt\", num_inference_steps={sampling.num_inference_steps}, "
             f"guidance_scale={sampling.guidance_scale}).images[0]\n```\n\n"
@@ -59,8 +64,9 @@ def _lora_usage(config: Config) -> str:
 
 def _lora_section(config: Config, parameters: dict[str, int]) -> str:
     lora = config.lora
+    encoders = "both text encoders'" if "text_encoder_2" in parameters else "the text encoder's"
     targets = f"the UNet's {', '.join(lora.target_modules)}" + (
-        f" and the text encoder's {', '.join(TEXT_ENCODER_LORA_TARGETS)}" if lora.train_text_encoder else "")
+        f" and {encoders} {', '.join(TEXT_ENCODER_LORA_TARGETS)}" if lora.train_text_encoder else "")
     return (f"## LoRA\n\nRank {lora.rank} adapters (alpha {lora.alpha or lora.rank}, dropout {lora.dropout}) on "
             f"{targets} of `{base_reference(config.model)}`: {parameters['trainable'] / 1e6:.3f}M trained "
             "parameters; the base stays as it is. The weights are in diffusers' LoRA format "
@@ -134,9 +140,10 @@ def _training_section(config: Config, num_processes: int, parameters: dict[str, 
                "vae": "" if "vae" in config.stages else ", frozen",
                "text_encoder": "" if config.train_text_encoder else ", frozen under its LoRA adapters"
                if config.lora.train_text_encoder else ", frozen"}
+    trained["text_encoder_2"] = trained["text_encoder"]
     components = "\n".join(f"- {name}: {parameters[name] / 1e6:.2f}M parameters, initialised from "
                            f"{resolve_source(config.model, name).describe()}{trained[name]}"
-                           for name in ("unet", "vae", "text_encoder"))
+                           for name in ("unet", "vae", "text_encoder", "text_encoder_2") if name in parameters)
     settings = {key: get_setting(config, key) for key in fields_with(card=True)} | {"processes": num_processes}
     return ("## Training\n\n| stage | optimizer steps | global batch | learning rate |\n|---|---|---|---|\n"
             + "\n".join(rows) + "\n\n" + ", ".join(f"`{k}`: {v}" for k, v in settings.items())
@@ -170,13 +177,15 @@ def training_card(config: Config, *, num_images: int, num_heldout: int, num_proc
     """The card of a pipeline made by a training run."""
     name = Path(config.output_dir).name
     lora = config.lora.rank > 0
+    pipeline_class = _pipeline_class(parameters)
+    encoders = "two CLIP text encoders" if "text_encoder_2" in parameters else "CLIP text encoder"
     intro = (f"# {name}\n\nA LoRA for the text-to-image pipeline `{config.model.pretrained_model_name_or_path}`, "
              "trained with ldm_pipeline." if lora else
-             f"# {name}\n\nA text-to-image latent diffusion model (a diffusers `StableDiffusionPipeline`: "
-             "`AutoencoderKL`, CLIP text encoder, `UNet2DConditionModel`) trained with ldm_pipeline.")
+             f"# {name}\n\nA text-to-image latent diffusion model (a diffusers `{pipeline_class}`: "
+             f"`AutoencoderKL`, {encoders}, `UNet2DConditionModel`) trained with ldm_pipeline.")
     sections = [
         intro,
-        _lora_usage(config) if lora else _usage(config.sampling),
+        _lora_usage(config, pipeline_class) if lora else _usage(config.sampling, pipeline_class),
         _lora_section(config, parameters) if lora else "",
         _data_section(config, num_images, num_heldout),
         _training_section(config, num_processes, parameters),

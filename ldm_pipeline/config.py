@@ -181,10 +181,16 @@ class ModelConfig:
     # Read a hub repo's variant weight files, e.g. "fp16": *.fp16.safetensors (half the download; weights are
     # upcast to float32 for training). null: the plain files (diffusion_pytorch_model.safetensors, ...).
     variant: str | None = fixed()
+    # "sd": Stable Diffusion 1.x/2.x layouts (one CLIP text encoder); "sdxl": SDXL's (two text encoders, a pooled
+    # text embedding, size and crop micro-conditioning). null: the pretrained pipeline's, else "sdxl" when a
+    # component preset is "sdxl", else "sd".
+    family: Literal["sd", "sdxl"] | None = fixed()
     unet: str | None = fixed()
     vae: str | None = fixed()
     text_encoder: str | None = fixed()
     tokenizer: str | None = fixed()  # "captions": built offline from the training captions
+    text_encoder_2: str | None = fixed()  # SDXL's second text encoder (CLIPTextModelWithProjection)
+    tokenizer_2: str | None = fixed()  # SDXL's second tokenizer ("captions": the run's own, as tokenizer)
     unet_kwargs: dict = fixed(factory=dict)  # overrides on top of a preset
     vae_kwargs: dict = fixed(factory=dict)
     text_encoder_kwargs: dict = fixed(factory=dict)
@@ -800,7 +806,7 @@ def _validate_lora(c: Config) -> None:
              f"lora.rank: {lora.rank} trains adapters for a pretrained pipeline; set "
              "model.pretrained_model_name_or_path to its directory or hub id (e.g. outputs/shapes/pipeline), or "
              "lora.rank: 0 to train a whole UNet")
-    for key in ("unet", "vae", "text_encoder", "tokenizer"):
+    for key in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
         _require(getattr(model, key) is None,
                  f"model.{key}: {getattr(model, key)!r} is set, but with lora.rank > 0 every component comes from "
                  "model.pretrained_model_name_or_path, the base the adapters are saved for; remove model."

@@ -602,6 +602,21 @@ def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool = Tru
     return pixels, mask_tensor(placed(mask, resized, corner, (resolution, resolution), flip))
 
 
+def square_pixels(image: Image.Image, resolution: int, center_crop: bool, flip: bool = False,
+                  mask: Image.Image | None = None) -> dict[str, torch.Tensor]:
+    """`image_to_tensor` as a training item: "pixel_values" (3, R, R), the image's "original_size" (height, width) and
+    the crop's "crop_top_left" (top, left) in the resized image (SDXL's micro-conditioning reads both), and with a
+    `mask` the "mask" (1, R, R) cut the same way."""
+    resized, corner = square_box(*image.size, resolution, center_crop)
+    square = (resolution, resolution)
+    item = {"pixel_values": to_pixels(placed(image, resized, corner, square, flip)),
+            "original_size": torch.tensor((image.height, image.width)),
+            "crop_top_left": torch.tensor((corner[1], corner[0]))}
+    if mask is not None:
+        item["mask"] = mask_tensor(placed(mask, resized, corner, square, flip))
+    return item
+
+
 def to_pixels(image: Image.Image) -> torch.Tensor:
     """(3, H, W) in [-1, 1]."""
     array = np.asarray(image, dtype=np.float32)
@@ -677,13 +692,14 @@ def loader_epoch(dataset) -> int | None:
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
-    """Rows of a `datasets` dataset as {"pixel_values": (3, R, R), "input_ids": (L,)}; with bucket `buckets`
-    (data.buckets) each image at its bucket's size, with its "original_size" and "crop_top_left" (see
-    `bucketed_pixels`; `seed` draws the crops)."""
+    """Rows of a `datasets` dataset as {"pixel_values": (3, R, R), "input_ids": (L,), "original_size": (2,),
+    "crop_top_left": (2,)} (see `square_pixels`); with bucket `buckets` (data.buckets) each image at its bucket's size
+    (see `bucketed_pixels`; `seed` draws the crops). SDXL's second tokenizer's ids (`input_ids_2`) as "input_ids_2"."""
 
     def __init__(self, dataset, input_ids, data: DataConfig, resolution: int, indices=None,
-                 buckets: BucketAssignment | None = None, seed: int = 0):
+                 buckets: BucketAssignment | None = None, seed: int = 0, input_ids_2=None):
         self.dataset, self.input_ids, self.data, self.resolution = dataset, input_ids, data, resolution
+        self.input_ids_2 = input_ids_2
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
         self.buckets, self.seed = buckets, seed
         self.copied_in_epoch = None
@@ -712,14 +728,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
             bucket = self.buckets.sizes[self.buckets.bucket[row]]
         if bucket is not None:
             item = bucketed_pixels(image, bucket, row, self.data, self.seed, flip, mask)
-        elif mask is not None:
-            pixels, cut = image_to_tensor(image, self.resolution, self.data.center_crop, flip, mask)
-            item = {"pixel_values": pixels, "mask": cut}
         else:
-            item = {"pixel_values": image_to_tensor(image, self.resolution, self.data.center_crop, flip)}
-        if isinstance(self.input_ids, TokenIds) and epoch is not None:
-            return {**item, "input_ids": self.input_ids.sample(row, epoch)}
-        return {**item, "input_ids": self.input_ids[row]}
+            item = square_pixels(image, self.resolution, self.data.center_crop, flip, mask)
+        for key, ids in (("input_ids", self.input_ids), ("input_ids_2", self.input_ids_2)):
+            if ids is not None:
+                item[key] = ids.sample(row, epoch) if isinstance(ids, TokenIds) and epoch is not None else ids[row]
+        return item
 
     def bucket_of(self) -> np.ndarray | None:
         """Each position's bucket, for the sampler that batches one bucket at a time (None: no buckets)."""

@@ -43,12 +43,12 @@ from .data import (
     bucketed_pixels,
     caption_rule,
     decode_or_note,
-    image_to_tensor,
     quietly,
+    square_pixels,
     tokenize,
 )
 from .locks import LOCK_FILE, directory_lock
-from .models import vae_scale_factor
+from .models import encode_prompt, vae_scale_factor
 from .run_dir import write_json, written_then_renamed
 
 CACHE_FORMAT = 2
@@ -71,9 +71,14 @@ def latent_cache_dir(config: Config) -> Path:
     return Path(config.data.latent_cache_dir or Path(config.output_dir) / "latent_cache")
 
 
-def cache_key(config: Config, train: TrainData, vae, text_encoder, tokenizer) -> dict:
-    """Everything the cached rows depend on; a cache whose key differs is stale. `text_encoder` is None
-    when its outputs are not cached (it is trained, or data.cache_text_embeddings is off)."""
+def vocabulary_hash(tokenizer) -> str:
+    return hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_key(config: Config, train: TrainData, vae, text_encoders: list | None, tokenizers: list) -> dict:
+    """Everything the cached rows depend on; a cache whose key differs is stale. `text_encoders` (one, or SDXL's two)
+    is None when their outputs are not cached (they train, or data.cache_text_embeddings is off)."""
+    tokenizer = tokenizers[0]
     captions = hashlib.sha256()
     for caption in train.captions:
         captions.update(caption.encode() + b"\n")
@@ -84,9 +89,10 @@ def cache_key(config: Config, train: TrainData, vae, text_encoder, tokenizer) ->
         "resolution": config.resolution,
         "center_crop": config.data.center_crop,
         "random_flip": config.data.random_flip,
-        "text_encoder": weights_hash(text_encoder),
+        "text_encoder": None if text_encoders is None else "+".join(map(weights_hash, text_encoders)),
         "captions": captions.hexdigest()[:16],
-        "tokenizer": hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16],
+        "tokenizer": vocabulary_hash(tokenizer),
+        **({"tokenizer_2": vocabulary_hash(tokenizers[1])} if len(tokenizers) > 1 else {}),
         "max_length": tokenizer.model_max_length,
         # the buckets and the seed that draws each image's crop in its bucket
         **({"buckets": json.dumps(vars(config.data.buckets), sort_keys=True), "seed": config.seed}
@@ -94,26 +100,35 @@ def cache_key(config: Config, train: TrainData, vae, text_encoder, tokenizer) ->
     }
 
 
-def cache_features(config: Config, vae, text_encoder, tokenizer) -> datasets.Features:
+def cache_features(config: Config, vae, text_encoders: list | None, tokenizers: list) -> datasets.Features:
     """One row per image: its latent distribution (mean, std) for each cached orientation (with random
     flips both: the VAE is not flip-equivariant, so mirrored latents would not be exact), the caption's
     token ids, and its text-encoder output when that is cached. `row` is the image's row in the data set
-    (for a streamed data set: its position in the stream of the process that encoded it)."""
+    (for a streamed data set: its position in the stream of the process that encoded it).
+    SDXL (two tokenizers): also the second tokenizer's ids, the pooled text embedding when cached, and each image's
+    original size and crop corner, its micro-conditioning."""
+    tokenizer, sdxl = tokenizers[0], len(tokenizers) > 1
+    pair = datasets.Sequence(datasets.Value("int32"), length=2)
     side = config.resolution // vae_scale_factor(vae)
     latent = ((2 if config.data.random_flip else 1), vae.config.latent_channels, side, side)
     features = {"row": datasets.Value("int64"),
                 "latent_mean": datasets.Array4D(latent, "float16"),
                 "latent_std": datasets.Array4D(latent, "float16"),
                 "input_ids": datasets.Sequence(datasets.Value("int32"), length=tokenizer.model_max_length)}
+    if sdxl:
+        features.update(input_ids_2=datasets.Sequence(datasets.Value("int32"), length=tokenizers[1].model_max_length),
+                        original_size=pair, crop_top_left=pair)
     if config.data.buckets is not None:  # each bucket's latents at their own size: flat, with their shape
-        pair = datasets.Sequence(datasets.Value("int32"), length=2)
         features.update(latent_mean=datasets.Sequence(datasets.Value("float16")),
                         latent_std=datasets.Sequence(datasets.Value("float16")),
                         latent_shape=datasets.Sequence(datasets.Value("int32"), length=4),  # (sides, C, h, w)
                         original_size=pair, crop_top_left=pair)
-    if text_encoder is not None:
-        features["prompt_embeds"] = datasets.Array2D(
-            (tokenizer.model_max_length, text_encoder.config.hidden_size), "float16")
+    if text_encoders is not None:
+        width = sum(encoder.config.hidden_size for encoder in text_encoders)
+        features["prompt_embeds"] = datasets.Array2D((tokenizer.model_max_length, width), "float16")
+        if sdxl:
+            features["pooled_prompt_embeds"] = datasets.Sequence(datasets.Value("float16"),
+                                                                 length=text_encoders[1].config.projection_dim)
     return datasets.Features(features)
 
 
@@ -220,22 +235,25 @@ class LatentDataset(torch.utils.data.Dataset):
                          for name in ("latent_mean", "latent_std"))
             item = {"latent_mean": torch.from_numpy(mean).float(), "latent_std": torch.from_numpy(std).float(),
                     "input_ids": torch.from_numpy(columns["input_ids"][k]).long()}
-            if shape is not None:
-                item.update(original_size=torch.from_numpy(columns["original_size"][k]).long(),
-                            crop_top_left=torch.from_numpy(columns["crop_top_left"][k]).long())
-            if "prompt_embeds" in columns:
-                item["prompt_embeds"] = torch.from_numpy(columns["prompt_embeds"][k]).float()
+            for name in ("original_size", "crop_top_left", "input_ids_2"):
+                if name in columns:
+                    item[name] = torch.from_numpy(columns[name][k]).long()
+            for name in ("prompt_embeds", "pooled_prompt_embeds"):
+                if name in columns:
+                    item[name] = torch.from_numpy(columns[name][k]).float()
             items.append(item)
         return items
 
 
-def _encoder(config: Config, vae, text_encoder, tokenizer, bad: list, buckets: BucketAssignment | None = None):
+def _encoder(config: Config, vae, text_encoders: list | None, tokenizers: list, bad: list,
+             buckets: BucketAssignment | None = None):
     """encode(batch of raw rows, their row numbers, their captions) -> columns of cache rows. An image
     that fails to decode is left out and noted in `bad` as (row, reason). With aspect-ratio `buckets` each image
     is placed in its bucket as the training loop would (the same crop) and the VAE encodes each size apart."""
     data, resolution = config.data, config.resolution
     sides = (False, True) if data.random_flip else (False,)
-    features = cache_features(config, vae, text_encoder, tokenizer)
+    features = cache_features(config, vae, text_encoders, tokenizers)
+    sdxl = len(tokenizers) > 1
 
     def encode(batch, rows, captions):
         pixels, kept, kept_captions, placed = [], [], [], []
@@ -244,7 +262,9 @@ def _encoder(config: Config, vae, text_encoder, tokenizer, bad: list, buckets: B
             if image is None:
                 continue
             if buckets is None:
-                pixels.append(torch.stack([image_to_tensor(image, resolution, True, flip) for flip in sides]))
+                views = [square_pixels(image, resolution, True, flip) for flip in sides]
+                pixels.append(torch.stack([view["pixel_values"] for view in views]))
+                placed.append(views[0])
             else:
                 bucket = buckets.sizes[buckets.bucket[row]]
                 views = [bucketed_pixels(image, bucket, row, data, config.seed, flip) for flip in sides]
@@ -255,8 +275,12 @@ def _encoder(config: Config, vae, text_encoder, tokenizer, bad: list, buckets: B
         if not kept:
             return {name: [] for name in features}
         means, stds = encode_by_size(vae, pixels)  # each (sides, C, h, w)
-        ids = tokenize(tokenizer, kept_captions, warn=False)  # (b, L)
-        columns = {"row": kept, "input_ids": ids.to(torch.int32).numpy()}
+        ids = [tokenize(each, kept_captions, warn=False) for each in tokenizers]  # (b, L) each
+        columns = {"row": kept, "input_ids": ids[0].to(torch.int32).numpy()}
+        if sdxl:
+            columns.update(input_ids_2=ids[1].to(torch.int32).numpy(),
+                           original_size=[view["original_size"].tolist() for view in placed],
+                           crop_top_left=[view["crop_top_left"].tolist() for view in placed])
         if buckets is None:
             columns.update(latent_mean=np.stack(means), latent_std=np.stack(stds))
         else:
@@ -265,9 +289,12 @@ def _encoder(config: Config, vae, text_encoder, tokenizer, bad: list, buckets: B
                            latent_shape=[mean.shape for mean in means],
                            original_size=[view["original_size"].tolist() for view in placed],
                            crop_top_left=[view["crop_top_left"].tolist() for view in placed])
-        if text_encoder is not None:
-            embeds = text_encoder(ids.to(text_encoder.device))[0]  # (b, L, D)
+        if text_encoders is not None:
+            device = text_encoders[0].device
+            embeds, pooled = encode_prompt(text_encoders, [each.to(device) for each in ids])  # (b, L, D), (b, P)
             columns["prompt_embeds"] = embeds.float().half().cpu().numpy()
+            if pooled is not None:
+                columns["pooled_prompt_embeds"] = pooled.float().half().cpu().numpy()
         return columns
 
     return encode
@@ -390,13 +417,15 @@ def _shard_names(cache_dir: Path, manifest: dict) -> list[str]:
     return names
 
 
-def build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_encoder, tokenizer) -> LatentCache:
+def build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_encoders: list | None,
+                       tokenizers: list) -> LatentCache:
     """Open the cache at `latent_cache_dir`, encoding what it lacks first; refuse a stale or foreign one.
 
     Each process encodes its contiguous part of the missing shards (a shard's rows are fixed by
     data.cache_shard_size, not by the process count, so the cache is the same at any process count) and
     checks those images, once. Finished shards are kept: a build that was killed, or is run again, only
-    encodes the rest. `text_encoder` is None when its outputs are not to be cached.
+    encodes the rest. `text_encoders` (one, or SDXL's two; `tokenizers` alike) is None when their outputs are not
+    to be cached.
 
     A build holds the cache directory's lock (its main process does), so a second build of the same cache
     is refused instead of removing the first one's shards in progress; reading a finished cache takes none.
@@ -404,13 +433,14 @@ def build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_
     cache_dir = latent_cache_dir(config)
     builds = accelerator.is_main_process and not (read_manifest(cache_dir) or {}).get("complete")
     with directory_lock(cache_dir, "data.latent_cache_dir", "latent cache build", DataError, hold=builds):
-        return _build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer, cache_dir)
+        return _build_latent_cache(accelerator, config, train, vae, text_encoders, tokenizers, cache_dir)
 
 
 @torch.no_grad()
-def _build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_encoder, tokenizer,
+def _build_latent_cache(accelerator, config: Config, train: TrainData, vae, text_encoders, tokenizers,
                         cache_dir: Path) -> LatentCache:
-    key = cache_key(config, train, vae, text_encoder, tokenizer)
+    key = cache_key(config, train, vae, text_encoders, tokenizers)
+    features = cache_features(config, vae, text_encoders, tokenizers)
     manifest = read_manifest(cache_dir)
     if manifest is not None:
         changed = [name for name in key if manifest["key"].get(name) != key[name]]
@@ -425,14 +455,14 @@ def _build_latent_cache(accelerator, config: Config, train: TrainData, vae, text
         if manifest["complete"]:
             if accelerator.is_main_process:
                 print(f"reusing latent cache {cache_dir} ({manifest['cached_rows']} images)")
-            return open_latent_cache(cache_dir, manifest, cache_features(config, vae, text_encoder, tokenizer))
+            return open_latent_cache(cache_dir, manifest, features)
     elif cache_dir.exists() and any(path.name != LOCK_FILE for path in cache_dir.iterdir()):
         raise DataError(f"data.latent_cache_dir: {cache_dir} exists but holds no latent cache "
                         "(no manifest.json); point it at a new or empty directory")
     empty_embeds = None
-    if text_encoder is not None:
-        empty_ids = tokenize(tokenizer, [""], warn=False).to(text_encoder.device)
-        empty_embeds = text_encoder(empty_ids)[0][0].float().half().cpu()  # (L, D)
+    if text_encoders is not None and len(text_encoders) == 1:  # SDXL's unconditional input is zeros
+        empty_ids = tokenize(tokenizers[0], [""], warn=False).to(text_encoders[0].device)
+        empty_embeds = text_encoders[0](empty_ids)[0][0].float().half().cpu()  # (L, D)
     accelerator.wait_for_everyone()  # every process has read the directory before the main one writes
     if manifest is None or not manifest["complete"]:
         if manifest is None:
@@ -452,15 +482,15 @@ def _build_latent_cache(accelerator, config: Config, train: TrainData, vae, text
         elif accelerator.is_main_process:
             for leftover in cache_dir.glob(".partial-*"):  # of a killed build: incomplete by construction
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        _encode_missing(accelerator, config, train, vae, text_encoder, tokenizer, cache_dir, manifest)
-    return open_latent_cache(cache_dir, read_manifest(cache_dir), cache_features(config, vae, text_encoder, tokenizer))
+        _encode_missing(accelerator, config, train, vae, text_encoders, tokenizers, cache_dir, manifest)
+    return open_latent_cache(cache_dir, read_manifest(cache_dir), features)
 
 
-def _encode_missing(accelerator, config, train, vae, text_encoder, tokenizer, cache_dir: Path, manifest) -> None:
+def _encode_missing(accelerator, config, train, vae, text_encoders, tokenizers, cache_dir: Path, manifest) -> None:
     shard_size, data = manifest["shard_size"], config.data
-    features = cache_features(config, vae, text_encoder, tokenizer)
+    features = cache_features(config, vae, text_encoders, tokenizers)
     bad = []
-    encode_rows = _encoder(config, vae, text_encoder, tokenizer, bad, train.buckets)
+    encode_rows = _encoder(config, vae, text_encoders, tokenizers, bad, train.buckets)
     main = accelerator.is_main_process
     if manifest["streaming"]:
         accelerator.wait_for_everyone()
@@ -517,7 +547,7 @@ def open_latent_cache(cache_dir: Path, manifest: dict, features: datasets.Featur
     if not parts:
         raise DataError(f"the latent cache at {cache_dir} holds no images: every image failed to decode")
     empty = None
-    if "prompt_embeds" in features:
+    if "prompt_embeds" in features and "pooled_prompt_embeds" not in features:  # SDXL's unconditional input is zeros
         try:
             empty = load_file(str(cache_dir / EMPTY_EMBEDS_FILE))["empty_prompt_embeds"]
         except (SafetensorError, OSError, KeyError) as error:

@@ -16,12 +16,12 @@ from pathlib import Path
 import peft
 import torch
 import transformers
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from packaging.version import Version
 
 from .card import SAMPLE_GRID
 from .config import Config, ConfigError, LoraConfig, ModelConfig
-from .models import base_reference, resolve_source
+from .models import base_reference, model_family, resolve_source
 from .run_dir import written_then_renamed
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for in a directory
@@ -85,12 +85,14 @@ def check_targets(model: ModelConfig, settings: LoraConfig) -> None:
                           f"attention layers end in {layers} (the default is {LoraConfig().target_modules})")
 
 
-def save_lora(directory, unet, text_encoder, config: Config, card=None, sample_grid: Path | None = None) -> Path:
-    """Write the adapters (diffusers' LoRA format), base_model.json, the model card and its sample grid into
-    `directory`, atomically (a temporary name, renamed when complete). `text_encoder` None: UNet adapters only."""
+def save_lora(directory, unet, text_encoder, config: Config, card=None, sample_grid: Path | None = None,
+              text_encoder_2=None) -> Path:
+    """Write the adapters (diffusers' LoRA format; SDXL's with `text_encoder_2`'s), base_model.json, the model card
+    and its sample grid into `directory`, atomically (a temporary name, renamed when complete). `text_encoder` None:
+    UNet adapters only."""
     directory = Path(directory)
     layers, metadata = {}, {}
-    for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+    for name, model in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if model is not None:
             # peft's key names (…to_q.lora_A.weight), which load_lora_weights reads as they are. diffusers' older
             # names (…to_q.lora.down.weight, convert_state_dict_to_diffusers) cover only linear layers: a file
@@ -100,11 +102,13 @@ def save_lora(directory, unet, text_encoder, config: Config, card=None, sample_g
             # The adapter's settings (rank, alpha, targets) travel in the file's header; without them a loader
             # would take alpha = rank.
             metadata[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-    reference = {"base_model": base_reference(config.model), "variant": config.model.variant,
+    family = model_family(config.model)
+    reference = {"base_model": base_reference(config.model), "variant": config.model.variant, "family": family,
                  "resolution": config.resolution, "lora": vars(config.lora)}
+    # SDXL's loader class writes and reads the text_encoder_2 adapters too; both write diffusers' LoRA format.
+    saver = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     with written_then_renamed(directory) as partial:
-        StableDiffusionPipeline.save_lora_weights(partial, **layers, **metadata, weight_name=WEIGHTS_NAME,
-                                                  safe_serialization=True)
+        saver.save_lora_weights(partial, **layers, **metadata, weight_name=WEIGHTS_NAME, safe_serialization=True)
         (partial / BASE_FILE).write_text(json.dumps(reference, indent=2) + "\n")
         if card is not None:
             card.save(partial / "README.md")
@@ -128,6 +132,19 @@ def read_lora_dir(path) -> dict:
                           "run (<output_dir>/lora)")
     reference = path / BASE_FILE
     return json.loads(reference.read_text()) if reference.is_file() else {}
+
+
+def check_lora_family(path, model: str, family: str) -> None:
+    """Refuse, before any weights are read, a LoRA made for the other model family than the `model` it is loaded
+    onto (`family`: "sd" or "sdxl"; a LoRA made elsewhere, without base_model.json, is checked as it loads)."""
+    reference = read_lora_dir(path)
+    if reference.get("family", family) != family:
+        names = {"sd": "a Stable Diffusion 1.x/2.x", "sdxl": "an SDXL"}
+        base = reference.get("base_model")
+        made_for = f" (it was trained on {base})" if base else ""
+        raise ConfigError(f"--lora {path} is {names[reference['family']]} LoRA{made_for} and the model {model} is "
+                          f"{names[family]} pipeline; load it onto its own base (--model {base or 'its base'}), or "
+                          "train a LoRA for this model")
 
 
 def load_lora(pipe, path) -> None:

@@ -8,6 +8,7 @@ hub ids. Weights are read as safetensors only.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .config import ConfigError, ModelConfig
 from .tokenizer import build_tokenizer
@@ -48,6 +49,24 @@ UNET_PRESETS = {
                  down_block_types=(_CROSS_DOWN,) * 3 + (_DOWN,), up_block_types=(_UP,) + (_CROSS_UP,) * 3),
 }
 
+# The SDXL family (Podell et al. 2023): no attention at the first level, several transformer blocks per attention
+# at the deeper ones, linear projections into attention, and a "text_time" embedding added to the timestep's: the
+# pooled text embedding and six numbers of size and crop micro-conditioning, each embedded in
+# `addition_time_embed_dim` sinusoids.
+UNET_XL_PRESETS = {
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4), norm_num_groups=8,
+                 transformer_layers_per_block=(1, 2), addition_time_embed_dim=8,
+                 down_block_types=(_DOWN, _CROSS_DOWN), up_block_types=(_CROSS_UP, _UP)),
+    "small": dict(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=(4, 4), norm_num_groups=16,
+                  transformer_layers_per_block=(1, 1), addition_time_embed_dim=32,
+                  down_block_types=(_CROSS_DOWN, _CROSS_DOWN), up_block_types=(_CROSS_UP, _CROSS_UP)),
+    # SDXL 1.0 base: 2567.5M parameters.
+    "sdxl": dict(block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
+                 transformer_layers_per_block=(1, 2, 10), addition_time_embed_dim=256,
+                 down_block_types=(_DOWN, _CROSS_DOWN, _CROSS_DOWN), up_block_types=(_CROSS_UP, _CROSS_UP, _UP)),
+}
+UNET_XL_COMMON = dict(use_linear_projection=True, addition_embed_type="text_time")
+
 # Four blocks: three downsamplings, the factor 8 of Stable Diffusion's autoencoder.
 VAE_PRESETS = {
     "tiny": dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4),
@@ -55,6 +74,10 @@ VAE_PRESETS = {
     "base": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32),
     # Stable Diffusion 1.x: 83.7M parameters.
     "sd15": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+    # SDXL's: SD's layout with another latent scale; its activations overflow float16 (force_upcast: pipelines
+    # decode in float32, and fp16 training keeps it in float32).
+    "sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                 scaling_factor=0.13025, force_upcast=True),
 }
 
 # vocab_size / max_position_embeddings of None are taken from the tokenizer.
@@ -67,8 +90,23 @@ TEXT_ENCODER_PRESETS = {
                  max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768),
 }
 
-PRESETS = {"unet": UNET_PRESETS, "vae": VAE_PRESETS, "text_encoder": TEXT_ENCODER_PRESETS}
+# SDXL's second text encoder, a CLIPTextModelWithProjection whose projected end-of-text state is the pooled prompt.
+# Wider than the first, as SDXL's (1280 against 768): single-file loaders tell the two apart by their width.
+TEXT_ENCODER_2_PRESETS = {
+    "tiny": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+    "small": dict(hidden_size=192, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                  projection_dim=128),
+    # OpenCLIP ViT-bigG/14's text tower, as used by SDXL: 694.7M parameters.
+    "sdxl": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=1280),
+}
+TEXT_ENCODER_PRESETS["sdxl"] = TEXT_ENCODER_PRESETS["sd15"]  # SDXL's first text encoder is SD-1.x's CLIP ViT-L/14
+
+# Preset names per component; the UNet's layouts per family (sd: UNET_PRESETS, sdxl: UNET_XL_PRESETS).
+PRESETS = {"unet": {**UNET_PRESETS, **UNET_XL_PRESETS}, "vae": VAE_PRESETS, "text_encoder": TEXT_ENCODER_PRESETS,
+           "text_encoder_2": TEXT_ENCODER_2_PRESETS}
 CAPTIONS_TOKENIZER = "captions"
+TOKENIZERS = ("tokenizer", "tokenizer_2")
 
 
 @dataclass
@@ -95,8 +133,8 @@ def resolve_source(model: ModelConfig, component: str) -> Source:
         return _checked_path(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path", component,
                              model.variant)
     if value is None:
-        value = CAPTIONS_TOKENIZER if component == "tokenizer" else "tiny"
-    if value in PRESETS.get(component, {}) or (component == "tokenizer" and value == CAPTIONS_TOKENIZER):
+        value = CAPTIONS_TOKENIZER if component in TOKENIZERS else "tiny"
+    if value in PRESETS.get(component, {}) or (component in TOKENIZERS and value == CAPTIONS_TOKENIZER):
         return Source(preset=value)
     return _checked_path(value, f"model.{component}", None, model.variant)
 
@@ -108,11 +146,15 @@ def _checked_path(value: str, key: str, subfolder: str | None, variant: str | No
         if not path.is_dir():
             raise ConfigError(f"{key}: {value} is a file; give a model directory")
         if subfolder and not (path / subfolder).is_dir():
+            index = path / "model_index.json"
+            if subfolder in (json.loads(index.read_text()) if index.is_file() else {}):
+                raise ConfigError(f"{key}: {value} is incomplete: its model_index.json lists {subfolder} but there is "
+                                  f"no {subfolder}/ folder; copy the whole pipeline directory")
             raise ConfigError(f"{key}: {value} has no {subfolder}/ folder; is it a diffusers pipeline directory?")
         check_weight_files(path / (subfolder or ""), key, variant)
         return Source(path=str(path), subfolder=subfolder)
     component = key.split(".")[-1]
-    presets = sorted(PRESETS.get(component, {})) + ([CAPTIONS_TOKENIZER] if component == "tokenizer" else [])
+    presets = sorted(PRESETS.get(component, {})) + ([CAPTIONS_TOKENIZER] if component in TOKENIZERS else [])
     if value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
         hint = f"a preset ({', '.join(presets)}), " if presets else ""
         raise ConfigError(f"{key}: {value} does not exist; give {hint}an existing directory or a hub id")
@@ -178,34 +220,91 @@ def _preset(component: str, name: str, overrides: dict) -> dict:
     return kwargs
 
 
-def load_tokenizer(model: ModelConfig, captions: Callable[[], list[str]]) -> CLIPTokenizer:
-    """The configured tokenizer, or one built from the training captions (offline default)."""
-    source = resolve_source(model, "tokenizer")
+def pipeline_family(path_or_id: str) -> str:
+    """"sdxl" for a pipeline whose model_index.json lists a second text encoder (StableDiffusionXLPipeline and the
+    pipelines made from it), else "sd". A hub id's model_index.json is fetched (a file of a few hundred bytes)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        index_file = path / "model_index.json"
+        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            index = DiffusionPipeline.load_config(path_or_id)
+        except (OSError, ValueError):  # unreachable: the loading of its components reports it, by name
+            index = {}
+    return "sdxl" if "text_encoder_2" in index else "sd"
+
+
+def model_family(model: ModelConfig) -> str:
+    """The run's model family ("sd" or "sdxl"): the pretrained pipeline's, else model.family, else "sdxl" when a
+    component preset is named "sdxl"."""
+    if model.pretrained_model_name_or_path:
+        found = pipeline_family(model.pretrained_model_name_or_path)
+        if model.family is not None and model.family != found:
+            raise ConfigError(f"model.family: {model.family}, but model.pretrained_model_name_or_path "
+                              f"{model.pretrained_model_name_or_path} is an {found.upper()} pipeline; remove "
+                              "model.family (it is read from the pipeline)")
+        return found
+    if model.family is not None:
+        return model.family
+    presets = (model.unet, model.vae, model.text_encoder, model.text_encoder_2)
+    return "sdxl" if "sdxl" in presets or model.text_encoder_2 is not None else "sd"
+
+
+def load_tokenizer(model: ModelConfig, captions: Callable[[], list[str]], component: str = "tokenizer"):
+    """The configured tokenizer (`component` "tokenizer_2": SDXL's second one), or one built from the training
+    captions (offline default)."""
+    source = resolve_source(model, component)
     if source.preset == CAPTIONS_TOKENIZER:
         return build_tokenizer(captions())
-    return _from_pretrained(CLIPTokenizer, source, "model.tokenizer")
+    return _from_pretrained(CLIPTokenizer, source, f"model.{component}")
 
 
-def build_text_encoder(model: ModelConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    source = resolve_source(model, "text_encoder")
+def build_text_encoder(model: ModelConfig, tokenizer: CLIPTokenizer, component: str = "text_encoder"):
+    """The configured text encoder: a CLIPTextModel, or (`component` "text_encoder_2") SDXL's second one, a
+    CLIPTextModelWithProjection."""
+    cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+    source = resolve_source(model, component)
     if source.path:
-        encoder = _from_pretrained(CLIPTextModel, source, "model.text_encoder", use_safetensors=True, **_weights(model))
+        encoder = _from_pretrained(cls, source, f"model.{component}", use_safetensors=True, **_weights(model))
     else:
-        kwargs = _preset("text_encoder", source.preset, model.text_encoder_kwargs)
+        kwargs = _preset(component, source.preset, model.text_encoder_kwargs if component == "text_encoder" else {})
         kwargs.setdefault("vocab_size", len(tokenizer))
         kwargs.setdefault("max_position_embeddings", tokenizer.model_max_length)
         config = CLIPTextConfig(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, **kwargs,
         )
-        encoder = CLIPTextModel(config)
+        encoder = cls(config)
     if encoder.config.vocab_size < len(tokenizer):
-        raise ConfigError(f"model.text_encoder has {encoder.config.vocab_size} token embeddings but the "
+        raise ConfigError(f"model.{component} has {encoder.config.vocab_size} token embeddings but the "
                           f"tokenizer has {len(tokenizer)} tokens; use a matching tokenizer")
     if encoder.config.max_position_embeddings < tokenizer.model_max_length:
-        raise ConfigError(f"model.text_encoder handles {encoder.config.max_position_embeddings} tokens but "
+        raise ConfigError(f"model.{component} handles {encoder.config.max_position_embeddings} tokens but "
                           f"the tokenizer pads to {tokenizer.model_max_length}; use a matching tokenizer")
     return encoder
+
+
+def encode_prompt(text_encoders: list, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(text states, pooled text embedding or None) of token `ids` (one (B, L) tensor per encoder).
+
+    Stable Diffusion: the encoder's last hidden state (B, L, D), no pooled embedding. SDXL, as
+    StableDiffusionXLPipeline.encode_prompt computes them: both encoders' penultimate hidden states side by side
+    (B, L, D1 + D2), and the second encoder's projected end-of-text state (B, P)."""
+    if len(text_encoders) == 1:
+        return text_encoders[0](ids[0])[0], None
+    states = [encoder(token_ids, output_hidden_states=True) for encoder, token_ids in zip(text_encoders, ids)]
+    return torch.cat([output.hidden_states[-2] for output in states], dim=-1), states[-1].text_embeds
+
+
+def micro_conditioning(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: tuple[int, int]):
+    """SDXL's six size and crop numbers per image, (B, 6): its original (height, width), the (top, left) of its crop
+    in the resized image, and the (height, width) it is trained at. A pipeline samples with the original size and
+    the target size both the image's, and no crop."""
+    target = torch.tensor(target_size, device=original_size.device).expand(len(original_size), 2)
+    return torch.cat([original_size, crop_top_left, target], dim=1).float()
 
 
 def build_vae(model: ModelConfig) -> AutoencoderKL:
@@ -225,7 +324,7 @@ def seeded(seed: int, component: str, build: Callable):
     loaded before it (a resume loads the text encoder instead of building it, and a VAE stage that
     is already finished is loaded, not built). LoRA adapters draw from the seed of their model."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1000 + ("text_encoder", "vae", "unet").index(component))
+        torch.manual_seed(seed * 1000 + ("text_encoder", "vae", "unet", "text_encoder_2").index(component))
         return build()
 
 
@@ -233,20 +332,38 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def build_unet(model: ModelConfig, resolution: int, vae: AutoencoderKL, text_encoder: CLIPTextModel):
+def build_unet(model: ModelConfig, resolution: int, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+               text_encoder_2: CLIPTextModelWithProjection | None = None):
+    """The configured UNet; an SDXL-family one (`text_encoder_2` given) attends to both encoders' states side by side
+    and adds their pooled embedding and the six micro-conditioning numbers to its timestep embedding."""
     source = resolve_source(model, "unet")
+    text_dim = text_encoder.config.hidden_size + (text_encoder_2.config.hidden_size if text_encoder_2 else 0)
     if source.path:
         unet = _from_pretrained(UNet2DConditionModel, source, "model.unet", use_safetensors=True, **_weights(model))
     else:
-        kwargs = _preset("unet", source.preset, model.unet_kwargs)
+        if text_encoder_2 is None and source.preset not in UNET_PRESETS:
+            raise ConfigError(f"model.unet: {source.preset!r} is an SDXL layout; set model.family: sdxl, or use an "
+                              f"SD preset ({', '.join(UNET_PRESETS)})")
+        if text_encoder_2 is not None and source.preset not in UNET_XL_PRESETS:
+            raise ConfigError(f"model.unet: {source.preset!r} is an SD layout; an SDXL-family UNet is one of "
+                              f"{', '.join(UNET_XL_PRESETS)}")
+        kwargs = dict(UNET_XL_PRESETS[source.preset] if text_encoder_2 else UNET_PRESETS[source.preset])
+        if text_encoder_2 is not None:
+            kwargs.update(UNET_XL_COMMON, projection_class_embeddings_input_dim=(
+                6 * kwargs["addition_time_embed_dim"] + text_encoder_2.config.projection_dim))
+        kwargs.update(model.unet_kwargs)
         kwargs.setdefault("sample_size", resolution // vae_scale_factor(vae))
         kwargs.setdefault("in_channels", vae.config.latent_channels)
         kwargs.setdefault("out_channels", vae.config.latent_channels)
-        kwargs.setdefault("cross_attention_dim", text_encoder.config.hidden_size)
+        kwargs.setdefault("cross_attention_dim", text_dim)
         unet = UNet2DConditionModel(**kwargs)
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+    sdxl_unet = unet.config.addition_embed_type == "text_time"
+    if sdxl_unet != (text_encoder_2 is not None):
+        raise ConfigError(f"model.unet is {'an SDXL' if sdxl_unet else 'an SD'}-family UNet but the text encoders are "
+                          f"{'SD' if sdxl_unet else 'SDXL'}'s; use components of one family (model.family)")
+    if unet.config.cross_attention_dim != text_dim:
         raise ConfigError(f"model.unet attends to {unet.config.cross_attention_dim}-dim text features but the "
-                          f"text encoder gives {text_encoder.config.hidden_size}; use matching components")
+                          f"text encoder{'s give' if text_encoder_2 else ' gives'} {text_dim}; use matching components")
     if unet.config.in_channels != vae.config.latent_channels:
         raise ConfigError(f"model.unet takes {unet.config.in_channels} channels but the VAE makes "
                           f"{vae.config.latent_channels}-channel latents; use matching components")

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from .card import SAMPLE_GRID, minimal_card
 from .config import ConfigError, SamplingConfig
-from .lora import load_lora, read_lora_dir
-from .models import make_sampler, vae_scale_factor
+from .lora import check_lora_family, load_lora, read_lora_dir
+from .models import make_sampler, pipeline_family, vae_scale_factor
 from .run_dir import written_then_renamed
 from .tokenizer import save_tokenizer
 
@@ -30,10 +30,12 @@ FALLBACK_DEFAULTS = {"scheduler": "dpmsolver++", "num_inference_steps": 25, "gui
 
 
 def save_pipeline(directory, *, vae, text_encoder, tokenizer, unet, noise_scheduler, sampling: SamplingConfig,
-                  extra: dict | None = None, card=None, sample_grid: Path | None = None) -> Path:
+                  extra: dict | None = None, card=None, sample_grid: Path | None = None, text_encoder_2=None,
+                  tokenizer_2=None) -> Path:
     """Write a plain `StableDiffusionPipeline` directory (safetensors, no safety checker) atomically,
     with a model card (`card`, a huggingface_hub `ModelCard`; a minimal one by default) as README.md
-    and the `sample_grid` image it shows.
+    and the `sample_grid` image it shows. With `text_encoder_2` and `tokenizer_2` (SDXL) a
+    `StableDiffusionXLPipeline` directory.
 
     Its scheduler is the sampler from `sampling`, configured from the training noise schedule, and
     with `extra={"resolution": R}` the UNet's `sample_size` is R / 8, so plain
@@ -45,19 +47,25 @@ def save_pipeline(directory, *, vae, text_encoder, tokenizer, unet, noise_schedu
     if resolution and unet.config.sample_size != resolution // vae_scale_factor(vae):
         # Plain diffusers sizes its images from the UNet's sample_size: make that the trained resolution.
         unet.register_to_config(sample_size=resolution // vae_scale_factor(vae))
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=make_sampler(sampling.scheduler, noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    scheduler = make_sampler(sampling.scheduler, noise_scheduler.config)
+    if text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     defaults = {"scheduler": sampling.scheduler, "num_inference_steps": sampling.num_inference_steps,
                 "guidance_scale": sampling.guidance_scale, "guidance_rescale": sampling.guidance_rescale,
                 **(extra or {})}
     with written_then_renamed(directory) as partial:
         pipe.save_pretrained(partial, safe_serialization=True)
-        save_tokenizer(tokenizer, partial / "tokenizer")  # adds vocab.json + merges.txt for older transformers
+        for name, each in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
+            if each is not None:  # adds vocab.json + merges.txt for older transformers
+                save_tokenizer(each, partial / name)
         (partial / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
-        (card or minimal_card(directory.name)).save(partial / "README.md")
+        (card or minimal_card(directory.name, type(pipe).__name__)).save(partial / "README.md")
         if sample_grid is not None:
             shutil.copyfile(sample_grid, partial / SAMPLE_GRID)
     return directory
@@ -73,7 +81,8 @@ def best_dtype(device: torch.device) -> torch.dtype:
 
 def load_pipeline(path_or_id: str | os.PathLike | None, device=None, dtype=None, scheduler: str | None = None,
                   lora: str | os.PathLike | None = None, variant: str | None = None):
-    """A ready `StableDiffusionPipeline`: best device and dtype, our fast sampler.
+    """A ready `StableDiffusionPipeline` (`StableDiffusionXLPipeline` for an SDXL directory or hub id): best device
+    and dtype, our fast sampler.
 
     `pipe.generation_defaults` holds the steps, guidance and (for models trained here) image size the
     model was trained to be sampled with; `generate` and the CLI use them, and
@@ -118,10 +127,14 @@ def load_pipeline(path_or_id: str | os.PathLike | None, device=None, dtype=None,
                           "a list of prompts (strings): fix or remove that key")
     device = check_device(device) if device is not None else PartialState().device  # CUDA, MPS, ... else CPU
     dtype = dtype or best_dtype(device)
+    family = pipeline_family(str(path_or_id))
+    if lora is not None:
+        check_lora_family(lora, path_or_id, family)
+    # SDXL pipelines carry no safety checker; their invisible watermark is an optional package, left off.
+    cls, options = (StableDiffusionXLPipeline, dict(add_watermarker=False)) if family == "sdxl" else \
+        (StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False))
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(path_or_id), dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            use_safetensors=True, variant=variant)
+        pipe = cls.from_pretrained(str(path_or_id), dtype=dtype, use_safetensors=True, variant=variant, **options)
     except OSError as error:
         raise ConfigError(f"could not load model {path_or_id}: {' '.join(str(error).split())} Weights are read "
                           "as safetensors only (pickled .bin files are refused).") from error

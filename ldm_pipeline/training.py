@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from safetensors import SafetensorError
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import data as data_lib
 from . import dreambooth, latent_cache, plugins
@@ -45,7 +45,16 @@ from .cpu import set_up_cpu
 from .distributed import check_fsdp, check_process_group, failed_collective, process_group_kwargs
 from .loop import TrainingError, peer_lost
 from .lora import check_targets
-from .models import build_text_encoder, build_unet, build_vae, load_tokenizer, resolve_source, seeded, vae_scale_factor
+from .models import (
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    load_tokenizer,
+    model_family,
+    resolve_source,
+    seeded,
+    vae_scale_factor,
+)
 from .run_dir import (
     RUN_DATA_FILE,
     SKIPPED_IMAGES_FILE,
@@ -58,8 +67,11 @@ from .run_dir import (
     written_then_renamed,
 )
 from .tokenizer import save_tokenizer
-from .unet_stage import cached_text_encoder, frozen_dtype, train_unet_stage
+from .unet_stage import cached_text_encoders, frozen_dtype, train_unet_stage, vae_dtype
 from .vae_stage import load_trained_vae, train_vae_stage
+
+# The run's own text components, saved in <output_dir> when made from presets or captions (SDXL: all four).
+TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 
 
 def train(config: Config, dry_run: bool = False) -> Path | None:
@@ -88,7 +100,9 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
         accelerator.wait_for_everyone()  # no process reads the latent cache before a stale one is gone
         if config.report_to not in (None, "none"):
             accelerator.init_trackers("ldm_pipeline")  # tensorboard: <output_dir>/logs/ldm_pipeline
-        accelerator.print(f"text_encoder: {prepared.text_encoder.num_parameters() / 1e6:.2f}M parameters, "
+        second = f"text_encoder_2: {prepared.text_encoder_2.num_parameters() / 1e6:.2f}M parameters, " \
+            if prepared.text_encoder_2 is not None else ""
+        accelerator.print(f"text_encoder: {prepared.text_encoder.num_parameters() / 1e6:.2f}M parameters, {second}"
                           f"vae: {prepared.vae.num_parameters() / 1e6:.2f}M parameters, "
                           f"{prepared.num_examples} training images")
         accelerator.print(describe_run(config, accelerator, {}, prepared.num_examples))
@@ -98,7 +112,8 @@ def train(config: Config, dry_run: bool = False) -> Path | None:
         if "unet" not in config.stages:
             accelerator.end_training()
             return None
-        return train_unet_stage(accelerator, config, prepared.train, prepared.tokenizer, prepared.text_encoder, vae)
+        return train_unet_stage(accelerator, config, prepared.train, prepared.tokenizer, prepared.text_encoder, vae,
+                                prepared.tokenizer_2, prepared.text_encoder_2)
 
 
 def build_accelerator(config: Config) -> Accelerator:
@@ -139,10 +154,20 @@ class Prepared:
     new_text_components: bool  # made now from presets or captions: saved in output_dir when the run starts
     vae: AutoencoderKL  # the run's finished VAE (<output_dir>/vae), else built from its seed
     bucket_notes: list[str]  # small aspect-ratio buckets merged into others (data.buckets)
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL's second tokenizer and text encoder
+    text_encoder_2: CLIPTextModelWithProjection | None = None
 
     @property
     def num_examples(self) -> int:
         return len(self.captions)
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:  # one, or SDXL's two
+        return [self.tokenizer] + ([self.tokenizer_2] if self.tokenizer_2 is not None else [])
+
+    @property
+    def text_encoders(self) -> list:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
 
 
 def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, check_images: bool = True,
@@ -165,7 +190,7 @@ def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, che
     if train is not None and data.buckets is not None:
         train, bucket_notes = data_lib.with_buckets(train, config, accelerator.num_processes, listed_in)
     captions = train.captions if train else planned[:data.max_train_samples]
-    tokenizer, text_encoder, new = run_text_components(config, captions, train.fingerprint if train else None)
+    tokenizer, text_encoder, new, second = run_text_components(config, captions, train.fingerprint if train else None)
     dreambooth.check_prompts(tokenizer, data)
     if data.class_data_dir:
         dreambooth.missing_class_images(config)  # too few, and no base model to make the rest: refused here
@@ -179,7 +204,7 @@ def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, che
     if data.class_data_dir and train is not None and not dry_run:  # every input checked: the class images come last
         dreambooth.make_class_images(accelerator, config)
         train = dataclasses.replace(train, prior=dreambooth.load_class_data(config, accelerator, check_images))
-    return Prepared(train, captions, tokenizer, text_encoder, new, vae, bucket_notes)
+    return Prepared(train, captions, tokenizer, text_encoder, new, vae, bucket_notes, *second)
 
 
 def data_exists(config: Config) -> bool:
@@ -194,7 +219,8 @@ def finished_vae(config: Config) -> Path | None:
 
 
 def run_text_components(config: Config, captions: list[str], fingerprint: str | None):
-    """(tokenizer, text encoder, newly built?) for this run.
+    """(tokenizer, text encoder, newly built?, (tokenizer_2, text_encoder_2)) for this run; the last pair is SDXL's
+    second tokenizer and text encoder, (None, None) for Stable Diffusion.
 
     A tokenizer built from the captions and a randomly initialised text encoder are part of the run:
     they are saved in <output_dir> when it starts and read back on every resume (rebuilding them from
@@ -210,13 +236,25 @@ def run_text_components(config: Config, captions: list[str], fingerprint: str | 
             raise ConfigError(f"data: the training data changed since {out} started ({', '.join(changed)} differ: "
                               f"{record['num_examples']} -> {now['num_examples']} examples); its tokenizer and "
                               "text encoder were made for the old data. Start a new output_dir for this data")
-        tokenizer = load_tokenizer(ModelConfig(tokenizer=str(out / "tokenizer")), lambda: [])
-        text_encoder = build_text_encoder(ModelConfig(text_encoder=str(out / "text_encoder")), tokenizer)
-        return tokenizer, text_encoder, False
+        saved = ModelConfig(**{name: str(out / name) for name in TEXT_COMPONENTS})
+        tokenizer = load_tokenizer(saved, lambda: [])
+        text_encoder = build_text_encoder(saved, tokenizer)
+        second = (None, None)
+        if (out / "text_encoder_2").is_dir():
+            tokenizer_2 = load_tokenizer(saved, lambda: [], "tokenizer_2")
+            second = (tokenizer_2, build_text_encoder(saved, tokenizer_2, "text_encoder_2"))
+        return tokenizer, text_encoder, False, second
     tokenizer = load_tokenizer(config.model, lambda: captions)
     text_encoder = seeded(config.seed, "text_encoder", lambda: build_text_encoder(config.model, tokenizer))
-    from_run = resolve_source(config.model, "tokenizer").preset or resolve_source(config.model, "text_encoder").preset
-    return tokenizer, text_encoder, bool(from_run)
+    names = TEXT_COMPONENTS[:2]
+    second = (None, None)
+    if model_family(config.model) == "sdxl":
+        names = TEXT_COMPONENTS
+        tokenizer_2 = load_tokenizer(config.model, lambda: captions, "tokenizer_2")
+        second = (tokenizer_2, seeded(config.seed, "text_encoder_2",
+                                      lambda: build_text_encoder(config.model, tokenizer_2, "text_encoder_2")))
+    from_run = any(resolve_source(config.model, name).preset for name in names)
+    return tokenizer, text_encoder, bool(from_run), second
 
 
 def run_data_record(captions: list[str], fingerprint: str | None) -> dict:
@@ -226,10 +264,15 @@ def run_data_record(captions: list[str], fingerprint: str | None) -> dict:
 
 def save_run_text_components(config: Config, prepared: Prepared) -> None:
     out = Path(config.output_dir)
-    with written_then_renamed(out / "tokenizer") as partial:
-        save_tokenizer(prepared.tokenizer, partial)
-    with written_then_renamed(out / "text_encoder") as partial:
-        prepared.text_encoder.save_pretrained(partial, safe_serialization=True)
+    for name in TEXT_COMPONENTS:
+        component = getattr(prepared, name)
+        if component is None:
+            continue
+        with written_then_renamed(out / name) as partial:
+            if name.startswith("tokenizer"):
+                save_tokenizer(component, partial)
+            else:
+                component.save_pretrained(partial, safe_serialization=True)
 
 
 def save_run_data(config: Config, prepared: Prepared) -> None:
@@ -253,7 +296,7 @@ def drop_stale_latent_cache(config: Config, prepared: Prepared) -> None:
     manifest = latent_cache.read_manifest(directory)
     if manifest is None:
         return
-    key = latent_cache.cache_key(config, prepared.train, prepared.vae, None, prepared.tokenizer)
+    key = latent_cache.cache_key(config, prepared.train, prepared.vae, None, prepared.tokenizers)
     changed = [name for name in key if name not in ("vae", "text_encoder") and manifest["key"].get(name) != key[name]]
     if changed:
         shutil.rmtree(directory)
@@ -281,18 +324,22 @@ def build_cache(config: Config) -> Path:
     # The rows the run will cache: it checks its images before the VAE stage, else the cache build checks them.
     prepared = prepare(accelerator, config, check_images="vae" in config.stages)
     weight_dtype = frozen_dtype(accelerator)
-    prepared.vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
-    prepared.text_encoder.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
+    prepared.vae.requires_grad_(False).eval().to(accelerator.device, vae_dtype(prepared.vae, weight_dtype))
+    for encoder in prepared.text_encoders:
+        encoder.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
     data_lib.warn_truncated(prepared.tokenizer, prepared.captions)
     cache = latent_cache.build_latent_cache(accelerator, config, prepared.train, prepared.vae,
-                                            cached_text_encoder(config, prepared.text_encoder), prepared.tokenizer)
+                                            cached_text_encoders(config, prepared.text_encoders), prepared.tokenizers)
     accelerator.print(f"latent cache ready: {cache.directory} ({len(cache.rows)} images)")
     return cache.directory
 
 
 def describe_dry_run(accelerator: Accelerator, config: Config, prepared: Prepared) -> None:
     components = {"text_encoder": prepared.text_encoder, "vae": prepared.vae,
-                  "unet": build_unet(config.model, config.resolution, prepared.vae, prepared.text_encoder)}
+                  "unet": build_unet(config.model, config.resolution, prepared.vae, prepared.text_encoder,
+                                     prepared.text_encoder_2)}
+    if prepared.text_encoder_2 is not None:
+        components["text_encoder_2"] = prepared.text_encoder_2
     accelerator.print(to_yaml(config))
     accelerator.print(describe_run(config, accelerator, components, prepared.num_examples))
     if config.data.buckets is not None:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, cast_training_params
 
 from . import data as data_lib
@@ -31,7 +31,16 @@ from .config import TEXT_ENCODER_LORA_TARGETS, Config, stage_settings
 from .generation import captioned_grid, generate
 from .loop import Stage, fit, log_image, log_metrics, make_loader, make_optimizer
 from .lora import add_adapters, save_lora, trainable
-from .models import base_reference, build_noise_scheduler, build_unet, make_sampler, seeded, vae_scale_factor
+from .models import (
+    base_reference,
+    build_noise_scheduler,
+    build_unet,
+    encode_prompt,
+    make_sampler,
+    micro_conditioning,
+    seeded,
+    vae_scale_factor,
+)
 from .pipeline import save_pipeline
 from .run_dir import list_skipped_images
 
@@ -55,6 +64,17 @@ class UNetParts:
     device: torch.device
     prior_loss_weight: float = 1.0  # DreamBooth: the weight of the class rows' loss
     unwrap: Callable = lambda model: model  # accelerator.unwrap_model
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder (prepared when it trains)
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def text_encoders(self, training: bool) -> list[torch.nn.Module]:
+        """The encoders to run: as prepared while they train, else unwrapped (a DDP forward outside training could
+        sync buffers)."""
+        encoders = [self.text_encoder] + ([self.text_encoder_2] if self.sdxl else [])
+        return encoders if training else [self.unwrap(encoder) for encoder in encoders]
 
 
 def encode(parts: UNetParts, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,22 +82,41 @@ def encode(parts: UNetParts, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if "latent_mean" in batch:
         return batch["latent_mean"], batch["latent_std"]
     with torch.no_grad():
-        dist = parts.vae.encode(batch["pixel_values"].to(parts.weight_dtype)).latent_dist
+        dist = parts.vae.encode(batch["pixel_values"].to(parts.vae.dtype)).latent_dist
     return dist.mean.float(), dist.std.float()
 
 
-def text_features(parts: UNetParts, batch: dict, dropped: torch.Tensor) -> torch.Tensor:
-    """(B, L, D) text-encoder states of the captions, the `dropped` ones replaced by the empty prompt."""
+def text_features(parts: UNetParts, batch: dict, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """((B, L, D) text states, (B, P) pooled text embedding or None) of the captions, the `dropped` ones replaced by
+    the unconditional input: Stable Diffusion's is the empty prompt's encoding. SDXL's is zeros, states and pooled
+    embedding both, as StableDiffusionXLPipeline's unconditional branch of guidance (force_zeros_for_empty_prompt)."""
     if "prompt_embeds" in batch:
-        embeds = batch["prompt_embeds"].clone()
-        embeds[dropped] = parts.empty_embeds.to(embeds)
-        return embeds
-    ids = batch["input_ids"].clone()
-    ids[dropped] = parts.empty_ids.to(ids.device)
-    if parts.trains_text_encoder and torch.is_grad_enabled():
-        return parts.text_encoder(ids)[0]
-    with torch.no_grad():  # unwrapped: a DDP forward outside training could sync buffers
-        return parts.unwrap(parts.text_encoder)(ids)[0]
+        embeds, pooled = batch["prompt_embeds"].clone(), batch.get("pooled_prompt_embeds")
+        if not parts.sdxl:
+            embeds[dropped] = parts.empty_embeds.to(embeds)
+    else:
+        ids = [batch["input_ids"].clone()] + ([batch["input_ids_2"]] if parts.sdxl else [])
+        if not parts.sdxl:
+            ids[0][dropped] = parts.empty_ids.to(ids[0].device)
+        training = parts.trains_text_encoder and torch.is_grad_enabled()
+        with torch.set_grad_enabled(training):
+            embeds, pooled = encode_prompt(parts.text_encoders(training), ids)
+    if not parts.sdxl:
+        return embeds, None
+    kept = (~dropped).to(embeds.dtype)
+    return embeds * kept[:, None, None], pooled * kept[:, None]
+
+
+def added_conditions(parts: UNetParts, batch: dict, pooled: torch.Tensor | None,
+                     latent_size: tuple[int, int]) -> dict | None:
+    """SDXL's added conditions: the pooled text embedding and each image's six size and crop numbers, the target
+    size being the size it trains at (its latent size times the VAE's factor). None for Stable Diffusion."""
+    if pooled is None:
+        return None
+    factor = vae_scale_factor(parts.vae)
+    target = (latent_size[0] * factor, latent_size[1] * factor)
+    return {"text_embeds": pooled,
+            "time_ids": micro_conditioning(batch["original_size"], batch["crop_top_left"], target)}
 
 
 def step_loss(parts: UNetParts, batch: dict, latent_noise: torch.Tensor, noise: torch.Tensor,
@@ -88,7 +127,10 @@ def step_loss(parts: UNetParts, batch: dict, latent_noise: torch.Tensor, noise: 
     scaling = parts.vae.config.scaling_factor
     latents = (mean + std * latent_noise) * scaling  # (B, C, h, w), unit variance
     noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = (denoiser or parts.unet)(noisy, timesteps, text_features(parts, batch, dropped)).sample
+    states, pooled = text_features(parts, batch, dropped)
+    prediction = (denoiser or parts.unet)(noisy, timesteps, states,
+                                          added_cond_kwargs=added_conditions(parts, batch, pooled,
+                                                                             latents.shape[-2:])).sample
     target = losses.diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
     mask = batch.get("mask")  # (B, 1, H, W) with data.masked_loss: each latent cell weighted by the area it covers
     if mask is not None:
@@ -172,23 +214,26 @@ def frozen_dtype(accelerator: Accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def cached_text_encoder(config: Config, text_encoder):
-    """The text encoder whose outputs the latent cache holds, or None (it is trained, or not cached)."""
-    return None if trains_text_encoder(config) or not config.data.cache_text_embeddings else text_encoder
+def cached_text_encoders(config: Config, text_encoders: list) -> list | None:
+    """The text encoders whose outputs the latent cache holds, or None (they train, or are not cached)."""
+    return None if trains_text_encoder(config) or not config.data.cache_text_embeddings else text_encoders
 
 
 def unet_log_offset(config: Config) -> int:
     return stage_settings(config, "unet").log_offset
 
 
-def add_lora(accelerator: Accelerator, config: Config, unet, text_encoder, weight_dtype) -> None:
-    """Adapters on the pretrained UNet (and text encoder), each from its own seed; only they train. Under mixed
+def add_lora(accelerator: Accelerator, config: Config, unet, text_encoder, weight_dtype,
+             text_encoder_2=None) -> None:
+    """Adapters on the pretrained UNet (and text encoders), each from its own seed; only they train. Under mixed
     precision the frozen base weights are kept in its dtype (half the memory; autocast computes in it anyway),
     the adapters in float32, the optimizer's master weights. Checkpoints then hold the adapters only."""
     for name, model, targets, wanted in (("unet", unet, config.lora.target_modules, True),
                                          ("text_encoder", text_encoder, TEXT_ENCODER_LORA_TARGETS,
+                                          config.lora.train_text_encoder),
+                                         ("text_encoder_2", text_encoder_2, TEXT_ENCODER_LORA_TARGETS,
                                           config.lora.train_text_encoder)):
-        if not wanted:
+        if not wanted or model is None:
             continue
         if accelerator.native_amp:
             model.to(weight_dtype)
@@ -199,37 +244,50 @@ def add_lora(accelerator: Accelerator, config: Config, unet, text_encoder, weigh
     checkpoint_trained_weights_only(accelerator)
 
 
-def set_up_models(accelerator: Accelerator, config: Config, text_encoder, vae):
+def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
+    """The frozen VAE's dtype: the run's, except that a VAE marked `force_upcast` (SDXL's, whose activations overflow
+    float16 to inf and NaN) stays float32 under fp16, as diffusers' pipelines decode with it. A fp16-safe VAE
+    (model.vae: madebyollin/sdxl-vae-fp16-fix, which has force_upcast false) runs in float16."""
+    overflows = weight_dtype == torch.float16 and vae.config.get("force_upcast", False)
+    return torch.float32 if overflows else weight_dtype
+
+
+def set_up_models(accelerator: Accelerator, config: Config, text_encoder, vae, text_encoder_2=None):
     """(UNet, noise scheduler, dtype of the frozen models): the UNet built from its seed (or loaded), LoRA
     adapters added, the frozen models moved and cast, memory options applied."""
     noise_scheduler = build_noise_scheduler(config.model, config.prediction_type,
                                             config.rescale_betas_zero_terminal_snr)
-    unet = seeded(config.seed, "unet", lambda: build_unet(config.model, config.resolution, vae, text_encoder))
+    unet = seeded(config.seed, "unet",
+                  lambda: build_unet(config.model, config.resolution, vae, text_encoder, text_encoder_2))
     accelerator.print(f"[unet] {unet.num_parameters() / 1e6:.2f}M parameters")
     weight_dtype = frozen_dtype(accelerator)
-    vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
-    text_encoder.requires_grad_(config.train_text_encoder)
+    vae.requires_grad_(False).eval().to(accelerator.device, vae_dtype(vae, weight_dtype))
+    encoders = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
+    for encoder in encoders:
+        encoder.requires_grad_(config.train_text_encoder)
     if config.lora.rank > 0:
-        add_lora(accelerator, config, unet, text_encoder, weight_dtype)
-    if not trains_text_encoder(config):
-        text_encoder.eval().to(accelerator.device, weight_dtype)
+        add_lora(accelerator, config, unet, text_encoder, weight_dtype, text_encoder_2)
+    for encoder in encoders:
+        if not trains_text_encoder(config):
+            encoder.eval().to(accelerator.device, weight_dtype)
+        elif config.gradient_checkpointing:
+            encoder.gradient_checkpointing_enable()
     if config.channels_last:
         unet.to(memory_format=torch.channels_last)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if trains_text_encoder(config):
-            text_encoder.gradient_checkpointing_enable()
     return unet, noise_scheduler, weight_dtype
 
 
-def training_sets(accelerator: Accelerator, config: Config, train: data_lib.TrainData, tokenizer, text_encoder,
-                  vae):
+def training_sets(accelerator: Accelerator, config: Config, train: data_lib.TrainData, tokenizers: list,
+                  text_encoders: list, vae):
     """(training set, held-out set, cached empty-prompt embedding or None): rows of the latent cache, or images
-    decoded in the loop."""
+    decoded in the loop. `tokenizers`, `text_encoders`: one each, or SDXL's two."""
+    tokenizer = tokenizers[0]
     data_lib.warn_truncated(tokenizer, train.captions)
     if config.data.cache_latents:  # memory-mapped: only the rows of a batch are ever read into RAM
         cache = latent_cache.build_latent_cache(accelerator, config, train, vae,
-                                                cached_text_encoder(config, text_encoder), tokenizer)
+                                                cached_text_encoders(config, text_encoders), tokenizers)
         found_later = [reason for reason in cache.skipped if reason not in train.skipped]  # by decoding them
         if found_later and accelerator.is_main_process:
             list_skipped_images(config.output_dir, train.skipped + found_later)
@@ -237,17 +295,19 @@ def training_sets(accelerator: Accelerator, config: Config, train: data_lib.Trai
         dataset = latent_cache.LatentDataset(cache, rows, config.data.random_flip)
         heldout_set = latent_cache.LatentDataset(cache, heldout, random_flip=False)
         return dataset, heldout_set, cache.empty_prompt_embeds
-    input_ids = data_lib.TokenIds(tokenizer, train.captions)  # tokenized per sample, not held for all rows
+    # tokenized per sample, not held for all rows
+    input_ids = [data_lib.TokenIds(each, train.captions) for each in tokenizers] + [None]
     rows, heldout = data_lib.split_heldout(train.num_rows, config.validation.num_heldout, config.seed)
-    dataset = data_lib.ImageTextDataset(train.dataset, input_ids, config.data, config.resolution, rows, train.buckets,
-                                        config.seed)
+    dataset = data_lib.ImageTextDataset(train.dataset, input_ids[0], config.data, config.resolution, rows,
+                                        train.buckets, config.seed, input_ids[1])
     heldout_data = dataclasses.replace(config.data, random_flip=False)
-    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids, heldout_data, config.resolution, heldout,
-                                            train.buckets, config.seed)
+    heldout_set = data_lib.ImageTextDataset(train.dataset, input_ids[0], heldout_data, config.resolution, heldout,
+                                            train.buckets, config.seed, input_ids[1])
     if train.prior is not None:  # DreamBooth: each instance picture paired with a class image (whole: no mask)
-        classes = data_lib.ImageTextDataset(train.prior.dataset, data_lib.TokenIds(tokenizer, train.prior.captions),
+        class_ids = [data_lib.TokenIds(each, train.prior.captions) for each in tokenizers] + [None]
+        classes = data_lib.ImageTextDataset(train.prior.dataset, class_ids[0],
                                             dreambooth.class_data_config(config.data), config.resolution,
-                                            seed=config.seed)
+                                            seed=config.seed, input_ids_2=class_ids[1])
         dataset = dreambooth.PriorPairs(dataset, classes)
     return dataset, heldout_set, None
 
@@ -263,16 +323,22 @@ def ema_of(accelerator: Accelerator, config: Config, unet) -> EMAModel | None:
     return ema
 
 
-def sampling_pipeline(parts: UNetParts, tokenizer, sampling) -> StableDiffusionPipeline:
+def sampling_pipeline(parts: UNetParts, tokenizers: list, sampling):
+    """The pipeline validation samples with: a StableDiffusionPipeline, or for SDXL a StableDiffusionXLPipeline."""
+    scheduler = make_sampler(sampling.scheduler, parts.noise_scheduler.config)
+    text_encoder, unet = parts.unwrap(parts.text_encoder), parts.unwrap(parts.unet)
+    if parts.sdxl:
+        return StableDiffusionXLPipeline(
+            vae=parts.vae, text_encoder=text_encoder, text_encoder_2=parts.unwrap(parts.text_encoder_2),
+            tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler, add_watermarker=False)
     return StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.unwrap(parts.text_encoder), tokenizer=tokenizer,
-        unet=parts.unwrap(parts.unet), scheduler=make_sampler(sampling.scheduler, parts.noise_scheduler.config),
+        vae=parts.vae, text_encoder=text_encoder, tokenizer=tokenizers[0], unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 @torch.no_grad()
-def validate(accelerator: Accelerator, config: Config, parts: UNetParts, tokenizer, heldout_set, ema, step: int,
-             name: str | None = None) -> dict:
+def validate(accelerator: Accelerator, config: Config, parts: UNetParts, tokenizers: list, heldout_set, ema,
+             step: int, name: str | None = None) -> dict:
     """Held-out loss and a grid of fixed prompts x seeds (split across processes), with the EMA weights when EMA
     is on: what will be saved."""
     unet = parts.unwrap(parts.unet)
@@ -284,7 +350,7 @@ def validate(accelerator: Accelerator, config: Config, parts: UNetParts, tokeniz
         metrics = {"val_loss": heldout_loss(accelerator, parts, heldout_set, config.seed)}
         prompts = config.validation.prompts or [""]
         jobs = [(p, s) for s in config.validation.seeds for p in prompts]
-        pipe = sampling_pipeline(parts, tokenizer, config.sampling)
+        pipe = sampling_pipeline(parts, tokenizers, config.sampling)
         pipe.set_progress_bar_config(disable=True)
         # Under mixed precision the frozen VAE and text encoder hold bf16/fp16 weights while the UNet keeps
         # fp32 ones; autocast runs each layer in one dtype, as in training.
@@ -310,10 +376,13 @@ def validate(accelerator: Accelerator, config: Config, parts: UNetParts, tokeniz
 
 
 def train_unet_stage(accelerator: Accelerator, config: Config, train: data_lib.TrainData, tokenizer, text_encoder,
-                     vae) -> Path:
-    """Train the UNet (or its LoRA adapters); returns <output_dir>/pipeline (<output_dir>/lora)."""
-    unet, noise_scheduler, weight_dtype = set_up_models(accelerator, config, text_encoder, vae)
-    dataset, heldout_set, empty_embeds = training_sets(accelerator, config, train, tokenizer, text_encoder, vae)
+                     vae, tokenizer_2=None, text_encoder_2=None) -> Path:
+    """Train the UNet (or its LoRA adapters); returns <output_dir>/pipeline (<output_dir>/lora). SDXL's second
+    tokenizer and text encoder come as `tokenizer_2`, `text_encoder_2`."""
+    unet, noise_scheduler, weight_dtype = set_up_models(accelerator, config, text_encoder, vae, text_encoder_2)
+    tokenizers = [tokenizer] + ([tokenizer_2] if text_encoder_2 is not None else [])
+    text_encoders = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
+    dataset, heldout_set, empty_embeds = training_sets(accelerator, config, train, tokenizers, text_encoders, vae)
     trained_rows = len(getattr(dataset, "instances", dataset))  # DreamBooth: the instance pictures
     paired = f", each paired with one of {len(dataset.classes)} class images" if train.prior is not None else ""
     accelerator.print(f"[unet] {trained_rows} training examples, {len(heldout_set)} held out for val_loss{paired}")
@@ -322,13 +391,15 @@ def train_unet_stage(accelerator: Accelerator, config: Config, train: data_lib.T
     param_groups = [{"params": trainable(unet), "lr": config.learning_rate}]
     if train_text:
         learning_rates.append(config.text_encoder_learning_rate or config.learning_rate)
-        param_groups.append({"params": trainable(text_encoder), "lr": learning_rates[-1]})
+        param_groups.append({"params": [p for encoder in text_encoders for p in trainable(encoder)],
+                             "lr": learning_rates[-1]})
     optimizer, lr_scheduler = make_optimizer(config, param_groups, config.learning_rate, config.lr_scheduler,
                                              config.lr_warmup_steps, config.max_train_steps, config.optimizer)
     loader = make_loader(config, dataset, stage_settings(config, "unet"), accelerator.num_processes)
     accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
     if train_text:
-        unet, text_encoder, optimizer, loader = accelerator.prepare(unet, text_encoder, optimizer, loader)
+        unet, *text_encoders, optimizer, loader = accelerator.prepare(unet, *text_encoders, optimizer, loader)
+        text_encoder, text_encoder_2 = (text_encoders + [None])[:2]
     else:
         unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     ema = ema_of(accelerator, config, unet)
@@ -338,9 +409,9 @@ def train_unet_stage(accelerator: Accelerator, config: Config, train: data_lib.T
         empty_ids=data_lib.tokenize(tokenizer, [""], warn=False)[0], empty_embeds=empty_embeds,
         weight_dtype=weight_dtype, trains_text_encoder=train_text, caption_dropout=config.data.caption_dropout,
         noise_offset=config.noise_offset, snr_gamma=config.snr_gamma, device=accelerator.device,
-        unwrap=accelerator.unwrap_model, prior_loss_weight=config.prior_loss_weight)
-    check = functools.partial(validate, accelerator, config, parts, tokenizer, heldout_set, ema)
-    models = [unet, text_encoder] if train_text else [unet]
+        unwrap=accelerator.unwrap_model, prior_loss_weight=config.prior_loss_weight, text_encoder_2=text_encoder_2)
+    check = functools.partial(validate, accelerator, config, parts, tokenizers, heldout_set, ema)
+    models = [unet, *text_encoders] if train_text else [unet]
     stage = Stage(settings=stage_settings(config, "unet"), models=models, optimizer=optimizer,
                   lr_scheduler=lr_scheduler, learning_rates=learning_rates, dataloader=loader,
                   compute_loss=functools.partial(training_loss, parts), ema=ema, validate=check)
@@ -352,7 +423,7 @@ def train_unet_stage(accelerator: Accelerator, config: Config, train: data_lib.T
                 unet_log_offset(config))
     result_dir = Path(config.output_dir) / ("lora" if config.lora.rank else "pipeline")
     if accelerator.is_main_process:
-        save_result(accelerator, config, parts, tokenizer, ema, models, trained_rows + len(heldout_set),
+        save_result(accelerator, config, parts, tokenizers, ema, models, trained_rows + len(heldout_set),
                     len(heldout_set), final_metrics, result_dir, example_prompts(config, train.captions))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -372,11 +443,12 @@ def example_prompts(config: Config, captions: list[str], count: int = 8) -> list
     return chosen[:count]
 
 
-def save_result(accelerator: Accelerator, config: Config, parts: UNetParts, tokenizer, ema, models,
+def save_result(accelerator: Accelerator, config: Config, parts: UNetParts, tokenizers: list, ema, models,
                 num_images: int, num_heldout: int, final_metrics: dict, result_dir: Path,
                 prompts: list[str]) -> None:
     """The pipeline (or LoRA) directory with its model card and final sample grid; EMA weights when EMA is on."""
     unet, text_encoder, vae = parts.unwrap(parts.unet), parts.unwrap(parts.text_encoder), parts.vae
+    text_encoder_2 = parts.unwrap(parts.text_encoder_2) if parts.sdxl else None
     if ema is not None:
         ema.copy_to(trainable(unet))
     grid = Path(config.output_dir) / "samples" / "final.png"
@@ -384,16 +456,19 @@ def save_result(accelerator: Accelerator, config: Config, parts: UNetParts, toke
                          num_processes=accelerator.num_processes, metrics=final_metrics, sample_grid=grid.is_file(),
                          parameters={"unet": unet.num_parameters(), "vae": vae.num_parameters(),
                                      "text_encoder": text_encoder.num_parameters(),
+                                     **({"text_encoder_2": text_encoder_2.num_parameters()} if parts.sdxl else {}),
                                      "trainable": sum(p.numel() for m in models for p in trainable(m))})
     sample_grid = grid if grid.is_file() else None
     if config.lora.rank:
-        save_lora(result_dir, unet, text_encoder if config.lora.train_text_encoder else None, config, card=card,
-                  sample_grid=sample_grid)
+        with_text = config.lora.train_text_encoder
+        save_lora(result_dir, unet, text_encoder if with_text else None, config, card=card, sample_grid=sample_grid,
+                  text_encoder_2=text_encoder_2 if with_text else None)
         print(f"saved the LoRA to {result_dir} (base: {base_reference(config.model)})")
         return
-    full = {m: m if m.dtype == torch.float32 else m.to(torch.float32) for m in (vae, text_encoder, unet)}
-    save_pipeline(result_dir, vae=full[vae], text_encoder=full[text_encoder], tokenizer=tokenizer,
-                  unet=full[unet], noise_scheduler=parts.noise_scheduler, sampling=config.sampling,
-                  extra={"resolution": config.resolution, "example_prompts": prompts}, card=card,
-                  sample_grid=sample_grid)
+    full = {name: model if model.dtype == torch.float32 else model.to(torch.float32)
+            for name, model in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet),
+                                ("text_encoder_2", text_encoder_2)) if model is not None}
+    save_pipeline(result_dir, **full, tokenizer=tokenizers[0], noise_scheduler=parts.noise_scheduler,
+                  sampling=config.sampling, extra={"resolution": config.resolution, "example_prompts": prompts},
+                  card=card, sample_grid=sample_grid, tokenizer_2=tokenizers[1] if parts.sdxl else None)
     print(f"saved the pipeline to {result_dir}")

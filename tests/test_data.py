@@ -155,7 +155,7 @@ def _cache_parts(tmp_path, data_dir, **overrides):
 def test_latent_cache_is_reused_and_refuses_stale(tmp_path, caption_folder, capsys):
     accelerator = Accelerator(cpu=True)
     config, train, tokenizer, text_encoder, vae = _cache_parts(tmp_path, caption_folder)
-    cache = latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+    cache = latent_cache.build_latent_cache(accelerator, config, train, vae, [text_encoder], [tokenizer])
     directory = tmp_path / "out" / "latent_cache"
     assert (directory / "manifest.json").is_file() and cache.directory == directory
     rows = cache.rows[:]
@@ -228,7 +228,7 @@ def test_images_are_checked_by_their_shard_once_and_bad_ones_skipped_or_named(tm
     train = data_lib.load_train_data(config, check_images=False)  # as a cached run loads it: nothing decoded yet
     decoded, open_rgb = [], data_lib.open_rgb
     monkeypatch.setattr(data_lib, "open_rgb", lambda value: decoded.append(value["path"]) or open_rgb(value))
-    cache = latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+    cache = latent_cache.build_latent_cache(accelerator, config, train, vae, [text_encoder], [tokenizer])
     assert sorted(decoded) == sorted(train.dataset["image"][i]["path"] for i in range(16))  # each image once
     assert cache.rows[:]["row"].tolist() == [r for r in range(16) if r != 3]
     manifest = json.loads((tmp_path / "out" / "latent_cache" / "manifest.json").read_text())

@@ -103,9 +103,9 @@ def test_wrong_content_scores_zero():
     assert report["color_accuracy"] == 0.0 and report["shape_accuracy"] == 0.0
     assert report["position_accuracy"] == 1.0 and report["all_accuracy"] == 0.0
     assert report["per_image"] == [{"caption": "a red circle in the top left", "background": "white", "cut": False,
-                                    "shape_iou": 1.0, "solidity": 1.0, "color": "blue", "color_correct": False, "shape": "square",
-                                    "shape_correct": False, "position": "top left", "position_correct": True,
-                                    "clean": True, "clean_correct": True}]
+                                    "shape_iou": 1.0, "solidity": 1.0, "color": "blue", "color_correct": False,
+                                    "shape": "square", "shape_correct": False, "position": "top left",
+                                    "position_correct": True, "clean": True, "clean_correct": True}]
 
 
 YELLOW = (230, 200, 30)
