@@ -155,10 +155,11 @@ def cmd_export(args) -> int:
 
     from .export import export_single_file
 
-    print(f"exporting {args.model} to the original Stable Diffusion single-file layout")
+    print(f"exporting {args.model} to the original single-file layout")
     summary = export_single_file(args.model, args.out, dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
+    second = f", text encoder 2 {summary['text_encoder_2_tensors']}" if "text_encoder_2_tensors" in summary else ""
     print(f"wrote {summary['path']}: {summary['tensors']} tensors (UNet {summary['unet_tensors']}, VAE "
-          f"{summary['vae_tensors']}, text encoder {summary['text_encoder_tensors']}), "
+          f"{summary['vae_tensors']}, text encoder {summary['text_encoder_tensors']}{second}), "
           f"{summary['bytes'] / 1e6:.1f} MB, {args.dtype}")
     for note in summary["notes"]:
         print(f"note: {note}")

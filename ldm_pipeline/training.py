@@ -67,7 +67,7 @@ from .run_dir import (
     written_then_renamed,
 )
 from .tokenizer import save_tokenizer
-from .unet_stage import cached_text_encoders, frozen_dtype, train_unet_stage, vae_dtype
+from .unet_stage import cached_text_encoders, check_compiler, frozen_dtype, train_unet_stage, vae_dtype
 from .vae_stage import load_trained_vae, train_vae_stage
 
 # The run's own text components, saved in <output_dir> when made from presets or captions (SDXL: all four).
@@ -198,6 +198,7 @@ def prepare(accelerator: Accelerator, config: Config, dry_run: bool = False, che
         resolve_source(config.model, component)
     if config.lora.rank:
         check_targets(config.model, config.lora)
+    check_compiler(config, accelerator.device)  # here, not in the config: it depends on the run's device
     finished = finished_vae(config)
     vae = load_trained_vae(finished) if finished else seeded(config.seed, "vae", lambda: build_vae(config.model))
     check_sizes(config, vae, len(captions), accelerator.num_processes)
@@ -390,7 +391,8 @@ def describe_run(config: Config, accelerator: Accelerator, components: dict, num
     out = Path(config.output_dir)
     if config.lora.rank:
         lines.append(f"LoRA: rank {config.lora.rank} adapters on the UNet's {', '.join(config.lora.target_modules)}"
-                     + (" and the text encoder's attention" if config.lora.train_text_encoder else "")
+                     + ((" and both text encoders' attention" if model_family(config.model) == "sdxl" else
+                         " and the text encoder's attention") if config.lora.train_text_encoder else "")
                      + f"; the rest of {config.model.pretrained_model_name_or_path} stays frozen")
     lines += dreambooth_lines(config)
     result = out / ("lora" if config.lora.rank else "pipeline")

@@ -131,21 +131,25 @@ def tiny_config(output_dir: Path, data_dir: Path, **overrides):
     return config_from_dict(tiny_config_dict(output_dir, data_dir, **overrides))
 
 
-def save_tiny_pipeline(directory, unet_kwargs=None, vae_kwargs=None):
-    """An untrained pipeline of `tiny` components (preset overrides in *_kwargs), 32 px, 2 sampling steps."""
+def save_tiny_pipeline(directory, unet_kwargs=None, vae_kwargs=None, family: str = "sd"):
+    """An untrained pipeline of `tiny` components (preset overrides in *_kwargs), 32 px, 2 sampling steps; with
+    `family` "sdxl" a StableDiffusionXLPipeline of the tiny SDXL layout."""
     from ldm_pipeline.config import ModelConfig, SamplingConfig
     from ldm_pipeline.models import build_noise_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
     from ldm_pipeline.pipeline import save_pipeline
 
     torch.manual_seed(0)
-    model = ModelConfig(unet_kwargs=unet_kwargs or {}, vae_kwargs=vae_kwargs or {})
+    model = ModelConfig(unet_kwargs=unet_kwargs or {}, vae_kwargs=vae_kwargs or {}, family=family)
     tokenizer = load_tokenizer(model, lambda: ["a red square on the left", "a blue square on the right"])
     text_encoder = build_text_encoder(model, tokenizer)
+    second = {}
+    if family == "sdxl":
+        second = {"tokenizer_2": tokenizer, "text_encoder_2": build_text_encoder(model, tokenizer, "text_encoder_2")}
     vae = build_vae(model)
-    unet = build_unet(model, 32, vae, text_encoder)
+    unet = build_unet(model, 32, vae, text_encoder, second.get("text_encoder_2"))
     return save_pipeline(directory, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                          noise_scheduler=build_noise_scheduler(model, "epsilon"),
-                         sampling=SamplingConfig(num_inference_steps=2))
+                         sampling=SamplingConfig(num_inference_steps=2), **second)
 
 
 @pytest.fixture(scope="session")

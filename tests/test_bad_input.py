@@ -166,8 +166,8 @@ BAD_RUNS = [
     ("model.unet ./nope", lambda tmp, data: {"model": {"unet": "./nope"}}, ConfigError,
      r"model.unet: ./nope does not exist; give a preset \(.*tiny\), an existing directory or a hub id"),
     ("preset typo", lambda tmp, data: {"model": {"unet": "smal"}}, ConfigError,
-     r"model.unet: 'smal' is not a preset \(base, sd15, small, tiny\), not an existing directory, and not a hub id "
-     r"\(those read owner/name\); did you mean 'small'\?"),
+     r"model.unet: 'smal' is not a preset \(base, sd15, sdxl, small, tiny\), not an existing directory, and not a "
+     r"hub id \(those read owner/name\); did you mean 'small'\?"),
     ("pretrained typo", lambda tmp, data: {"model": {"pretrained_model_name_or_path": "sd15"}}, ConfigError,
      r"model.pretrained_model_name_or_path: 'sd15' is not an existing directory, and not a hub id"),
     ("pretrained /nope", lambda tmp, data: {"model": {"pretrained_model_name_or_path": "/nope"}}, ConfigError,

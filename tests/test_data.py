@@ -169,7 +169,7 @@ def test_latent_cache_is_reused_and_refuses_stale(tmp_path, caption_folder, caps
 
     shard = directory / "shard-00000" / "data-00000-of-00001.arrow"
     mtime = shard.stat().st_mtime_ns
-    again = latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+    again = latent_cache.build_latent_cache(accelerator, config, train, vae, [text_encoder], [tokenizer])
     assert "reusing latent cache" in capsys.readouterr().out
     assert shard.stat().st_mtime_ns == mtime
     assert (again.rows[:]["latent_mean"] == rows["latent_mean"]).all()
@@ -178,14 +178,14 @@ def test_latent_cache_is_reused_and_refuses_stale(tmp_path, caption_folder, caps
         vae.decoder.conv_out.bias += 0.1
         vae.encoder.conv_out.bias += 0.1  # different VAE weights
     with pytest.raises(data_lib.DataError, match="stale.*different vae.*Delete that directory"):
-        latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+        latent_cache.build_latent_cache(accelerator, config, train, vae, [text_encoder], [tokenizer])
     assert shard.stat().st_mtime_ns == mtime  # nothing overwritten
 
 
 def test_latent_cache_with_flips_stores_both_orientations(tmp_path, caption_folder):
     accelerator = Accelerator(cpu=True)
     config, train, tokenizer, _, vae = _cache_parts(tmp_path, caption_folder, data__random_flip=True)
-    cache = latent_cache.build_latent_cache(accelerator, config, train, vae, None, tokenizer)
+    cache = latent_cache.build_latent_cache(accelerator, config, train, vae, None, [tokenizer])
     image = data_lib.open_rgb(train.dataset[1]["image"])
     mirrored = vae.encode(data_lib.image_to_tensor(image, 32, flip=True)[None]).latent_dist.mean[0]
     means = cache.rows[1]["latent_mean"]
@@ -204,7 +204,7 @@ def test_cache_dir_with_foreign_files_is_not_touched(tmp_path, caption_folder):
     cache.mkdir(parents=True)
     (cache / "notes.txt").write_text("mine")
     with pytest.raises(data_lib.DataError, match="holds no latent cache"):
-        latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+        latent_cache.build_latent_cache(accelerator, config, train, vae, [text_encoder], [tokenizer])
     assert (cache / "notes.txt").read_text() == "mine"
 
 
@@ -216,7 +216,7 @@ def test_a_cache_of_the_old_format_is_refused_with_the_way_out(tmp_path, caption
     (cache / "manifest.json").write_text(json.dumps({"key": {"vae": "0"}, "rows": 16}))
     (cache / "latents.safetensors").write_bytes(b"old")
     with pytest.raises(data_lib.DataError, match="older version.*delete that directory to rebuild it"):
-        latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+        latent_cache.build_latent_cache(accelerator, config, train, vae, [text_encoder], [tokenizer])
     assert (cache / "latents.safetensors").read_bytes() == b"old"
 
 
@@ -237,7 +237,7 @@ def test_images_are_checked_by_their_shard_once_and_bad_ones_skipped_or_named(tm
     config = tiny_config(tmp_path / "strict", caption_folder, data__cache_latents=True, data__cache_shard_size=5)
     with pytest.raises(data_lib.DataError, match=r"rows 0-4: 1 image\(s\) failed to decode \(.*003.png.*"
                                                  "data.skip_bad_images: true"):
-        latent_cache.build_latent_cache(accelerator, config, train, vae, text_encoder, tokenizer)
+        latent_cache.build_latent_cache(accelerator, config, train, vae, [text_encoder], [tokenizer])
 
 
 def test_row_reader_gives_datasets_own_rows_across_shards_in_any_order():

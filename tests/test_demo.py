@@ -46,12 +46,13 @@ def wait_for_page(url: str, server: subprocess.Popen, log, timeout: float = 60) 
     pytest.fail(f"the demo did not answer at {url} within {timeout} s")
 
 
-def test_demo_page_generates_pngs_with_metadata(tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_demo_page_generates_pngs_with_metadata(tmp_path, family):
     pytest.importorskip("gradio", reason='gradio is not installed (pip install -e ".[demo]")')
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    model = save_tiny_pipeline(tmp_path / "pipeline")
+    model = save_tiny_pipeline(tmp_path / "pipeline", family=family)
     defaults = json.loads((model / "ldm_pipeline.json").read_text())
     (model / "ldm_pipeline.json").write_text(json.dumps({**defaults, "example_prompts": EXAMPLES}))
     port, log = free_port(), tmp_path / "demo.log"

@@ -1,5 +1,7 @@
 """`ldm-pipeline export`: the original single-file layout, read back by diffusers' `from_single_file`."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -159,7 +161,9 @@ def test_sdxl_export_loads_back_in_diffusers(tmp_path, capsys):
     save_tiny_sdxl_pipeline(tmp_path / "pipeline")
     out = tmp_path / "model.safetensors"
     assert cli(["export", "--model", str(tmp_path / "pipeline"), "--out", str(out)]) == 0
-    assert "not SDXL's" in capsys.readouterr().out  # our widths: loadable only with config=
+    printed = capsys.readouterr().out
+    assert "not SDXL's" in printed  # our widths: loadable only with config=
+    assert re.search(r"text encoder \d+, text encoder 2 \d+\)", printed)
     with safe_open(str(out), "pt") as handle:
         keys = set(handle.keys())
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in keys}

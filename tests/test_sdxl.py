@@ -18,6 +18,7 @@ from test_launch import accelerate_launch
 from test_scale import STEPS, assert_same_state, scale_config, write_config
 from test_shapes_main import SHRINK
 
+import ldm_pipeline.unet_stage as unet_stage
 from ldm_pipeline import load_config, load_pipeline
 from ldm_pipeline.cli import main as cli
 from ldm_pipeline.config import ConfigError, ModelConfig, config_from_dict
@@ -25,6 +26,7 @@ from ldm_pipeline.data import ImageTextDataset, TokenIds
 from ldm_pipeline.generation import read_png_metadata
 from ldm_pipeline.models import build_text_encoder, build_unet, build_vae, micro_conditioning
 from ldm_pipeline.shapes.checker import evaluate_model
+from ldm_pipeline.shapes.maker import make_shapes
 from ldm_pipeline.tokenizer import build_tokenizer
 from ldm_pipeline.training import train
 from ldm_pipeline.unet_stage import vae_dtype
@@ -230,3 +232,22 @@ def test_the_shapes_main_job_trains_a_tiny_sdxl_layout_that_generate_and_evaluat
     assert len(made) == 2 and read_png_metadata(made[1])["seed"] == "1"
     report = evaluate_model(pipeline, seeds_per_prompt=1, batch_size=45, psnr_images=8, device="cpu")
     assert report["num_images"] == 90 and 0.0 <= report["shape_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_bucketed_sdxl_runs_condition_on_each_images_own_size_and_bucket(tmp_path, monkeypatch, cached):
+    data = make_shapes(tmp_path / "data", 24, resolution=32, seed=0, sizes=[(32, 32), (48, 32), (32, 48)])
+    seen, added_conditions = [], unet_stage.added_conditions
+
+    def spy(parts, batch, pooled, latent_size):
+        added = added_conditions(parts, batch, pooled, latent_size)
+        seen.extend(tuple(row) for row in added["time_ids"].long().tolist())
+        return added
+
+    monkeypatch.setattr(unet_stage, "added_conditions", spy)
+    train(tiny_config(tmp_path / "out", data, max_train_steps=6, validation__num_heldout=0, data__buckets={
+        "sizes": [[32, 32], [32, 48], [48, 32]]}, data__cache_latents=cached, data__center_crop=True, **SDXL))
+    # (original height, width, crop top, left, target height, width): each image trains at its own bucket, with
+    # its own size; a centred crop of an image already the bucket's shape starts at (0, 0).
+    assert {row[:2] for row in seen} == {(32, 32), (32, 48), (48, 32)}
+    assert all(row[:2] == row[4:] and row[2:4] == (0, 0) for row in seen)

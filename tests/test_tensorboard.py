@@ -16,10 +16,11 @@ def events(out) -> EventAccumulator:
     return accumulator
 
 
-def test_a_run_logs_scalars_and_images_to_tensorboard(tmp_path, caption_folder):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_a_run_logs_scalars_and_images_to_tensorboard(tmp_path, caption_folder, family):
     out = tmp_path / "out"
     train(tiny_config(out, caption_folder, stages=["vae", "unet"], max_train_steps=3,
-                      validation__validation_steps=2, vae_training__max_train_steps=2))
+                      validation__validation_steps=2, vae_training__max_train_steps=2, model__family=family))
     logged = events(out)
     scalars = set(logged.Tags()["scalars"])
     for name in ("loss", "lr", "grad_norm", "samples_per_s", "val_loss", "heldout_psnr_db"):
