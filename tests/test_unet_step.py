@@ -25,7 +25,7 @@ class Spy(torch.nn.Module):
         super().__init__()
         self.states = []
 
-    def forward(self, noisy, timesteps, states):
+    def forward(self, noisy, timesteps, states, added_cond_kwargs=None):
         self.states.append(states)
         return SimpleNamespace(sample=torch.zeros_like(noisy))
 
