@@ -251,3 +251,17 @@ def test_bucketed_sdxl_runs_condition_on_each_images_own_size_and_bucket(tmp_pat
     # its own size; a centred crop of an image already the bucket's shape starts at (0, 0).
     assert {row[:2] for row in seen} == {(32, 32), (32, 48), (48, 32)}
     assert all(row[:2] == row[4:] and row[2:4] == (0, 0) for row in seen)
+
+
+def test_dreambooth_on_an_sdxl_base_generates_its_class_images_and_trains(tmp_path):
+    base = save_tiny_pipeline(tmp_path / "base", family="sdxl")
+    pictures = write_caption_folder(tmp_path / "pictures", count=4)
+    config = tiny_config(tmp_path / "out", pictures, max_train_steps=2, train_batch_size=2, validation__num_heldout=0,
+                         model={"pretrained_model_name_or_path": str(base)},
+                         data={"train_data_dir": None, "instance_data_dir": str(pictures),
+                               "instance_prompt": "a sks square", "class_data_dir": str(tmp_path / "class"),
+                               "class_prompt": "a square", "num_class_images": 3})
+    pipeline = train(config)
+    made = sorted((tmp_path / "class").glob("*.png"))
+    assert len(made) == 3 and read_png_metadata(made[0])["prompt"] == "a square"
+    assert isinstance(load_pipeline(pipeline, device="cpu"), StableDiffusionXLPipeline)
