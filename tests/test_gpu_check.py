@@ -1,7 +1,10 @@
-"""benchmarks/gpu_check.py's CPU-executable parts, with tiny models: a SIGKILLed bf16 run with EMA resumes to the
-uninterrupted run's weights, an fp16 step whose gradient overflows advances nothing but the data, fp16 generation
-gives finite images, and the UNet step table fills in. On a GPU the same command checks the same at real size."""
+"""benchmarks/gpu_check.py's CPU-executable parts, with tiny models, for the SD and SDXL layouts: a SIGKILLed bf16 run
+with EMA resumes to the uninterrupted run's weights, an fp16 step whose gradient overflows advances nothing but the
+data, fp16 generation gives finite images (SDXL's through a force_upcast VAE made to overflow float16, which gives
+NaN images once force_upcast is off), and the UNet step tables fill in (SDXL's with 8-bit AdamW when bitsandbytes is
+installed). On a GPU the same command checks the same at real size."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,14 +18,32 @@ from sd512_cpu import write_images  # noqa: E402
 
 def test_gpu_check_passes_its_cpu_parts(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # main sets it for --device cpu; restored afterwards
-    args = ["--device", "cpu", "--shrink", "--batches", "1", "--steps", "1", "--out", str(tmp_path)]
+    eight_bit = importlib.util.find_spec("bitsandbytes") is not None
+    variants = ["eager", "checkpointing+adamw_8bit" if eight_bit else "checkpointing"]  # each step option, in 2 rows
+    args = ["--device", "cpu", "--shrink", "--batches", "1", "--steps", "1", "--variants", ",".join(variants),
+            "--out", str(tmp_path)]
     assert gpu_check.main(args) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [check["passed"] for check in report["checks"]] == [True, True, True]
-    assert [row["variant"] for row in report["unet_step"]] == ["eager", "channels_last", "checkpointing"]
-    assert all(row["images_per_s"] > 0 and row["tflops"] > 0 and row["peak_gib"] > 0 for row in report["unet_step"])
+    assert [(check["check"].split(":")[0], check["passed"]) for check in report["checks"]] == [
+        ("(a) SD bf16 + EMA", True), ("(a) SDXL bf16 + EMA", True), ("(b) SD fp16", True),
+        ("(c) SD fp16 generation", True), ("(c) SDXL fp16 generation, VAE force_upcast", True)]
+    upcast = report["checks"][-1]["detail"]
+    assert "training keeps the VAE in float32" in upcast and "with force_upcast off 0% of the pixels finite" in upcast
+    assert {family: [row["variant"] for row in rows] for family, rows in report["unet_step"].items()} == {
+        "sd": variants, "sdxl": variants}
+    rows = report["unet_step"]["sd"] + report["unet_step"]["sdxl"]
+    assert all(row["images_per_s"] > 0 and row["tflops"] > 0 and row["peak_gib"] > 0 for row in rows)
     printed = capsys.readouterr().out
-    assert "PASS  (a) bf16 + EMA: SIGKILL mid-run, resume" in printed and "| checkpointing | 1 |" in printed
+    assert "PASS  (a) SDXL bf16 + EMA: SIGKILL mid-run, resume" in printed and f"| {variants[1]} | 1 |" in printed
+    assert "(d) SDXL: training step of the tiny SDXL preset, 16x16 latents" in printed
+
+
+def test_the_default_step_variants():
+    sdxl = ["eager", "checkpointing"] + (["adamw_8bit", "checkpointing+adamw_8bit"]
+                                         if importlib.util.find_spec("bitsandbytes") else [])
+    assert gpu_check.default_variants("sd", "cuda") == ["eager", "channels_last", "checkpointing", "compile"]
+    assert gpu_check.default_variants("sd", "cpu") == ["eager", "channels_last", "checkpointing"]
+    assert gpu_check.default_variants("sdxl", "cuda") == sdxl
 
 
 def test_the_overflow_check_fails_when_a_skipped_step_is_counted_as_a_step(tmp_path, monkeypatch):

@@ -66,3 +66,17 @@ def test_the_sd15_size_arithmetic_behind_the_per_gpu_batches():
         assert 0 < row["activations_checkpointed_gib"] < row["activations_gib"]
     # At 512 px the VAE, whose decoder runs at full resolution, costs more per sample than the UNet at 64x64.
     assert vae["tflop_per_sample"] > unet["tflop_per_sample"] > 0
+
+
+def test_activation_counts_leave_the_weights_out():
+    """A layer saves its weight to compute its input's gradient; that weight is held once, whatever the batch, so
+    the count per sample leaves it out (it once took the sd15 UNet's 1.56 GiB of bf16 weights for activations)."""
+    from sd512_cpu import count_activation_bytes
+
+    linear = torch.nn.Linear(256, 256, device="meta", dtype=torch.bfloat16)
+
+    def step(batch):
+        return lambda: linear(torch.empty(batch, 256, device="meta", dtype=torch.bfloat16, requires_grad=True)).sum()
+
+    # what the backward needs of the input: its bf16 values, 512 bytes a sample
+    assert [count_activation_bytes(linear, step(batch), checkpointing=False) for batch in (1, 4)] == [512, 2048]
