@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,7 +30,7 @@ from . import data as data_lib
 from . import dreambooth, latent_cache, losses
 from .card import training_card
 from .checkpoints import checkpoint_trained_weights_only
-from .config import TEXT_ENCODER_LORA_TARGETS, Config, stage_settings
+from .config import TEXT_ENCODER_LORA_TARGETS, Config, ConfigError, stage_settings
 from .generation import captioned_grid, generate
 from .loop import Stage, fit, log_image, log_metrics, make_loader, make_optimizer
 from .lora import add_adapters, save_lora, trainable
@@ -276,7 +279,29 @@ def set_up_models(accelerator: Accelerator, config: Config, text_encoder, vae, t
         unet.to(memory_format=torch.channels_last)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if config.compile:
+        # In place (nn.Module.compile), not torch.compile(unet): the module stays the UNet, so unwrap_model,
+        # save_state / load_state, the EMA and save_pretrained see its own parameter names (an OptimizedModule
+        # would add `_orig_mod.`), and DDP wraps it as any module. Under DDP the gradients are then all-reduced
+        # after the compiled backward rather than overlapped with it.
+        unet.compile()
     return unet, noise_scheduler, weight_dtype
+
+
+def check_compiler(config: Config, device: torch.device) -> None:
+    """compile: true on the CPU needs the C++ compiler Inductor builds its kernels with; refused before anything is
+    written rather than at the first step. Found as torch finds it (torch._inductor.config.cpp.cxx): $CXX, else
+    g++ (clang++ on macOS, cl on Windows). On CUDA Inductor writes triton kernels; torch's CUDA wheels bring
+    triton, and torch's own error at the first step names what is missing: not checked here."""
+    if not config.compile or "unet" not in config.stages or device.type != "cpu" \
+            or os.environ.get("TORCH_INDUCTOR_INSTALL_GXX"):
+        return  # TORCH_INDUCTOR_INSTALL_GXX: torch installs g++ through conda itself
+    default = {"darwin": "clang++", "win32": "cl"}.get(sys.platform, "g++")
+    compiler = os.environ.get("CXX", default)
+    if shutil.which(compiler) is None:
+        looked = f"CXX={compiler} is not an executable" if "CXX" in os.environ else f"CXX unset, no {default} on PATH"
+        raise ConfigError(f"compile: true needs a C++ compiler for torch.compile on the CPU (none found: {looked}); "
+                          f"install one (apt-get install g++) or set compile: false")
 
 
 def training_sets(accelerator: Accelerator, config: Config, train: data_lib.TrainData, tokenizers: list,
@@ -336,6 +361,9 @@ def sampling_pipeline(parts: UNetParts, tokenizers: list, sampling):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+# compile: true compiles the training step only. Validation runs eagerly: its calls (a batch of one, the guidance
+# pair, eval mode, no gradients) would each be compiled anew, a minute or more apiece on a CPU.
+@torch.compiler.set_stance("force_eager")
 @torch.no_grad()
 def validate(accelerator: Accelerator, config: Config, parts: UNetParts, tokenizers: list, heldout_set, ema,
              step: int, name: str | None = None) -> dict:
