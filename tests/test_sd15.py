@@ -61,9 +61,10 @@ def sd_root(tmp_path_factory):
     return root
 
 
-def shrink(root: Path, out: str, *extra: str) -> list[str]:
-    """The config at 32 px (the tiny VAE's 4x4 latents), batch 1, 2 steps, on the tiny SD-1.x layout."""
-    return [f"model.pretrained_model_name_or_path={root / 'sd15'}", f"data.train_data_dir={root / 'data'}",
+def shrink(root: Path, out: str, *extra: str, base: str = "sd15") -> list[str]:
+    """The config at 32 px (the tiny VAE's 4x4 latents), batch 1, 2 steps, on the tiny pipeline root/`base` (the
+    SD-1.x layout)."""
+    return [f"model.pretrained_model_name_or_path={root / base}", f"data.train_data_dir={root / 'data'}",
             f"output_dir={root / out}", "resolution=32", "train_batch_size=1", "gradient_accumulation_steps=1",
             "max_train_steps=2", "checkpointing_steps=1", "validation.num_heldout=1", "validation.seeds=[0]",
             f"validation.prompts=[{PROMPT}]", "sampling.num_inference_steps=2", "data.dataloader_num_workers=0",

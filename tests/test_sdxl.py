@@ -16,6 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_launch import accelerate_launch
 from test_scale import STEPS, assert_same_state, scale_config, write_config
+from test_sd15 import PROMPT
+from test_sd15 import shrink as sd15_shrink
 from test_shapes_main import SHRINK
 
 import ldm_pipeline.unet_stage as unet_stage
@@ -32,7 +34,6 @@ from ldm_pipeline.training import train
 from ldm_pipeline.unet_stage import vae_dtype
 
 CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
-PROMPT = "a red square on the left"
 SDXL = {"model__family": "sdxl"}
 
 
@@ -71,13 +72,9 @@ def xl_root(tmp_path_factory):
 
 
 def shrink(root: Path, out: str, *extra: str) -> list[str]:
-    """The config at 32 px, batch 1, 2 steps, plain AdamW (bitsandbytes' 8-bit one is tested on its own), on the tiny
-    SDXL layout."""
-    return [f"model.pretrained_model_name_or_path={root / 'sdxl'}", f"data.train_data_dir={root / 'data'}",
-            f"output_dir={root / out}", "resolution=32", "train_batch_size=1", "gradient_accumulation_steps=1",
-            "max_train_steps=2", "checkpointing_steps=1", "validation.num_heldout=1", "validation.seeds=[0]",
-            f"validation.prompts=[{PROMPT}]", "sampling.num_inference_steps=2", "data.dataloader_num_workers=0",
-            "optimizer=adamw", *extra]
+    """test_sd15's shrinking on the tiny SDXL layout, with plain AdamW (bitsandbytes' 8-bit one is tested on its
+    own)."""
+    return sd15_shrink(root, out, "optimizer=adamw", *extra, base="sdxl")
 
 
 def images(pipe, **kwargs) -> np.ndarray:
