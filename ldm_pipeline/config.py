@@ -302,9 +302,10 @@ class Config:
     # NHWC weights and activations for the convolutions of the UNet and of the VAE stage: faster on
     # CPUs (oneDNN: 20% for the shapes VAE, 5% for its UNet) and on GPUs in mixed precision.
     channels_last: bool = free(True)
-    # torch.compile the UNet's forward and backward for training (Inductor: C++ kernels on a CPU, which need a C++
-    # compiler; triton on a GPU). The first step compiles (a minute or more); validation and sampling run eagerly.
-    # Compiled kernels reorder float sums: the weights match an eager run's only to ~1e-6 (tests/test_compile.py).
+    # torch.compile the UNet for its training steps (Inductor: C++ kernels on a CPU, which need a C++ compiler;
+    # triton on a GPU). The first step compiles (minutes on a CPU); validation and sampling run eagerly. Compiled
+    # kernels sum in another order: the weights match an eager run's to ~1e-6 (tests/test_compile.py). On a CPU
+    # it is slower than eager (docs/training.md#compile).
     compile: bool = free(False)
     use_ema: bool = fixed(False, card=True)
     ema_decay: float = reapplied(0.9999)

@@ -282,10 +282,17 @@ def set_up_models(accelerator: Accelerator, config: Config, text_encoder, vae, t
     if config.compile:
         # In place (nn.Module.compile), not torch.compile(unet): the module stays the UNet, so unwrap_model,
         # save_state / load_state, the EMA and save_pretrained see its own parameter names (an OptimizedModule
-        # would add `_orig_mod.`), and DDP wraps it as any module. Under DDP the gradients are then all-reduced
-        # after the compiled backward rather than overlapped with it.
-        unet.compile()
+        # would add `_orig_mod.`), and DDP wraps it as any module; inside DDP's forward dynamo splits the graph at
+        # DDP's gradient buckets, so the all-reduce still overlaps the backward.
+        unet.compile(options=CPU_COMPILE_OPTIONS if accelerator.device.type == "cpu" else None)
     return unet, noise_scheduler, weight_dtype
+
+
+# torch.compile's Inductor options for the UNet on the CPU. With its fusions, torch 2.13's Inductor computes zero
+# gradients for every block below the UNet's first upsampler, silently (a fused kernel reads the upsampler's input
+# gradient before the kernel that accumulates it; tests/test_compile.py pins it). Kernels of one operation each give
+# eager's gradients. CUDA runs Inductor's defaults, not yet checked against eager gradients.
+CPU_COMPILE_OPTIONS = {"max_fusion_size": 1}
 
 
 def check_compiler(config: Config, device: torch.device) -> None:
