@@ -304,8 +304,8 @@ class Config:
     channels_last: bool = free(True)
     # torch.compile the UNet for its training steps (Inductor: C++ kernels on a CPU, which need a C++ compiler;
     # triton on a GPU). The first step compiles (minutes on a CPU); validation and sampling run eagerly. Compiled
-    # kernels sum in another order: the weights match an eager run's to ~1e-6 (tests/test_compile.py). On a CPU
-    # it is slower than eager (docs/training.md#compile).
+    # kernels sum in another order: the weights match an eager run's to ~1e-6 (tests/test_compile.py). Measured
+    # on a CPU in docs/training.md#compile.
     compile: bool = free(False)
     use_ema: bool = fixed(False, card=True)
     ema_decay: float = reapplied(0.9999)
