@@ -388,6 +388,8 @@ def describe_run(config: Config, accelerator: Accelerator, components: dict, num
     if "vae" in config.stages:
         lines.append(f"vae stage: {config.vae_training.max_train_steps} steps of batch "
                      f"{config.vae_training.train_batch_size * accelerator.num_processes}")
+        if config.vae_training.decoder_steps:
+            lines[-1] += f", then {config.vae_training.decoder_steps} steps of its decoder on noisy latents"
     out = Path(config.output_dir)
     if config.lora.rank:
         lines.append(f"LoRA: rank {config.lora.rank} adapters on the UNet's {', '.join(config.lora.target_modules)}"

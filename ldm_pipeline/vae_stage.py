@@ -41,6 +41,24 @@ class VAEForTraining(torch.nn.Module):
         return self.vae.decode(latents).sample, posterior
 
 
+class DecoderForTraining(torch.nn.Module):
+    """The decoder steps (`vae_training.decoder_steps`): the frozen encoder's latent of each image, plus noise of
+    `strength` (per image) times the latents' std (measured by the calibration, so it is the same at every batch
+    size and process count), decoded. Only the decoder's parameters require gradients, so DDP synchronises those
+    alone."""
+
+    def __init__(self, vae: AutoencoderKL, latent_std: float):
+        super().__init__()
+        self.vae, self.latent_std = vae, latent_std
+
+    def forward(self, pixels, posterior_noise, strength, latent_noise):
+        with torch.no_grad():
+            posterior = self.vae.encode(pixels).latent_dist
+            latents = posterior.mean + posterior.std * posterior_noise
+            latents = latents + strength[:, None, None, None] * self.latent_std * latent_noise
+        return self.vae.decode(latents).sample, posterior
+
+
 def shares(accelerator: Accelerator, count: int, chunk: int):
     """This process's contiguous share of range(count), in chunks of at most `chunk` indices."""
     with accelerator.split_between_processes(list(range(count))) as mine:
@@ -163,6 +181,47 @@ def vae_step_loss(model, channels: int, factor: int, settings, batch: dict, gene
     return vae_loss(reconstruction, pixels, posterior, settings.kl_weight, settings.foreground_weight)[0]
 
 
+def noise_strength(decoder_noise: float, generator: torch.Generator) -> torch.Tensor:
+    """An image's latent noise strength: 0 for half of the images (trained on noise alone, the decoder drew the
+    exact latents of yellow circles a little lumpy: 99.3% of the reconstructions right), else uniform in
+    [0, decoder_noise]."""
+    strength, clean = torch.rand(2, generator=generator)
+    return decoder_noise * strength * (clean >= 0.5)
+
+
+def decoder_step_loss(model, channels: int, factor: int, settings, batch: dict, generators) -> torch.Tensor:
+    """The loss of one decoder step: a posterior sample per image and its latent noise, from the image's own
+    generator (so a sample sees the same noise at any process count), decoded and compared with the image."""
+    pixels = batch["pixel_values"]
+    latent_shape = (channels, pixels.shape[-2] // factor, pixels.shape[-1] // factor)
+    draws = [(torch.randn(latent_shape, generator=g), noise_strength(settings.decoder_noise, g),
+              torch.randn(latent_shape, generator=g)) for g in generators]
+    posterior_noise, strength, latent_noise = (torch.stack(parts).to(pixels.device) for parts in zip(*draws))
+    reconstruction, posterior = model(pixels, posterior_noise, strength, latent_noise)
+    return vae_loss(reconstruction, pixels, posterior, 0.0, settings.foreground_weight)[0]
+
+
+def train_decoder(accelerator: Accelerator, config: Config, vae: AutoencoderKL, dataset, latent_std: float) -> None:
+    """`vae_training.decoder_steps` steps of the decoder alone on noisy latents (DecoderForTraining), through the
+    same loop as the VAE's own steps. It comes after the calibration, which only reads the encoder."""
+    settings = config.vae_training
+    vae.requires_grad_(False)
+    trained = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    model = DecoderForTraining(vae, latent_std)
+    stage_config = stage_settings(config, "vae-decoder")
+    optimizer, lr_scheduler = make_optimizer(config, trained, settings.decoder_learning_rate, "cosine", 0,
+                                             settings.decoder_steps)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, make_loader(config, dataset, stage_config,
+                                                                                 accelerator.num_processes))
+    fit(accelerator, config, Stage(settings=stage_config, models=[model], optimizer=optimizer,
+                                   lr_scheduler=lr_scheduler, learning_rates=[settings.decoder_learning_rate],
+                                   dataloader=loader,
+                                   compute_loss=functools.partial(decoder_step_loss, model, vae.config.latent_channels,
+                                                                  vae_scale_factor(vae), settings)))
+
+
 def validate_vae(accelerator: Accelerator, model, heldout_set, captions, checker, batch_size: int, step: int) -> dict:
     report = check_reconstructions(accelerator, accelerator.unwrap_model(model).vae.eval(), heldout_set, captions,
                                    batch_size, checker)
@@ -216,6 +275,9 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
 
     vae = accelerator.unwrap_model(model).vae.eval()
     stats = calibrate_latents(accelerator, vae, dataset, settings.scaling_samples, batch_size)
+    if settings.decoder_steps:
+        train_decoder(accelerator, config, vae, dataset, stats["latent_std"])
+        vae.eval()
     stats.update(check_reconstructions(accelerator, vae, heldout_set, heldout_captions, batch_size, checker))
     failures = vae_check_failures(settings, stats)
     stats["check"] = {"passed": not failures, "failures": failures,
@@ -227,14 +289,15 @@ def train_vae_stage(accelerator: Accelerator, config: Config, train: data_lib.Tr
     verdict = "passed" if not failures else "FAILED"
     accelerator.print(f"[vae] check {verdict}: {', '.join(checks) or 'nothing held out'}; "
                       f"latent scaling_factor {stats['scaling_factor']:.3f}")
+    last_step = settings.max_train_steps + settings.decoder_steps  # tracker steps only grow
     if accelerator.is_main_process:
         with written_then_renamed(out) as partial:
             vae.save_pretrained(partial, safe_serialization=True)
             (partial / "calibration.json").write_text(json.dumps(stats, indent=2))
         if heldout:
             grid = save_vae_grid(vae, heldout_set, Path(config.output_dir) / "samples" / "vae.png")
-            log_image(accelerator, "vae_reconstructions", grid, settings.max_train_steps)
-        log_metrics(accelerator, config, {"stage": "vae", "step": settings.max_train_steps,
+            log_image(accelerator, "vae_reconstructions", grid, last_step)
+        log_metrics(accelerator, config, {"stage": "vae", "step": last_step,
                                           **{k: v for k, v in stats.items() if k != "check"}})
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # forget the VAE's optimizer before the next stage

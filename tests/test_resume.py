@@ -193,15 +193,17 @@ def test_an_fp16_overflow_step_advances_nothing_but_the_data(data_dir, tmp_path,
     assert logged(out, "overflow_steps")[STEPS] == 1
 
 
-def test_tracker_steps_only_grow_across_stages(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("decoder_steps", [0, 2])
+def test_tracker_steps_only_grow_across_stages(data_dir, tmp_path, monkeypatch, decoder_steps):
     from accelerate import Accelerator
 
     steps = []
     monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kwargs: steps.append(step))
     config = scale_config(tmp_path / "out", data_dir, stages=["vae", "unet"], vae_training__max_train_steps=3,
-                          vae_training__validation_steps=1, logging_steps=1)
+                          vae_training__validation_steps=1, vae_training__decoder_steps=decoder_steps, logging_steps=1)
     train(config_from_dict(config))
-    assert steps == sorted(steps) and steps[-1] == 3 + STEPS  # the UNet's steps follow the VAE's
+    # the UNet's steps follow the VAE's and its decoder's
+    assert steps == sorted(steps) and steps[-1] == 3 + decoder_steps + STEPS
 
 
 def test_metrics_keep_the_stage_and_its_own_step(tmp_path, data_dir):

@@ -317,3 +317,21 @@ def test_non_finite_steps_are_skipped_then_training_stops_at_the_limit(scale_roo
     train(config_from_dict({**config, "resume_from_checkpoint": "latest"}))
     assert f"resumed from {checkpoint} at step 3" in capsys.readouterr().out
     assert checkpoint_names(out) == ["step-3", "step-4"] and (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_the_vae_with_decoder_steps_ends_equal_at_two_processes(scale_root):
+    """The VAE stage, then its decoder steps (a second model and optimizer prepared on the same Accelerator, only the
+    decoder's parameters synchronised): 2 processes of batch 2 end with the VAE of 1 process of batch 4."""
+    settings = dict(stages=["vae"], vae_training__max_train_steps=2, vae_training__decoder_steps=2)
+    one = scale_root / "vae_one"
+    train(config_from_dict(scale_config(one, scale_root / "data", **settings)))
+    two = scale_root / "vae_two"
+    config = write_config(scale_root / "vae_two.yaml", scale_config(two, scale_root / "data",
+                                                                    vae_training__train_batch_size=2, **settings))
+    result = accelerate_launch("train.py", "--config", str(config), processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved, expected = (load_file(out / "vae" / "diffusion_pytorch_model.safetensors") for out in (two, one))
+    assert saved.keys() == expected.keys()
+    assert all(torch.allclose(saved[name], expected[name], rtol=0, atol=5e-5) for name in expected)
+    assert [row["step"] for row in map(json.loads, (one / "metrics.jsonl").read_text().splitlines())
+            if row["stage"] == "vae-decoder" and "loss" in row] == [1, 2]

@@ -14,7 +14,8 @@ from test_launch import ROOT, run_watched
 
 SHRINK = [
     "data.make_shapes.num_images=96", "model.vae=tiny", "model.unet=tiny", "model.text_encoder=tiny",
-    "vae_training.max_train_steps=4", "vae_training.train_batch_size=8", "vae_training.scaling_samples=32",
+    "vae_training.max_train_steps=4", "vae_training.decoder_steps=2", "vae_training.train_batch_size=8",
+    "vae_training.scaling_samples=32",
     "vae_training.psnr_samples=8", "train_batch_size=8", "max_train_steps=4", "checkpointing_steps=2",
     "validation.num_heldout=8", "validation.seeds=[0]", "sampling.num_inference_steps=2",
     "vae_training.validation_steps=2", "vae_training.on_check_failure=warn",  # 4 steps cannot pass the check
@@ -23,11 +24,12 @@ SHRINK = [
 SCREEN = [r"cpu_threads: \d+ per process \(.*\); set cpu_threads to choose", r"making 96 synthetic shapes images in .*",
           r"text_encoder: .*M parameters, vae: .*M parameters, 96 training images",
           r"effective batch size: 8 = 8 per process x 1 processes x 1 accumulation",
-          r"unet stage: 4 optimizer steps \(.* epochs of 96\)", r"vae stage: 4 steps of batch 8", r"writes: .*",
+          r"unet stage: 4 optimizer steps \(.* epochs of 96\)", r"writes: .*",
+          r"vae stage: 4 steps of batch 8, then 2 steps of its decoder on noisy latents",
           r"\[vae\] step \d+: .*", r"\[vae\] check (passed|FAILED): .*; latent scaling_factor .*", r"!{100}",
           r"\[vae\] THE VAE FAILED ITS CHECK:", r"  - .*", r"To retrain it: .*", r"\[unet\] .*",
           r"wrote latent cache .*", r"saved the pipeline to .*"]
-BARS = ("vae:", "unet:", "caching latents")  # stderr holds only our progress bars
+BARS = ("vae:", "vae-decoder:", "unet:", "caching latents")  # stderr holds only our progress bars
 
 
 def test_main_command_in_miniature_ends_in_a_loadable_pipeline(tmp_path):
@@ -47,7 +49,8 @@ def test_main_command_in_miniature_ends_in_a_loadable_pipeline(tmp_path):
     lines = result.stdout.splitlines()
     strangers = [line for line in lines if not any(re.fullmatch(pattern, line) for pattern in SCREEN)]
     assert strangers == [] and "" not in lines
-    for line in ("making 96 synthetic shapes images", "vae stage: 4 steps of batch 8", "unet stage: 4 optimizer steps",
+    for line in ("making 96 synthetic shapes images", "vae stage: 4 steps of batch 8, then 2 steps of its decoder",
+                 "unet stage: 4 optimizer steps",
                  f"writes: {output_dir / 'pipeline'}", "[vae] check FAILED: held-out PSNR",
                  f"saved the pipeline to {output_dir / 'pipeline'}"):
         assert line in result.stdout, line

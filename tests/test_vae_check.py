@@ -142,3 +142,80 @@ def test_the_seed_changes_the_vae_init_the_data_order_and_the_noise(tmp_path, sh
         return torch.randn(4, generator=sample_generators(seed, 3, [5])[0])
 
     assert torch.equal(noise(0), noise(0)) and not torch.equal(noise(0), noise(1))
+
+
+def test_decoder_steps_train_the_decoder_alone_after_the_calibration(tmp_path, shapes_folder):
+    from diffusers import AutoencoderKL
+
+    def trained(name, decoder_steps):
+        train(vae_config(tmp_path / name, shapes_folder, vae_training__decoder_steps=decoder_steps))
+        return AutoencoderKL.from_pretrained(tmp_path / name / "vae")
+
+    plain, hardened = trained("plain", 0), trained("hardened", 3)
+    weights = lambda vae, part: getattr(vae, part).state_dict()
+    for part in ("encoder", "quant_conv"):  # the encoder and its calibrated mean: the UNet's latents are unchanged
+        assert all(torch.equal(a, b) for a, b in zip(weights(plain, part).values(), weights(hardened, part).values()))
+    assert hardened.config.scaling_factor == plain.config.scaling_factor
+    assert not all(torch.equal(a, b) for a, b in zip(weights(plain, "decoder").values(),
+                                                     weights(hardened, "decoder").values()))
+    rows = [json.loads(line) for line in (tmp_path / "hardened" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["stage"] == "vae-decoder" and "loss" in row] == [1, 2, 3]
+    calibration = json.loads((tmp_path / "hardened" / "vae" / "calibration.json").read_text())
+    assert "recon_shape_accuracy" in calibration  # the check reads the decoder that is saved
+
+
+def test_a_decoder_step_sees_noise_of_its_own_sample_only(shapes_folder):
+    """Each image's posterior sample and latent noise come from its own generator, scaled by a fixed latent std:
+    a batch's loss is the mean of its images' losses alone, so the process count changes nothing."""
+    from types import SimpleNamespace
+
+    from ldm_pipeline.models import ModelConfig, build_vae, vae_scale_factor
+    from ldm_pipeline.vae_stage import DecoderForTraining, decoder_step_loss
+
+    vae = build_vae(ModelConfig())
+    model = DecoderForTraining(vae, latent_std=1.7)
+    pixels = torch.stack([IMAGES.preprocess(Image.open(path).convert("RGB"))[0]
+                          for path in sorted(shapes_folder.glob("*.png"))[:2]])
+    settings = SimpleNamespace(decoder_noise=0.3, foreground_weight=4.0)
+
+    def loss(rows, noise=0.3):
+        batch = {"pixel_values": pixels[rows]}
+        settings.decoder_noise = noise
+        return decoder_step_loss(model, 4, vae_scale_factor(vae), settings, batch, sample_generators(0, 7, rows)).item()
+
+    assert loss([0, 1]) == pytest.approx((loss([0]) + loss([1])) / 2, rel=1e-5)
+    assert loss([0, 1]) == loss([0, 1]) != loss([0, 1], noise=3.0)
+
+
+def test_a_run_stopped_in_its_decoder_steps_ends_with_the_vae_of_an_uninterrupted_one(tmp_path, shapes_folder,
+                                                                                        monkeypatch):
+    """The decoder steps keep no checkpoint: a rerun resumes the VAE's own steps from theirs (here the last) and
+    repeats the decoder steps whole, to the same weights."""
+    from safetensors.torch import load_file
+
+    import ldm_pipeline.vae_stage as vae_stage
+
+    settings = dict(vae_training__decoder_steps=3, vae_training__checkpointing_steps=4,
+                    resume_from_checkpoint="latest")
+    train(vae_config(tmp_path / "whole", shapes_folder, **settings))
+
+    class Stopped(Exception):
+        pass
+
+    real, calls = vae_stage.decoder_step_loss, []
+
+    def stop_at_the_second_step(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise Stopped
+        return real(*args)
+
+    monkeypatch.setattr(vae_stage, "decoder_step_loss", stop_at_the_second_step)
+    with pytest.raises(Stopped):
+        train(vae_config(tmp_path / "cut", shapes_folder, **settings))
+    monkeypatch.undo()
+    assert not (tmp_path / "cut" / "vae").exists()
+    train(vae_config(tmp_path / "cut", shapes_folder, **settings))
+    saved, expected = (load_file(out / "vae" / "diffusion_pytorch_model.safetensors") for out in
+                       (tmp_path / "cut", tmp_path / "whole"))
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)
