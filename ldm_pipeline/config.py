@@ -233,7 +233,7 @@ class VAETrainingConfig:
     foreground_weight: float = free(0.0, vae_result=True)
     # Then `decoder_steps` steps that train the decoder alone on noisy latents: each image's latent plus Gaussian
     # noise of a random strength up to `decoder_noise` times the latents' std (in the UNet's unit-variance latents,
-    # noise of std up to `decoder_noise`; half of the images get none), decoded back to the clean image.
+    # noise of std up to `decoder_noise`; a quarter of the images get some), decoded back to the clean image.
     # The UNet's latents are never exact, and a decoder trained only on the encoder's own latents draws a slightly
     # wrong latent as a lumpy circle or a pinched square; this one draws it as the nearest clean shape. The encoder
     # is frozen, so the latents the UNet learns are unchanged. 0: no such steps.

@@ -76,6 +76,9 @@ def test_yaml_scientific_notation_string_is_a_float(tmp_path, base):
     ({"sampling": {"guidance_scale": -3.0}}, "sampling.guidance_scale"),
     ({"sampling": {"guidance_rescale": 1.5}}, "sampling.guidance_rescale"),
     ({"rescale_betas_zero_terminal_snr": True, "prediction_type": "epsilon"}, "rescale_betas_zero_terminal_snr"),
+    ({"vae_training": {"decoder_steps": -1}}, "vae_training.decoder_steps"),
+    ({"vae_training": {"decoder_noise": 0.0}}, "vae_training.decoder_noise"),
+    ({"vae_training": {"decoder_learning_rate": 0.0}}, "vae_training.decoder_learning_rate"),
 ])
 def test_bad_values_name_their_key(tmp_path, base, change, key):
     for name, value in change.items():
