@@ -164,13 +164,16 @@ def test_decoder_steps_train_the_decoder_alone_after_the_calibration(tmp_path, s
     assert "recon_shape_accuracy" in calibration  # the check reads the decoder that is saved
 
 
-def test_a_decoder_step_sees_noise_of_its_own_sample_only(shapes_folder):
+def test_a_decoder_step_sees_noise_of_its_own_sample_only(shapes_folder, monkeypatch):
     """Each image's posterior sample and latent noise come from its own generator, scaled by a fixed latent std:
     a batch's loss is the mean of its images' losses alone, so the process count changes nothing."""
     from types import SimpleNamespace
 
+    import ldm_pipeline.vae_stage as vae_stage
     from ldm_pipeline.models import ModelConfig, build_vae, vae_scale_factor
     from ldm_pipeline.vae_stage import DecoderForTraining, decoder_step_loss
+
+    monkeypatch.setattr(vae_stage, "CLEAN_FRACTION", 0.0)  # every image noisy, so the noise is what is compared
 
     vae = build_vae(ModelConfig())
     model = DecoderForTraining(vae, latent_std=1.7)
@@ -185,6 +188,15 @@ def test_a_decoder_step_sees_noise_of_its_own_sample_only(shapes_folder):
 
     assert loss([0, 1]) == pytest.approx((loss([0]) + loss([1])) / 2, rel=1e-5)
     assert loss([0, 1]) == loss([0, 1]) != loss([0, 1], noise=3.0)
+
+
+def test_the_noise_strength_is_zero_for_the_clean_share_and_bounded_otherwise():
+    from ldm_pipeline.vae_stage import CLEAN_FRACTION, noise_strength
+
+    strengths = torch.stack([noise_strength(0.3, generator) for generator in sample_generators(0, 0, range(2000))])
+    assert (strengths == 0).float().mean().item() == pytest.approx(CLEAN_FRACTION, abs=0.04)
+    noisy = strengths[strengths > 0]
+    assert noisy.max().item() <= 0.3 and noisy.mean().item() == pytest.approx(0.15, abs=0.02)  # uniform in [0, 0.3]
 
 
 def test_a_run_stopped_in_its_decoder_steps_ends_with_the_vae_of_an_uninterrupted_one(tmp_path, shapes_folder,
