@@ -7,7 +7,7 @@ the strict checker reads the decoded images.
 
 A UNet's final latents are never exact. A decoder trained only on the encoder's own latents (posterior std ~1% of
 the latents' spread) turns small errors into lumpy circles and pinched squares; `vae_training.decoder_steps`
-trains it to draw the nearest clean shape instead (docs/shapes_recipe.md#decoder-steps).
+trains it to draw the nearest clean shape instead (docs/shapes_recipe.md#decoder-steps-2026-12-08).
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ def noisy_decoding_scores(vae: AutoencoderKL, strengths: list[float], num_images
     pixels = torch.cat([IMAGES.preprocess(image) for image, _ in pairs])
     captions = [caption for _, caption in pairs]
     latents = vae.encode(pixels).latent_dist.mean
-    spread = latents.std()
+    noise = latents.std() * torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     rows = []
     for strength in strengths:
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
-        decoded = vae.decode(latents + strength * spread * noise).sample
+        decoded = vae.decode(latents + strength * noise).sample
         report = score_images(IMAGES.postprocess(decoded, output_type="pil"), captions)
         rows.append({"strength": strength, **{field: report[f"{field}_accuracy"] for field in
                                                ("color", "shape", "clean")}})

@@ -27,12 +27,11 @@ REPO = Path(__file__).resolve().parents[1]  # the checkout, when the package run
 # `accelerate launch train.py --config train_configs/shapes.yaml`; the notebooks use it when present.
 SIZES = {
     # ~15 s with one CPU thread; the images only show that every part is wired up
-    "fast": dict(images=200, resolution=32, preset="tiny", vae_steps=20, decoder_steps=10, unet_steps=30, batch=8,
+    "fast": dict(images=200, resolution=32, preset="tiny", vae_steps=20, unet_steps=30, batch=8,
                  validation_every=15, validation_seeds=[0], sampling_steps=6),
-    # ~12 min with one CPU thread (measured ~1 s per VAE step, ~0.45 s per UNet step), before the decoder steps
-    # were added (in the main job a decoder step takes about as long as a VAE step); sized for a first look, not
-    # checked for image quality
-    "full": dict(images=2000, resolution=64, preset="small", vae_steps=400, decoder_steps=400, unet_steps=600, batch=32,
+    # ~12 min with one CPU thread (measured ~1 s per VAE step, ~0.45 s per UNet step); sized for a
+    # first look, not checked for image quality
+    "full": dict(images=2000, resolution=64, preset="small", vae_steps=400, unet_steps=600, batch=32,
                  validation_every=200, validation_seeds=[0, 1, 2, 3], sampling_steps=20),
 }
 
@@ -79,7 +78,6 @@ def shapes_overrides(settings: NotebookSettings, name: str = "notebook-shapes") 
         f"resolution={size['resolution']}",
         f"model.vae={size['preset']}", f"model.unet={size['preset']}", f"model.text_encoder={size['preset']}",
         f"vae_training.max_train_steps={size['vae_steps']}",
-        f"vae_training.decoder_steps={size['decoder_steps']}",
         f"vae_training.train_batch_size={size['batch']}",
         f"vae_training.lr_warmup_steps={size['vae_steps'] // 10}",
         f"vae_training.scaling_samples={size['images'] // 2}",

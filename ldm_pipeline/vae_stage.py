@@ -184,7 +184,7 @@ def vae_step_loss(model, channels: int, factor: int, settings, batch: dict, gene
 # The share of the decoder steps' images that keep their exact latent. Trained on noisy latents alone, the shapes
 # decoder drew a few exact latents a little lumpy (98.8% of the held-out reconstructions right at seed 0); with half
 # of them clean, 99.6% at seed 1; with three quarters, 100% at seeds 0 and 1 and 99.6% at seed 2
-# (docs/shapes_recipe.md#decoder-steps).
+# (docs/shapes_recipe.md#decoder-steps-2026-12-08).
 CLEAN_FRACTION = 0.75
 
 
